@@ -1,1 +1,24 @@
+//! edgenode: a low-footprint session server for small ARM boards.
+//!
+//! The library holds every concern in its own module; `main.rs` only wires
+//! them together. Start with [`server`] for the request path and
+//! [`store::failover`] for the failure model.
 
+pub mod config;
+pub mod http;
+pub mod metrics;
+pub mod pool;
+pub mod server;
+pub mod session;
+pub mod store;
+pub mod systemd;
+
+/// `edgenode --version`: the version, the target triple and the git commit.
+pub const VERSION_LINE: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("EDGENODE_TARGET"),
+    ", commit ",
+    env!("EDGENODE_COMMIT"),
+    ")"
+);

@@ -1,1 +1,157 @@
-fn main(){}
+//! The edgenode binary: configuration, logging and the runtime, then the
+//! modules of the library wired together. No logic lives here.
+
+use clap::Parser;
+use edgenode::config::{Args, Config, LogFormat};
+use edgenode::http::App;
+use edgenode::metrics::Metrics;
+use edgenode::pool::Admission;
+use edgenode::session::Limits;
+use edgenode::store::{redis::RedisStore, sled::SledStore, Store};
+use edgenode::{server, systemd};
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::watch;
+
+fn main() -> ExitCode {
+    let started = Instant::now();
+    let config = match Config::resolve(Args::parse()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("edgenode: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(&config);
+    // Exactly `workers` request threads and a small bounded blocking pool
+    // (fsyncs): the thread count does not grow with load.
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.workers)
+        .max_blocking_threads(config.blocking_threads)
+        .thread_name("edgenode")
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config, started)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config, started: Instant) -> Result<(), Box<dyn std::error::Error>> {
+    let listener = match systemd::activated_listener()? {
+        Some(l) => tokio::net::TcpListener::from_std(l)?,
+        None => tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?,
+    };
+    let addr = listener.local_addr()?;
+    config.check_exposure(addr)?;
+
+    let limits = Limits {
+        ttl_ms: config.session_ttl_secs.saturating_mul(1000),
+        max_lifetime_ms: config.session_max_lifetime_secs.saturating_mul(1000),
+        max_metadata_bytes: config.max_metadata_bytes,
+    };
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|e| format!("cannot create data_dir {}: {e}", config.data_dir.display()))?;
+    let sled =
+        SledStore::open(&config.data_dir, config.cache_capacity_bytes, limits).map_err(|e| {
+            format!(
+                "cannot open the local store in {}: {e}",
+                config.data_dir.display()
+            )
+        })?;
+    let redis = match &config.redis_url {
+        Some(url) => Some(RedisStore::new(url, &config, limits)?),
+        None => None,
+    };
+    let store = Store::new(sled, redis);
+    {
+        let sled = store.sled().clone();
+        tokio::task::spawn_blocking(move || sled.count_sessions());
+    }
+
+    let admission = Admission::new(config.workers, config.max_connections, config.max_in_flight);
+    let metrics = Metrics::new(&config.instance_id, store.clone(), admission.clone());
+    let app = Arc::new(App {
+        limits,
+        store: store.clone(),
+        admission,
+        metrics,
+        started,
+        ready: false.into(),
+        config,
+    });
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    tokio::spawn(store.clone().run_housekeeping(shutdown_rx.clone()));
+    tokio::spawn(store.clone().run_background(shutdown_rx.clone()));
+    if let Some(every) = systemd::watchdog_interval() {
+        tokio::spawn(systemd::run_watchdog(every, shutdown_rx.clone()));
+    }
+    let server = tokio::spawn(server::run(app.clone(), listener, shutdown_rx));
+
+    app.ready.store(true, Ordering::Release);
+    let mode = store.mode().as_str();
+    systemd::ready(&format!("serving on {addr}, store {mode}"));
+    tracing::info!(
+        %addr,
+        store = mode,
+        redis = app.config.redis_url.is_some(),
+        instance_id = %app.config.instance_id,
+        workers = app.config.workers,
+        ready_ms = started.elapsed().as_millis() as u64,
+        "edgenode ready"
+    );
+
+    wait_for_signal().await?;
+    tracing::info!("shutting down: readiness off, draining");
+    app.ready.store(false, Ordering::Release);
+    systemd::stopping();
+    tokio::time::sleep(app.config.drain_delay).await;
+    let _ = shutdown_tx.send(true);
+    let _ = server.await;
+    store.close().await?;
+    tracing::info!("local store flushed; bye");
+    Ok(())
+}
+
+async fn wait_for_signal() -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
+/// Plain lines without colours or timestamps under journald (it adds its
+/// own), JSON lines on request.
+fn init_logging(config: &Config) {
+    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let builder = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(config.log_level)
+        .with_target(false);
+    match (config.log_format, journald) {
+        (LogFormat::Json, _) => builder.json().init(),
+        (LogFormat::Plain, true) => builder.without_time().with_ansi(false).init(),
+        (LogFormat::Plain, false) => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
+}

@@ -1,0 +1,501 @@
+//! Configuration: built-in defaults < TOML file < `EDGENODE_*` environment <
+//! command-line flags.
+//!
+//! Every key has the same name in all three forms: TOML `redis_url`, env
+//! `EDGENODE_REDIS_URL`, flag `--redis-url`. clap resolves flag-over-env for us;
+//! the file fills what neither set, then the defaults fill the rest.
+
+use clap::Parser;
+use ipnet::IpNet;
+use serde::Deserialize;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+const DEFAULT_CONFIG_FILE: &str = "/etc/edgenode/edgenode.toml";
+
+/// Command line and environment. Every value is optional so that "not given"
+/// can fall through to the file and then the defaults.
+#[derive(Debug, Parser, Default)]
+#[command(
+    name = "edgenode",
+    version = crate::VERSION_LINE,
+    about = "Session server for Raspberry Pi clusters: sessions in Redis when it is reachable, \
+             on the local disk (sled) when it is not, reconciled when it returns.",
+    after_help = "Every option can also be set in the TOML file (same name with underscores, e.g. \
+                  redis_url) or in the environment (EDGENODE_ + upper case, e.g. EDGENODE_REDIS_URL). \
+                  Precedence: flags > environment > file > defaults."
+)]
+pub struct Args {
+    /// TOML configuration file [default: /etc/edgenode/edgenode.toml if it exists]
+    #[arg(long, env = "EDGENODE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Address to listen on (ignored under systemd socket activation) [default: 127.0.0.1:8080]
+    #[arg(long, env = "EDGENODE_LISTEN", value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+
+    /// Directory of the sled database [default: $STATE_DIRECTORY under systemd, else ./data]
+    #[arg(long, env = "EDGENODE_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Redis URL (redis://[:password@]host:port/db, or redis+sentinel://host:port[,host:port]/master_name[/db]); unset: sled only
+    #[arg(long, env = "EDGENODE_REDIS_URL", value_name = "URL")]
+    pub redis_url: Option<String>,
+
+    /// Prefix of every Redis key [default: edgenode:]
+    #[arg(long, env = "EDGENODE_KEY_PREFIX", value_name = "PREFIX")]
+    pub key_prefix: Option<String>,
+
+    /// Longest any request waits on Redis before the node falls back to sled [default: 250]
+    #[arg(long, env = "EDGENODE_STORE_TIMEOUT_MS", value_name = "MS")]
+    pub store_timeout_ms: Option<u64>,
+
+    /// First delay between probes of an unreachable Redis; doubles up to the maximum [default: 200]
+    #[arg(long, env = "EDGENODE_REDIS_PROBE_INTERVAL_MS", value_name = "MS")]
+    pub redis_probe_interval_ms: Option<u64>,
+
+    /// Longest delay between probes of an unreachable Redis [default: 2000]
+    #[arg(long, env = "EDGENODE_REDIS_PROBE_MAX_MS", value_name = "MS")]
+    pub redis_probe_max_ms: Option<u64>,
+
+    /// Bearer token required on /api/sessions*, /api/users* and /metrics
+    #[arg(
+        long,
+        env = "EDGENODE_API_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub api_token: Option<String>,
+
+    /// Allow listening on a non-loopback address without an api token
+    #[arg(long, env = "EDGENODE_ALLOW_UNAUTHENTICATED", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub allow_unauthenticated: Option<bool>,
+
+    /// Name of this node in health, metrics and logs [default: the hostname]
+    #[arg(long, env = "EDGENODE_INSTANCE_ID", value_name = "NAME")]
+    pub instance_id: Option<String>,
+
+    /// Request worker threads [default: the available cores]
+    #[arg(long, env = "EDGENODE_WORKERS", value_name = "N")]
+    pub workers: Option<usize>,
+
+    /// Threads for blocking disk work (fsync) [default: 2]
+    #[arg(long, env = "EDGENODE_BLOCKING_THREADS", value_name = "N")]
+    pub blocking_threads: Option<usize>,
+
+    /// Idle lifetime of a session; every request that uses it extends it [default: 86400]
+    #[arg(long, env = "EDGENODE_SESSION_TTL_SECS", value_name = "SECS")]
+    pub session_ttl_secs: Option<u64>,
+
+    /// Absolute lifetime of a session, whatever its activity [default: 604800]
+    #[arg(long, env = "EDGENODE_SESSION_MAX_LIFETIME_SECS", value_name = "SECS")]
+    pub session_max_lifetime_secs: Option<u64>,
+
+    /// Largest accepted metadata, JSON-encoded [default: 16384]
+    #[arg(long, env = "EDGENODE_MAX_METADATA_BYTES", value_name = "BYTES")]
+    pub max_metadata_bytes: Option<usize>,
+
+    /// Largest accepted request body [default: 65536]
+    #[arg(long, env = "EDGENODE_MAX_BODY_BYTES", value_name = "BYTES")]
+    pub max_body_bytes: Option<usize>,
+
+    /// Mark the session cookie Secure (set when clients reach the balancer over HTTPS)
+    #[arg(long, env = "EDGENODE_COOKIE_SECURE", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub cookie_secure: Option<bool>,
+
+    /// Proxies (IPs or CIDRs, comma-separated) whose X-Forwarded-For is believed
+    #[arg(long, env = "EDGENODE_TRUSTED_PROXIES", value_delimiter = ',', value_name = "CIDR", value_parser = parse_net_arg)]
+    pub trusted_proxies: Option<Vec<IpNet>>,
+
+    /// Open connections above which new ones get a 503 and are closed [default: 1024]
+    #[arg(long, env = "EDGENODE_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<usize>,
+
+    /// Requests being served at once above which new ones get a 503 [default: 256]
+    #[arg(long, env = "EDGENODE_MAX_IN_FLIGHT", value_name = "N")]
+    pub max_in_flight: Option<usize>,
+
+    /// sled page cache size [default: 4]
+    #[arg(long, env = "EDGENODE_CACHE_CAPACITY_MB", value_name = "MB")]
+    pub cache_capacity_mb: Option<u64>,
+
+    /// Time a client has to send a request's headers; also how long an idle
+    /// keep-alive connection is kept open (hyper runs one timer for both) [default: 10000]
+    #[arg(long, env = "EDGENODE_HEADER_TIMEOUT_MS", value_name = "MS")]
+    pub header_timeout_ms: Option<u64>,
+
+    /// Time a request may take, body included, before it is answered 503 [default: 10000]
+    #[arg(long, env = "EDGENODE_REQUEST_TIMEOUT_MS", value_name = "MS")]
+    pub request_timeout_ms: Option<u64>,
+
+    /// On SIGTERM, time in-flight requests get to finish [default: 10000]
+    #[arg(long, env = "EDGENODE_SHUTDOWN_GRACE_MS", value_name = "MS")]
+    pub shutdown_grace_ms: Option<u64>,
+
+    /// On SIGTERM, time /api/ready answers 503 before the listener closes, so
+    /// balancers stop sending first; set it above the balancer's check interval [default: 0]
+    #[arg(long, env = "EDGENODE_DRAIN_DELAY_MS", value_name = "MS")]
+    pub drain_delay_ms: Option<u64>,
+
+    /// Log format: plain or json [default: plain]
+    #[arg(long, env = "EDGENODE_LOG_FORMAT", value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
+
+    /// Log level: error, warn, info, debug, trace [default: info]
+    #[arg(long, env = "EDGENODE_LOG_LEVEL", value_name = "LEVEL")]
+    pub log_level: Option<tracing::Level>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Plain,
+    Json,
+}
+
+/// The TOML file: the same keys, all optional; unknown keys are an error so a
+/// typo does not silently fall back to a default.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+    redis_url: Option<String>,
+    key_prefix: Option<String>,
+    store_timeout_ms: Option<u64>,
+    redis_probe_interval_ms: Option<u64>,
+    redis_probe_max_ms: Option<u64>,
+    api_token: Option<String>,
+    allow_unauthenticated: Option<bool>,
+    instance_id: Option<String>,
+    workers: Option<usize>,
+    blocking_threads: Option<usize>,
+    session_ttl_secs: Option<u64>,
+    session_max_lifetime_secs: Option<u64>,
+    max_metadata_bytes: Option<usize>,
+    max_body_bytes: Option<usize>,
+    cookie_secure: Option<bool>,
+    trusted_proxies: Option<Vec<String>>,
+    max_connections: Option<usize>,
+    max_in_flight: Option<usize>,
+    cache_capacity_mb: Option<u64>,
+    header_timeout_ms: Option<u64>,
+    request_timeout_ms: Option<u64>,
+    shutdown_grace_ms: Option<u64>,
+    drain_delay_ms: Option<u64>,
+    log_format: Option<LogFormat>,
+    log_level: Option<String>,
+}
+
+/// The resolved configuration the node runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub redis_url: Option<String>,
+    pub key_prefix: String,
+    pub store_timeout: Duration,
+    pub redis_probe_interval: Duration,
+    pub redis_probe_max: Duration,
+    pub api_token: Option<String>,
+    pub allow_unauthenticated: bool,
+    pub instance_id: String,
+    pub workers: usize,
+    pub blocking_threads: usize,
+    pub session_ttl_secs: u64,
+    pub session_max_lifetime_secs: u64,
+    pub max_metadata_bytes: usize,
+    pub max_body_bytes: usize,
+    pub cookie_secure: bool,
+    pub trusted_proxies: Vec<IpNet>,
+    pub max_connections: usize,
+    pub max_in_flight: usize,
+    pub cache_capacity_bytes: u64,
+    pub header_timeout: Duration,
+    pub request_timeout: Duration,
+    pub shutdown_grace: Duration,
+    pub drain_delay: Duration,
+    pub log_format: LogFormat,
+    pub log_level: tracing::Level,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("config: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Resolves the configuration from parsed arguments (which already carry
+    /// the environment), the config file, and the defaults.
+    pub fn resolve(args: Args) -> Result<Config, ConfigError> {
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None if Path::new(DEFAULT_CONFIG_FILE).exists() => {
+                read_file(Path::new(DEFAULT_CONFIG_FILE))?
+            }
+            None => FileConfig::default(),
+        };
+        let trusted_proxies = match args.trusted_proxies {
+            Some(list) => list,
+            None => file
+                .trusted_proxies
+                .unwrap_or_default()
+                .iter()
+                .map(|s| parse_net(s))
+                .collect::<Result<_, _>>()?,
+        };
+        let log_level = match (args.log_level, file.log_level) {
+            (Some(l), _) => l,
+            (None, Some(s)) => s.parse().map_err(|_| {
+                ConfigError::Invalid(format!(
+                    "log_level {s:?} is not one of error, warn, info, debug, trace"
+                ))
+            })?,
+            (None, None) => tracing::Level::INFO,
+        };
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        let config = Config {
+            listen: args
+                .listen
+                .or(file.listen)
+                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8080))),
+            data_dir: args
+                .data_dir
+                .or(file.data_dir)
+                .unwrap_or_else(default_data_dir),
+            redis_url: args.redis_url.or(file.redis_url).filter(|u| !u.is_empty()),
+            key_prefix: args
+                .key_prefix
+                .or(file.key_prefix)
+                .unwrap_or_else(|| "edgenode:".into()),
+            store_timeout: ms(args
+                .store_timeout_ms
+                .or(file.store_timeout_ms)
+                .unwrap_or(250)),
+            redis_probe_interval: ms(args
+                .redis_probe_interval_ms
+                .or(file.redis_probe_interval_ms)
+                .unwrap_or(200)),
+            redis_probe_max: ms(args
+                .redis_probe_max_ms
+                .or(file.redis_probe_max_ms)
+                .unwrap_or(2_000)),
+            api_token: args.api_token.or(file.api_token).filter(|t| !t.is_empty()),
+            allow_unauthenticated: args
+                .allow_unauthenticated
+                .or(file.allow_unauthenticated)
+                .unwrap_or(false),
+            instance_id: args
+                .instance_id
+                .or(file.instance_id)
+                .unwrap_or_else(hostname),
+            workers: args.workers.or(file.workers).unwrap_or(cores),
+            blocking_threads: args.blocking_threads.or(file.blocking_threads).unwrap_or(2),
+            session_ttl_secs: args
+                .session_ttl_secs
+                .or(file.session_ttl_secs)
+                .unwrap_or(86_400),
+            session_max_lifetime_secs: args
+                .session_max_lifetime_secs
+                .or(file.session_max_lifetime_secs)
+                .unwrap_or(604_800),
+            max_metadata_bytes: args
+                .max_metadata_bytes
+                .or(file.max_metadata_bytes)
+                .unwrap_or(16 * 1024),
+            max_body_bytes: args
+                .max_body_bytes
+                .or(file.max_body_bytes)
+                .unwrap_or(64 * 1024),
+            cookie_secure: args.cookie_secure.or(file.cookie_secure).unwrap_or(false),
+            trusted_proxies,
+            max_connections: args
+                .max_connections
+                .or(file.max_connections)
+                .unwrap_or(1024),
+            max_in_flight: args.max_in_flight.or(file.max_in_flight).unwrap_or(256),
+            cache_capacity_bytes: args
+                .cache_capacity_mb
+                .or(file.cache_capacity_mb)
+                .unwrap_or(4)
+                * 1024
+                * 1024,
+            header_timeout: ms(args
+                .header_timeout_ms
+                .or(file.header_timeout_ms)
+                .unwrap_or(10_000)),
+            request_timeout: ms(args
+                .request_timeout_ms
+                .or(file.request_timeout_ms)
+                .unwrap_or(10_000)),
+            shutdown_grace: ms(args
+                .shutdown_grace_ms
+                .or(file.shutdown_grace_ms)
+                .unwrap_or(10_000)),
+            drain_delay: ms(args.drain_delay_ms.or(file.drain_delay_ms).unwrap_or(0)),
+            log_format: args
+                .log_format
+                .or(file.log_format)
+                .unwrap_or(LogFormat::Plain),
+            log_level,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
+        if self.workers == 0 || self.blocking_threads == 0 {
+            return bad("workers and blocking_threads must be at least 1");
+        }
+        if self.session_ttl_secs == 0 || self.session_max_lifetime_secs == 0 {
+            return bad("session_ttl_secs and session_max_lifetime_secs must be at least 1");
+        }
+        if self.max_connections == 0 || self.max_in_flight == 0 {
+            return bad("max_connections and max_in_flight must be at least 1");
+        }
+        if self.store_timeout.is_zero() {
+            return bad("store_timeout_ms must be at least 1");
+        }
+        if self.key_prefix.is_empty() || self.key_prefix.len() > 64 {
+            return bad("key_prefix must be 1-64 characters");
+        }
+        Ok(())
+    }
+
+    /// The rule that keeps an unauthenticated node off the LAN by accident.
+    pub fn check_exposure(&self, addr: SocketAddr) -> Result<(), ConfigError> {
+        if self.api_token.is_none() && !addr.ip().is_loopback() && !self.allow_unauthenticated {
+            return Err(ConfigError::Invalid(format!(
+                "refusing to listen on non-loopback {addr} without api_token; set one \
+                 (EDGENODE_API_TOKEN) or pass --allow-unauthenticated"
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn is_trusted_proxy(&self, ip: IpAddr) -> bool {
+        self.trusted_proxies.iter().any(|n| n.contains(&ip))
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.into(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        path: path.into(),
+        source,
+    })
+}
+
+/// An IP or a CIDR.
+fn parse_net(s: &str) -> Result<IpNet, ConfigError> {
+    s.parse::<IpNet>()
+        .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+        .map_err(|_| {
+            ConfigError::Invalid(format!("trusted_proxies entry {s:?} is not an IP or CIDR"))
+        })
+}
+
+fn parse_net_arg(s: &str) -> Result<IpNet, String> {
+    parse_net(s).map_err(|e| e.to_string())
+}
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+/// `$STATE_DIRECTORY` (set by systemd's StateDirectory=) or `./data`.
+fn default_data_dir() -> PathBuf {
+    std::env::var("STATE_DIRECTORY")
+        .ok()
+        .and_then(|v| {
+            v.split(':')
+                .next()
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from)
+        })
+        .unwrap_or_else(|| PathBuf::from("./data"))
+}
+
+/// From gethostname(2), not /proc/sys: the hardened unit's ProcSubset=pid
+/// hides /proc/sys.
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname writes at most that.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    match (rc, std::str::from_utf8(&buf[..end])) {
+        (0, Ok(name)) if !name.is_empty() => name.to_string(),
+        _ => "edgenode".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn flags_beat_file_which_beats_defaults() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(f, "listen = \"127.0.0.1:9000\"\nworkers = 3\ntrusted_proxies = [\"10.0.0.0/8\", \"192.168.1.2\"]").unwrap();
+        let args = Args::try_parse_from([
+            "edgenode",
+            "--config",
+            f.path().to_str().unwrap(),
+            "--workers",
+            "5",
+        ])
+        .unwrap();
+        let c = Config::resolve(args).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:9000".parse().unwrap());
+        assert_eq!(c.workers, 5);
+        assert_eq!(c.session_ttl_secs, 86_400);
+        assert!(c.is_trusted_proxy("10.1.2.3".parse().unwrap()));
+        assert!(c.is_trusted_proxy("192.168.1.2".parse().unwrap()));
+        assert!(!c.is_trusted_proxy("192.168.1.3".parse().unwrap()));
+    }
+
+    #[test]
+    fn unknown_file_keys_are_refused() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(f, "redis_ulr = \"redis://x\"").unwrap();
+        let args =
+            Args::try_parse_from(["edgenode", "--config", f.path().to_str().unwrap()]).unwrap();
+        assert!(matches!(
+            Config::resolve(args),
+            Err(ConfigError::Parse { .. })
+        ));
+    }
+
+    #[test]
+    fn non_loopback_needs_a_token_or_explicit_opt_out() {
+        let args = Args::try_parse_from(["edgenode", "--config", "/dev/null"]).unwrap();
+        let mut c = Config::resolve(args).unwrap();
+        let lan: SocketAddr = "0.0.0.0:8080".parse().unwrap();
+        assert!(c.check_exposure(lan).is_err());
+        assert!(c.check_exposure("127.0.0.1:8080".parse().unwrap()).is_ok());
+        c.allow_unauthenticated = true;
+        assert!(c.check_exposure(lan).is_ok());
+        c.allow_unauthenticated = false;
+        c.api_token = Some("t".into());
+        assert!(c.check_exposure(lan).is_ok());
+    }
+}

@@ -1,0 +1,299 @@
+//! One function per endpoint of DESIGN.md's API tables.
+
+use super::error::ApiError;
+use super::{json_response, method_not_allowed, read_json_body, App, Body, Route};
+use crate::session::{encode_metadata, parse_session_id, validate_user_id, Patch};
+use crate::store::PatchOutcome;
+use hyper::body::Incoming;
+use hyper::{header, Method, Request, Response, StatusCode};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use std::net::SocketAddr;
+
+/// `POST /api/sessions` and `PATCH /api/sessions/{id}` bodies. Unknown fields
+/// and wrong types are refused (400) rather than ignored.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SessionBody {
+    user_id: Option<String>,
+    metadata: Option<Map<String, Value>>,
+}
+
+pub async fn dispatch(
+    app: &App,
+    route: Route<'_>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Result<Response<Body>, ApiError> {
+    let method = req.method().clone();
+    match route {
+        Route::Sessions => match method {
+            Method::POST => create(app, req).await,
+            _ => Err(method_not_allowed("POST")),
+        },
+        Route::Session(id) => {
+            let id = session_id(id)?;
+            match method {
+                Method::GET => read(app, &id).await,
+                Method::PATCH => patch(app, &id, req).await,
+                Method::DELETE => delete(app, &id).await,
+                _ => Err(method_not_allowed("GET, PATCH, DELETE")),
+            }
+        }
+        Route::Rotate(id) => {
+            let id = session_id(id)?;
+            match method {
+                Method::POST => rotate(app, &id).await,
+                _ => Err(method_not_allowed("POST")),
+            }
+        }
+        Route::UserSessions(user) => {
+            validate_user_id(user)?;
+            match method {
+                Method::GET => list_user(app, user).await,
+                Method::DELETE => delete_user(app, user).await,
+                _ => Err(method_not_allowed("GET, DELETE")),
+            }
+        }
+        Route::BrowserSession => match method {
+            Method::GET => browser_session(app, &req, peer).await,
+            _ => Err(method_not_allowed("GET")),
+        },
+        Route::Health => match method {
+            Method::GET => Ok(health(app)),
+            _ => Err(method_not_allowed("GET")),
+        },
+        Route::Ready => match method {
+            Method::GET => ready(app),
+            _ => Err(method_not_allowed("GET")),
+        },
+        Route::Metrics => match method {
+            Method::GET => Ok(metrics(app)),
+            _ => Err(method_not_allowed("GET")),
+        },
+        Route::Unknown => Err(ApiError::not_found("no such endpoint")),
+    }
+}
+
+fn session_id(text: &str) -> Result<[u8; 16], ApiError> {
+    parse_session_id(text)
+        .ok_or_else(|| ApiError::bad_request("invalid_session_id", "session id must be a UUID"))
+}
+
+fn session_response(status: StatusCode, s: &crate::session::Session) -> Response<Body> {
+    json_response(status, s.to_json())
+}
+
+fn no_session() -> ApiError {
+    ApiError::not_found("no such session, or it has expired")
+}
+
+async fn create(app: &App, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let body: SessionBody =
+        read_json_body(req, app.config.max_body_bytes, app.config.request_timeout).await?;
+    let user_id = match body.user_id {
+        Some(u) => {
+            validate_user_id(&u)?;
+            u
+        }
+        None => "anonymous".to_string(),
+    };
+    let metadata = encode_metadata(&body.metadata.unwrap_or_default(), &app.limits)?;
+    let session = app.store.create(user_id, metadata, false).await?;
+    Ok(session_response(StatusCode::CREATED, &session))
+}
+
+async fn read(app: &App, id: &[u8; 16]) -> Result<Response<Body>, ApiError> {
+    match app.store.touch(id).await? {
+        Some(s) => Ok(session_response(StatusCode::OK, &s)),
+        None => Err(no_session()),
+    }
+}
+
+async fn patch(
+    app: &App,
+    id: &[u8; 16],
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let if_match = match req.headers().get(header::IF_MATCH) {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .map(|s| s.trim().trim_matches('"'))
+                .and_then(|s| s.parse::<u64>().ok())
+                .ok_or_else(|| {
+                    ApiError::bad_request(
+                        "invalid_if_match",
+                        "If-Match must be a session version number",
+                    )
+                })?,
+        ),
+    };
+    let body: SessionBody =
+        read_json_body(req, app.config.max_body_bytes, app.config.request_timeout).await?;
+    if let Some(u) = &body.user_id {
+        validate_user_id(u)?;
+    }
+    if let Some(m) = &body.metadata {
+        // The patch itself must fit; the merged result is checked by the store.
+        encode_metadata(m, &app.limits)?;
+    }
+    let patch = Patch {
+        user_id: body.user_id,
+        metadata: body.metadata,
+    };
+    match app.store.patch(id, &patch, if_match).await? {
+        PatchOutcome::Updated(s) => Ok(session_response(StatusCode::OK, &s)),
+        PatchOutcome::NotFound => Err(no_session()),
+        PatchOutcome::VersionMismatch { current } => Err(ApiError::new(
+            StatusCode::PRECONDITION_FAILED,
+            "version_mismatch",
+            format!("session is at version {current}"),
+        )),
+    }
+}
+
+async fn delete(app: &App, id: &[u8; 16]) -> Result<Response<Body>, ApiError> {
+    if app.store.delete(id).await? {
+        let mut resp = Response::new(Body::default());
+        *resp.status_mut() = StatusCode::NO_CONTENT;
+        Ok(resp)
+    } else {
+        Err(no_session())
+    }
+}
+
+async fn rotate(app: &App, id: &[u8; 16]) -> Result<Response<Body>, ApiError> {
+    match app.store.rotate(id).await? {
+        Some(s) => Ok(session_response(StatusCode::OK, &s)),
+        None => Err(no_session()),
+    }
+}
+
+async fn list_user(app: &App, user: &str) -> Result<Response<Body>, ApiError> {
+    let sessions = app.store.list_user(user).await?;
+    let mut out = Vec::with_capacity(16 + sessions.len() * 300);
+    out.extend_from_slice(b"{\"sessions\":[");
+    for (i, s) in sessions.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(&s.to_json());
+    }
+    out.extend_from_slice(b"]}");
+    Ok(json_response(StatusCode::OK, out))
+}
+
+async fn delete_user(app: &App, user: &str) -> Result<Response<Body>, ApiError> {
+    let n = app.store.delete_user(user).await?;
+    Ok(json_response(
+        StatusCode::OK,
+        serde_json::json!({ "deleted": n }).to_string().into_bytes(),
+    ))
+}
+
+/// `GET /api/session`: the caller's session by cookie or `X-Session-ID`; a
+/// missing, malformed or expired one is replaced by a new session.
+async fn browser_session(
+    app: &App,
+    req: &Request<Incoming>,
+    _peer: SocketAddr,
+) -> Result<Response<Body>, ApiError> {
+    let presented = cookie_session_id(req).or_else(|| {
+        req.headers()
+            .get("x-session-id")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_session_id)
+    });
+    let existing = match presented {
+        Some(id) => app.store.touch(&id).await?,
+        None => None,
+    };
+    let session = match existing {
+        Some(s) => s,
+        None => {
+            app.store
+                .create("anonymous".into(), "{}".into(), true)
+                .await?
+        }
+    };
+    let id = crate::session::format_id(&session.id);
+    let mut resp = session_response(StatusCode::OK, &session);
+    let cookie = format!(
+        "session_id={id}; HttpOnly; SameSite=Lax; Path=/{}",
+        if app.config.cookie_secure {
+            "; Secure"
+        } else {
+            ""
+        }
+    );
+    let headers = resp.headers_mut();
+    if let Ok(v) = header::HeaderValue::from_str(&cookie) {
+        headers.insert(header::SET_COOKIE, v);
+    }
+    if let Ok(v) = header::HeaderValue::from_str(&id) {
+        headers.insert("x-session-id", v);
+    }
+    Ok(resp)
+}
+
+/// The `session_id` cookie, if present and a well-formed id.
+fn cookie_session_id(req: &Request<Incoming>) -> Option<[u8; 16]> {
+    req.headers()
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().strip_prefix("session_id="))
+        .find_map(parse_session_id)
+}
+
+fn health(app: &App) -> Response<Body> {
+    let st = app.store.status();
+    let pool = app.admission.stats();
+    let body = serde_json::json!({
+        "status": "ok",
+        "instance_id": app.config.instance_id,
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_seconds": app.started.elapsed().as_secs(),
+        "store": {
+            "active": st.active.as_str(),
+            "redis_configured": st.redis_configured,
+            "redis_reachable": st.redis_reachable,
+            "pending_sync": st.pending_sync,
+            "failovers": st.failovers,
+            "reconciliations": st.reconciliations,
+            "corrupt_records": st.corrupt_records,
+        },
+        "sessions": { "active": st.sessions_active },
+        "pool": {
+            "workers": pool.workers,
+            "in_flight": pool.in_flight,
+            "queued": app.store.sled().commits_waiting(),
+            "completed": pool.completed,
+            "rejected": pool.rejected,
+            "connections": pool.connections,
+        },
+    });
+    json_response(StatusCode::OK, body.to_string().into_bytes())
+}
+
+fn ready(app: &App) -> Result<Response<Body>, ApiError> {
+    if app.is_ready() {
+        Ok(json_response(StatusCode::OK, br#"{"ready":true}"#.to_vec()))
+    } else {
+        Err(ApiError::unavailable("not_ready", "starting or draining"))
+    }
+}
+
+fn metrics(app: &App) -> Response<Body> {
+    let mut resp = Response::new(Body::from(app.metrics.render()));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        ),
+    );
+    resp
+}

@@ -1,0 +1,302 @@
+//! HTTP: routing, the request envelope (admission, auth, body limits, timeouts,
+//! metrics) and the JSON plumbing. Endpoint logic is in [`handlers`].
+
+pub mod error;
+pub mod handlers;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::pool::Admission;
+use crate::session::Limits;
+use crate::store::Store;
+use bytes::Bytes;
+use error::ApiError;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{header, Method, Request, Response, StatusCode};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+use subtle::ConstantTimeEq;
+
+pub type Body = Full<Bytes>;
+
+/// Everything a request needs, shared by all connections.
+pub struct App {
+    pub config: Config,
+    pub limits: Limits,
+    pub store: Store,
+    pub admission: Arc<Admission>,
+    pub metrics: Metrics,
+    pub started: Instant,
+    /// Up and not draining: what `/api/ready` reports.
+    pub ready: AtomicBool,
+}
+
+/// Where a request goes. The template names label metrics.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Route<'a> {
+    Sessions,
+    Session(&'a str),
+    Rotate(&'a str),
+    UserSessions(&'a str),
+    BrowserSession,
+    Health,
+    Ready,
+    Metrics,
+    Unknown,
+}
+
+impl<'a> Route<'a> {
+    pub fn parse(path: &'a str) -> Route<'a> {
+        let mut parts = path.strip_prefix('/').unwrap_or(path).split('/');
+        match (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) {
+            (Some("api"), Some("sessions"), None, ..) => Route::Sessions,
+            (Some("api"), Some("sessions"), Some(id), None, _) => Route::Session(id),
+            (Some("api"), Some("sessions"), Some(id), Some("rotate"), None) => Route::Rotate(id),
+            (Some("api"), Some("users"), Some(user), Some("sessions"), None) => {
+                Route::UserSessions(user)
+            }
+            (Some("api"), Some("session"), None, ..) => Route::BrowserSession,
+            (Some("api"), Some("health"), None, ..) => Route::Health,
+            (Some("api"), Some("ready"), None, ..) => Route::Ready,
+            (Some("metrics"), None, ..) => Route::Metrics,
+            _ => Route::Unknown,
+        }
+    }
+
+    pub fn template(&self) -> &'static str {
+        match self {
+            Route::Sessions => "/api/sessions",
+            Route::Session(_) => "/api/sessions/{id}",
+            Route::Rotate(_) => "/api/sessions/{id}/rotate",
+            Route::UserSessions(_) => "/api/users/{user_id}/sessions",
+            Route::BrowserSession => "/api/session",
+            Route::Health => "/api/health",
+            Route::Ready => "/api/ready",
+            Route::Metrics => "/metrics",
+            Route::Unknown => "other",
+        }
+    }
+
+    /// Routes for application back ends, behind the bearer token.
+    fn needs_token(&self) -> bool {
+        matches!(
+            self,
+            Route::Sessions
+                | Route::Session(_)
+                | Route::Rotate(_)
+                | Route::UserSessions(_)
+                | Route::Metrics
+        )
+    }
+}
+
+/// Serves one request: admission, routing, auth, the handler under the request
+/// timeout, then metrics. Never fails: every error is a JSON response.
+pub async fn serve(
+    app: Arc<App>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Result<Response<Body>, std::convert::Infallible> {
+    let start = Instant::now();
+    let path = req.uri().path().to_owned();
+    let route = Route::parse(&path);
+    let template = route.template();
+
+    // Health and readiness must answer even when the node is saturated: the
+    // balancer and the operator need them most then.
+    let _slot = if matches!(route, Route::Health | Route::Ready) {
+        None
+    } else {
+        match app.admission.try_admit() {
+            Some(slot) => Some(slot),
+            None => {
+                let resp = ApiError::unavailable(
+                    "overloaded",
+                    "too many requests in flight; retry shortly",
+                )
+                .into_response();
+                app.metrics.observe(
+                    template,
+                    resp.status().as_u16(),
+                    start.elapsed().as_secs_f64(),
+                );
+                return Ok(resp);
+            }
+        }
+    };
+
+    let result = if route.needs_token() && !authorized(&app.config, &req) {
+        Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or invalid bearer token",
+        ))
+    } else {
+        match tokio::time::timeout(
+            app.config.request_timeout,
+            handlers::dispatch(&app, route, req, peer),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(ApiError::unavailable(
+                "timeout",
+                "the request took too long; retry shortly",
+            )),
+        }
+    };
+    let mut resp = result.unwrap_or_else(ApiError::into_response);
+    if resp.status() == StatusCode::UNAUTHORIZED {
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
+    }
+    app.metrics.observe(
+        template,
+        resp.status().as_u16(),
+        start.elapsed().as_secs_f64(),
+    );
+    Ok(resp)
+}
+
+fn authorized(config: &Config, req: &Request<Incoming>) -> bool {
+    let Some(token) = &config.api_token else {
+        return true;
+    };
+    req.headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        .map(|given| bool::from(given.ct_eq(token.as_bytes())))
+        .unwrap_or(false)
+}
+
+/// Reads a body of at most `limit` bytes; an empty body reads as `{}`.
+pub async fn read_json_body<T: serde::de::DeserializeOwned>(
+    req: Request<Incoming>,
+    limit: usize,
+    timeout: std::time::Duration,
+) -> Result<T, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("request body exceeds {limit} bytes"),
+        )
+    };
+    if let Some(len) = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        if len > limit as u64 {
+            return Err(too_large());
+        }
+    }
+    let collected = tokio::time::timeout(timeout, Limited::new(req.into_body(), limit).collect())
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                "request body was not received in time",
+            )
+        })?;
+    let bytes = match collected {
+        Ok(c) => c.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
+        Err(e) => {
+            return Err(ApiError::bad_request(
+                "bad_body",
+                format!("reading request body: {e}"),
+            ))
+        }
+    };
+    let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
+        b"{}"
+    } else {
+        &bytes
+    };
+    serde_json::from_slice(bytes).map_err(|e| ApiError::bad_request("invalid_json", e.to_string()))
+}
+
+pub fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Body> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+pub fn method_not_allowed(allow: &'static str) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("allowed: {allow}"),
+    )
+}
+
+pub fn is(method: &Method, want: &Method) -> bool {
+    method == want
+}
+
+/// The client's address: the peer, or the first `X-Forwarded-For` hop when the
+/// peer is a trusted proxy.
+pub fn client_ip(config: &Config, peer: SocketAddr, req: &Request<Incoming>) -> std::net::IpAddr {
+    if config.is_trusted_proxy(peer.ip()) {
+        if let Some(ip) = req
+            .headers()
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(',').next())
+            .and_then(|v| v.trim().parse().ok())
+        {
+            return ip;
+        }
+    }
+    peer.ip()
+}
+
+impl App {
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Route;
+
+    #[test]
+    fn routes_parse_to_templates() {
+        assert_eq!(Route::parse("/api/sessions"), Route::Sessions);
+        assert_eq!(Route::parse("/api/sessions/abc"), Route::Session("abc"));
+        assert_eq!(
+            Route::parse("/api/sessions/abc/rotate"),
+            Route::Rotate("abc")
+        );
+        assert_eq!(
+            Route::parse("/api/users/u1/sessions"),
+            Route::UserSessions("u1")
+        );
+        assert_eq!(
+            Route::parse("/api/sessions/../../etc/passwd"),
+            Route::Unknown
+        );
+        assert_eq!(Route::parse("/api/sessions/a/b"), Route::Unknown);
+        assert_eq!(Route::parse("/metrics"), Route::Metrics);
+        assert_eq!(Route::parse("/"), Route::Unknown);
+    }
+}

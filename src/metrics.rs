@@ -1,0 +1,250 @@
+//! Prometheus metrics (`GET /metrics`).
+//!
+//! Request counters and the latency histogram are updated on the request path,
+//! labelled by route *template* (`/api/sessions/{id}`, never a raw path) so the
+//! series count stays fixed. Store and pool figures are read from their owners
+//! at scrape time by a collector, so they are never stale and cost nothing
+//! between scrapes.
+
+use crate::pool::Admission;
+use crate::store::{Mode, Store};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use std::sync::Arc;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    route: &'static str,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabel {
+    route: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    latency: Family<RouteLabel, Histogram, fn() -> Histogram>,
+}
+
+fn latency_histogram() -> Histogram {
+    // 50 µs .. ~1.6 s, doubling.
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.000_05, 2.0, 16,
+    ))
+}
+
+impl Metrics {
+    pub fn new(instance_id: &str, store: Store, admission: Arc<Admission>) -> Metrics {
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        let latency = Family::<RouteLabel, Histogram, fn() -> Histogram>::new_with_constructor(
+            latency_histogram,
+        );
+        registry.register(
+            "edgenode_http_requests",
+            "HTTP requests by route template and status",
+            requests.clone(),
+        );
+        registry.register(
+            "edgenode_http_request_duration_seconds",
+            "Time from request admission to response, by route template",
+            latency.clone(),
+        );
+        registry.register_collector(Box::new(StateCollector {
+            store,
+            admission,
+            instance_id: instance_id.to_string(),
+        }));
+        Metrics {
+            registry,
+            requests,
+            latency,
+        }
+    }
+
+    pub fn observe(&self, route: &'static str, status: u16, seconds: f64) {
+        self.requests
+            .get_or_create(&RequestLabels { route, status })
+            .inc();
+        self.latency
+            .get_or_create(&RouteLabel { route })
+            .observe(seconds);
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(8 * 1024);
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// Reads store and pool state at scrape time.
+struct StateCollector {
+    store: Store,
+    admission: Arc<Admission>,
+    instance_id: String,
+}
+
+impl std::fmt::Debug for StateCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StateCollector")
+    }
+}
+
+fn gauge(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    v: i64,
+) -> Result<(), std::fmt::Error> {
+    let m = ConstGauge::new(v);
+    m.encode(enc.encode_descriptor(name, help, None, m.metric_type())?)
+}
+
+fn counter(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    v: u64,
+) -> Result<(), std::fmt::Error> {
+    let m = ConstCounter::new(v);
+    m.encode(enc.encode_descriptor(name, help, None, m.metric_type())?)
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModeLabel {
+    mode: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+    target: &'static str,
+    commit: &'static str,
+    instance_id: String,
+}
+
+impl Collector for StateCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let st = self.store.status();
+        let pool = self.admission.stats();
+
+        let info = ConstGauge::new(1i64);
+        let mut fam = enc.encode_descriptor(
+            "edgenode_build_info",
+            "Build and instance of this node",
+            None,
+            info.metric_type(),
+        )?;
+        info.encode(fam.encode_family(&BuildLabels {
+            version: env!("CARGO_PKG_VERSION"),
+            target: env!("EDGENODE_TARGET"),
+            commit: env!("EDGENODE_COMMIT"),
+            instance_id: self.instance_id.clone(),
+        })?)?;
+
+        let mut fam = enc.encode_descriptor(
+            "edgenode_store_mode",
+            "1 for the store currently serving requests",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for mode in [Mode::Redis, Mode::Sled] {
+            ConstGauge::new(i64::from(st.active == mode)).encode(fam.encode_family(
+                &ModeLabel {
+                    mode: mode.as_str(),
+                },
+            )?)?;
+        }
+
+        gauge(
+            &mut enc,
+            "edgenode_redis_reachable",
+            "1 when the last Redis operation or probe succeeded",
+            i64::from(st.redis_reachable),
+        )?;
+        gauge(
+            &mut enc,
+            "edgenode_sessions_active",
+            "Live sessions (Redis index in Redis mode, local store otherwise)",
+            st.sessions_active as i64,
+        )?;
+        gauge(
+            &mut enc,
+            "edgenode_pending_sync",
+            "Journaled operations waiting to be replayed into Redis",
+            st.pending_sync as i64,
+        )?;
+        counter(
+            &mut enc,
+            "edgenode_redis_failovers",
+            "Switches from Redis to the local store",
+            st.failovers,
+        )?;
+        counter(
+            &mut enc,
+            "edgenode_reconciliations",
+            "Completed journal replays into Redis",
+            st.reconciliations,
+        )?;
+        counter(
+            &mut enc,
+            "edgenode_replayed_operations",
+            "Journal operations replayed into Redis",
+            st.replayed_ops,
+        )?;
+        counter(
+            &mut enc,
+            "edgenode_corrupt_records",
+            "Records at rest that failed to decode",
+            st.corrupt_records,
+        )?;
+        gauge(
+            &mut enc,
+            "edgenode_pool_workers",
+            "Request worker threads",
+            pool.workers as i64,
+        )?;
+        gauge(
+            &mut enc,
+            "edgenode_pool_in_flight",
+            "Requests being served",
+            pool.in_flight as i64,
+        )?;
+        gauge(
+            &mut enc,
+            "edgenode_pool_queued",
+            "Requests waiting for a disk flush",
+            self.store.sled().commits_waiting() as i64,
+        )?;
+        gauge(
+            &mut enc,
+            "edgenode_open_connections",
+            "Open client connections",
+            pool.connections as i64,
+        )?;
+        counter(
+            &mut enc,
+            "edgenode_pool_completed",
+            "Requests served",
+            pool.completed,
+        )?;
+        counter(
+            &mut enc,
+            "edgenode_rejected_requests",
+            "Requests and connections refused with 503 by admission control",
+            pool.rejected,
+        )?;
+        Ok(())
+    }
+}

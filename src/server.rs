@@ -1,0 +1,80 @@
+//! The accept loop and each connection's life, including the shutdown story:
+//! when `shutdown` fires the listener closes, every connection is told to
+//! finish its current request and close, and `run` returns once they have (or
+//! once the grace period is over).
+
+use crate::http::{self, App};
+use crate::pool::ConnectionSlot;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+/// What an over-limit connection gets before it is closed.
+const CONNECTION_REFUSED: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\nConnection: close\r\nContent-Length: 84\r\n\r\n{\"error\":{\"code\":\"overloaded\",\"message\":\"too many open connections; retry shortly\"}}";
+
+pub async fn run(app: Arc<App>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+    let graceful = GracefulShutdown::new();
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(app.config.header_timeout)
+        .keep_alive(true)
+        .max_buf_size(64 * 1024 + 16 * 1024);
+
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => break,
+        };
+        let Some(slot) = app.admission.try_connect() else {
+            tokio::spawn(refuse(stream));
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let app_for_conn = app.clone();
+        let service = service_fn(move |req| http::serve(app_for_conn.clone(), req, peer));
+        let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(serve_connection(conn, slot));
+    }
+    drop(listener);
+    tracing::info!("listener closed; waiting for in-flight requests");
+    tokio::select! {
+        _ = graceful.shutdown() => tracing::info!("all connections closed"),
+        _ = tokio::time::sleep(app.config.shutdown_grace) => {
+            tracing::warn!(grace_ms = app.config.shutdown_grace.as_millis() as u64, "grace period over; closing remaining connections");
+        }
+    }
+}
+
+async fn serve_connection<F>(conn: F, _slot: ConnectionSlot)
+where
+    F: std::future::Future<Output = Result<(), hyper::Error>>,
+{
+    if let Err(e) = conn.await {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
+/// Answers an over-limit connection with a canned 503 and closes it, spending
+/// at most a few milliseconds on it.
+async fn refuse(mut stream: TcpStream) {
+    let _ = tokio::time::timeout(Duration::from_millis(50), async {
+        let _ = stream.write_all(CONNECTION_REFUSED).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+}

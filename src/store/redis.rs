@@ -1,0 +1,828 @@
+//! Redis as the cluster's shared session store.
+//!
+//! Every request-path operation is one Lua script: one round trip, atomic
+//! with respect to every other node, bounded by the store timeout.
+//!
+//! Keys (all under `key_prefix`):
+//! - `s:<id>`: the session, a hash: `u` user, `c` created, `a` last accessed,
+//!   `e` expires (unix ms), `n` request count, `v` version, and one field per
+//!   metadata key, `m:<key as JSON>` → value as JSON. Merging metadata is then
+//!   HSET/HDEL in the script, no JSON handling in Lua (whose cjson would turn
+//!   `[]` into `{}`). The key expires at `e` (PEXPIREAT), so Redis drops
+//!   idle sessions by itself.
+//! - `u:<user_id>`: set of that user's session ids (stale ids pruned on read).
+//! - `t:<id>`: tombstone of a deleted or rotated-away session, kept for the
+//!   absolute lifetime so a replay never resurrects it.
+//! - `active`: sorted set id → expiry, for a cheap active-session count.
+//! - channel `events`: `del:<id>` for every delete and rotation, so other nodes
+//!   drop the session from their local mirror.
+//!
+//! The keys a script touches beyond `KEYS` (the user set) are built from the
+//! prefix inside the script; that is fine for a single Redis or Sentinel, not
+//! for Redis Cluster.
+
+use super::journal::Op;
+use super::{PatchOutcome, StoreError};
+use crate::config::Config;
+use crate::session::{format_id, Limits, Patch, Session};
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Client, Script, Value};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+#[derive(Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    target: Target,
+    prefix: String,
+    timeout: Duration,
+    pub(super) probe_interval: Duration,
+    pub(super) probe_max: Duration,
+    limits: Limits,
+    conn: RwLock<Option<MultiplexedConnection>>,
+    active: AtomicU64,
+    scripts: Scripts,
+}
+
+/// How to find the Redis master.
+enum Target {
+    Direct(Client),
+    Sentinel(tokio::sync::Mutex<redis::sentinel::SentinelClient>),
+}
+
+struct Scripts {
+    create: Script,
+    touch: Script,
+    patch: Script,
+    delete: Script,
+    rotate: Script,
+    list_user: Script,
+    delete_user: Script,
+}
+
+/// The outcome of replaying one journal operation.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Replayed {
+    Applied,
+    /// Redis has neither the session nor its tombstone: restore it first.
+    Missing,
+    /// Deleted somewhere: the operation is dropped.
+    Tombstoned,
+    /// It cannot apply (e.g. the merge would exceed the metadata limit).
+    Refused(String),
+}
+
+const CREATE: &str = r#"
+-- KEYS: session, tombstone, active, user set
+-- ARGV: replay ('1' = skip if exists or tombstoned), id, max_lifetime_ms, u, c, a, e, n, v, then metadata field/value pairs
+if ARGV[1] == '1' then
+  if redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
+  if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+end
+local args = {'u', ARGV[4], 'c', ARGV[5], 'a', ARGV[6], 'e', ARGV[7], 'n', ARGV[8], 'v', ARGV[9]}
+for i = 10, #ARGV do args[#args + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], unpack(args))
+redis.call('PEXPIREAT', KEYS[1], ARGV[7])
+redis.call('ZADD', KEYS[3], ARGV[7], ARGV[2])
+redis.call('SADD', KEYS[4], ARGV[2])
+redis.call('PEXPIRE', KEYS[4], ARGV[3])
+return 1
+"#;
+
+const TOUCH: &str = r#"
+-- KEYS: session, active, tombstone; ARGV: at, ttl_ms, max_lifetime_ms, id, replay
+local cur = redis.call('HMGET', KEYS[1], 'c', 'e', 'a')
+if not cur[1] then
+  if ARGV[5] == '1' and redis.call('EXISTS', KEYS[3]) == 1 then return -1 end
+  return 0
+end
+local at, c, e, a = tonumber(ARGV[1]), tonumber(cur[1]), tonumber(cur[2]), tonumber(cur[3])
+if ARGV[5] ~= '1' and e <= at then
+  redis.call('DEL', KEYS[1])
+  redis.call('ZREM', KEYS[2], ARGV[4])
+  return 0
+end
+local ne = math.min(at + tonumber(ARGV[2]), c + tonumber(ARGV[3]))
+if ne < e then ne = e end
+redis.call('HINCRBY', KEYS[1], 'n', 1)
+if at > a then redis.call('HSET', KEYS[1], 'a', ARGV[1]) end
+if ne > e then
+  redis.call('HSET', KEYS[1], 'e', string.format('%d', ne))
+  redis.call('PEXPIREAT', KEYS[1], string.format('%d', ne))
+  redis.call('ZADD', KEYS[2], string.format('%d', ne), ARGV[4])
+end
+return redis.call('HGETALL', KEYS[1])
+"#;
+
+const PATCH: &str = r#"
+-- KEYS: session, tombstone
+-- ARGV: now, if_match ('' = none), new user ('' = none), prefix, id, max_lifetime_ms, max_metadata_bytes, replay,
+--       then pairs of metadata field, value ('null' deletes)
+local cur = redis.call('HMGET', KEYS[1], 'e', 'v', 'u')
+if not cur[1] then
+  if ARGV[8] == '1' and redis.call('EXISTS', KEYS[2]) == 1 then return {-1} end
+  return {0}
+end
+if ARGV[8] ~= '1' and tonumber(cur[1]) <= tonumber(ARGV[1]) then return {0} end
+if ARGV[2] ~= '' and tonumber(ARGV[2]) ~= tonumber(cur[2]) then return {2, cur[2]} end
+if #ARGV > 8 then
+  -- the merged metadata must fit: compute its JSON size before writing
+  local meta = {}
+  local all = redis.call('HGETALL', KEYS[1])
+  for i = 1, #all, 2 do
+    if string.sub(all[i], 1, 2) == 'm:' then meta[all[i]] = all[i + 1] end
+  end
+  for i = 9, #ARGV, 2 do
+    if ARGV[i + 1] == 'null' then meta[ARGV[i]] = nil else meta[ARGV[i]] = ARGV[i + 1] end
+  end
+  local size, count = 2, 0
+  for k, v in pairs(meta) do
+    size = size + (#k - 2) + 1 + #v
+    count = count + 1
+  end
+  if count > 1 then size = size + count - 1 end
+  if size > tonumber(ARGV[7]) then return {3, tostring(size)} end
+  for i = 9, #ARGV, 2 do
+    if ARGV[i + 1] == 'null' then
+      redis.call('HDEL', KEYS[1], ARGV[i])
+    else
+      redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+    end
+  end
+end
+if ARGV[3] ~= '' and ARGV[3] ~= cur[3] then
+  redis.call('SREM', ARGV[4] .. 'u:' .. cur[3], ARGV[5])
+  redis.call('SADD', ARGV[4] .. 'u:' .. ARGV[3], ARGV[5])
+  redis.call('PEXPIRE', ARGV[4] .. 'u:' .. ARGV[3], ARGV[6])
+  redis.call('HSET', KEYS[1], 'u', ARGV[3])
+end
+redis.call('HINCRBY', KEYS[1], 'v', 1)
+return {1, redis.call('HGETALL', KEYS[1])}
+"#;
+
+const DELETE: &str = r#"
+-- KEYS: session, tombstone, active; ARGV: id, prefix, max_lifetime_ms, channel
+local u = redis.call('HGET', KEYS[1], 'u')
+local existed = redis.call('DEL', KEYS[1])
+redis.call('SET', KEYS[2], '1', 'PX', ARGV[3])
+redis.call('ZREM', KEYS[3], ARGV[1])
+if u then redis.call('SREM', ARGV[2] .. 'u:' .. u, ARGV[1]) end
+redis.call('PUBLISH', ARGV[4], 'del:' .. ARGV[1])
+return existed
+"#;
+
+const ROTATE: &str = r#"
+-- KEYS: old session, new session, old tombstone, active, new tombstone
+-- ARGV: old id, new id, prefix, max_lifetime_ms, channel, now, replay
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  if ARGV[7] == '1' then
+    if redis.call('EXISTS', KEYS[2]) == 1 then return {2} end
+    if redis.call('EXISTS', KEYS[3]) == 1 then return {-1} end
+  end
+  return {0}
+end
+local cur = redis.call('HMGET', KEYS[1], 'e', 'u')
+if ARGV[7] ~= '1' and tonumber(cur[1]) <= tonumber(ARGV[6]) then return {0} end
+redis.call('RENAME', KEYS[1], KEYS[2])
+redis.call('HINCRBY', KEYS[2], 'v', 1)
+redis.call('SET', KEYS[3], '1', 'PX', ARGV[4])
+redis.call('ZREM', KEYS[4], ARGV[1])
+redis.call('ZADD', KEYS[4], cur[1], ARGV[2])
+redis.call('SREM', ARGV[3] .. 'u:' .. cur[2], ARGV[1])
+redis.call('SADD', ARGV[3] .. 'u:' .. cur[2], ARGV[2])
+redis.call('PUBLISH', ARGV[5], 'del:' .. ARGV[1])
+return {1, redis.call('HGETALL', KEYS[2])}
+"#;
+
+const LIST_USER: &str = r#"
+-- KEYS: user set; ARGV: now, prefix, user
+local out = {}
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local key = ARGV[2] .. 's:' .. id
+  local cur = redis.call('HMGET', key, 'e', 'u')
+  if cur[1] and tonumber(cur[1]) > tonumber(ARGV[1]) and cur[2] == ARGV[3] then
+    out[#out + 1] = redis.call('HGETALL', key)
+    out[#out + 1] = id
+  else
+    redis.call('SREM', KEYS[1], id)
+  end
+end
+return out
+"#;
+
+const DELETE_USER: &str = r#"
+-- KEYS: user set, active; ARGV: prefix, user, max_lifetime_ms, channel, now
+local out = {}
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local key = ARGV[1] .. 's:' .. id
+  local cur = redis.call('HMGET', key, 'e', 'u')
+  if cur[1] and cur[2] == ARGV[2] then
+    redis.call('DEL', key)
+    redis.call('SET', ARGV[1] .. 't:' .. id, '1', 'PX', ARGV[3])
+    redis.call('ZREM', KEYS[2], id)
+    redis.call('PUBLISH', ARGV[4], 'del:' .. id)
+    if tonumber(cur[1]) > tonumber(ARGV[5]) then out[#out + 1] = id end
+  end
+end
+redis.call('DEL', KEYS[1])
+return out
+"#;
+
+impl RedisStore {
+    /// Prepares the store; connecting happens on first use and in the probe,
+    /// so a node starts (in fallback) even when Redis is down.
+    pub fn new(
+        url: &str,
+        config: &Config,
+        limits: Limits,
+    ) -> std::result::Result<RedisStore, String> {
+        let target = if let Some(rest) = url.strip_prefix("redis+sentinel://") {
+            Target::Sentinel(tokio::sync::Mutex::new(sentinel_client(rest)?))
+        } else {
+            Target::Direct(Client::open(url).map_err(|e| format!("redis_url: {e}"))?)
+        };
+        Ok(RedisStore {
+            inner: Arc::new(Inner {
+                target,
+                prefix: config.key_prefix.clone(),
+                timeout: config.store_timeout,
+                probe_interval: config.redis_probe_interval,
+                probe_max: config.redis_probe_max,
+                limits,
+                conn: RwLock::new(None),
+                active: AtomicU64::new(0),
+                scripts: Scripts {
+                    create: Script::new(CREATE),
+                    touch: Script::new(TOUCH),
+                    patch: Script::new(PATCH),
+                    delete: Script::new(DELETE),
+                    rotate: Script::new(ROTATE),
+                    list_user: Script::new(LIST_USER),
+                    delete_user: Script::new(DELETE_USER),
+                },
+            }),
+        })
+    }
+
+    pub fn probe_delays(&self) -> (Duration, Duration) {
+        (self.inner.probe_interval, self.inner.probe_max)
+    }
+
+    pub fn cached_active(&self) -> u64 {
+        self.inner.active.load(Ordering::Relaxed)
+    }
+
+    fn key(&self, kind: &str, id: &str) -> String {
+        let mut k = String::with_capacity(self.inner.prefix.len() + kind.len() + id.len());
+        k.push_str(&self.inner.prefix);
+        k.push_str(kind);
+        k.push_str(id);
+        k
+    }
+
+    fn channel(&self) -> String {
+        self.key("events", "")
+    }
+
+    /// A client for the current master (asks Sentinel when configured).
+    async fn client(&self) -> Result<Client> {
+        match &self.inner.target {
+            Target::Direct(c) => Ok(c.clone()),
+            Target::Sentinel(s) => {
+                let mut s = s.lock().await;
+                s.async_get_client()
+                    .await
+                    .map_err(|e| StoreError::Redis(format!("sentinel: {e}")))
+            }
+        }
+    }
+
+    /// The shared multiplexed connection, connecting if there is none.
+    async fn conn(&self) -> Result<MultiplexedConnection> {
+        if let Some(c) = self
+            .inner
+            .conn
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            return Ok(c.clone());
+        }
+        let client = self.client().await?;
+        let cfg = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.inner.timeout))
+            .set_response_timeout(Some(self.inner.timeout));
+        let c = client
+            .get_multiplexed_async_connection_with_config(&cfg)
+            .await
+            .map_err(|e| StoreError::Redis(e.to_string()))?;
+        *self.inner.conn.write().unwrap_or_else(|p| p.into_inner()) = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Forgets the connection after a failure; the next use reconnects.
+    fn drop_conn(&self) {
+        *self.inner.conn.write().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// Runs a script within the store timeout. Any error or timeout drops
+    /// the connection and is reported as a Redis failure.
+    async fn run(&self, inv: redis::ScriptInvocation<'_>) -> Result<Value> {
+        let fut = async {
+            let mut conn = self.conn().await?;
+            inv.invoke_async::<Value>(&mut conn)
+                .await
+                .map_err(|e| StoreError::Redis(e.to_string()))
+        };
+        match tokio::time::timeout(self.inner.timeout, fut).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                self.drop_conn();
+                Err(e)
+            }
+            Err(_) => {
+                self.drop_conn();
+                Err(StoreError::Redis(format!(
+                    "no answer within {} ms",
+                    self.inner.timeout.as_millis()
+                )))
+            }
+        }
+    }
+
+    pub async fn ping(&self) -> Result<()> {
+        let fut = async {
+            let mut conn = self.conn().await?;
+            redis::cmd("PING")
+                .query_async::<String>(&mut conn)
+                .await
+                .map_err(|e| StoreError::Redis(e.to_string()))
+        };
+        match tokio::time::timeout(self.inner.timeout, fut).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => {
+                self.drop_conn();
+                Err(e)
+            }
+            Err(_) => {
+                self.drop_conn();
+                Err(StoreError::Redis("ping timed out".into()))
+            }
+        }
+    }
+
+    /// Refreshes the cached active-session count (and prunes the index).
+    pub async fn refresh_active(&self, now: u64) -> Result<()> {
+        let key = self.key("active", "");
+        let fut = async {
+            let mut conn = self.conn().await?;
+            let (_, n): (u64, u64) = redis::pipe()
+                .cmd("ZREMRANGEBYSCORE")
+                .arg(&key)
+                .arg("-inf")
+                .arg(now)
+                .cmd("ZCARD")
+                .arg(&key)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| StoreError::Redis(e.to_string()))?;
+            Ok::<u64, StoreError>(n)
+        };
+        let n = tokio::time::timeout(self.inner.timeout, fut)
+            .await
+            .map_err(|_| StoreError::Redis("timed out".into()))??;
+        self.inner.active.store(n, Ordering::Relaxed);
+        Ok(())
+    }
+
+    // ---- session operations --------------------------------------------------
+
+    pub async fn create(&self, s: &Session) -> Result<()> {
+        self.create_inner(s, false).await.map(|_| ())
+    }
+
+    async fn create_inner(&self, s: &Session, replay: bool) -> Result<i64> {
+        let id = format_id(&s.id);
+        let mut inv = self.inner.scripts.create.prepare_invoke();
+        inv.key(self.key("s:", &id))
+            .key(self.key("t:", &id))
+            .key(self.key("active", ""))
+            .key(self.key("u:", &s.user_id))
+            .arg(if replay { "1" } else { "0" })
+            .arg(&id)
+            .arg(self.inner.limits.max_lifetime_ms)
+            .arg(&s.user_id)
+            .arg(s.created_at)
+            .arg(s.last_accessed)
+            .arg(s.expires_at)
+            .arg(s.request_count)
+            .arg(s.version);
+        for (k, v) in metadata_fields(&s.metadata) {
+            inv.arg(k).arg(v);
+        }
+        match self.run(inv).await? {
+            Value::Int(n) => Ok(n),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    pub async fn touch(&self, id: &[u8; 16], now: u64) -> Result<Option<Session>> {
+        match self.touch_inner(id, now, false).await? {
+            Value::Array(fields) => Ok(Some(self.session_from(id, &fields)?)),
+            _ => Ok(None),
+        }
+    }
+
+    async fn touch_inner(&self, id: &[u8; 16], at: u64, replay: bool) -> Result<Value> {
+        let ids = format_id(id);
+        let mut inv = self.inner.scripts.touch.prepare_invoke();
+        inv.key(self.key("s:", &ids))
+            .key(self.key("active", ""))
+            .key(self.key("t:", &ids))
+            .arg(at)
+            .arg(self.inner.limits.ttl_ms)
+            .arg(self.inner.limits.max_lifetime_ms)
+            .arg(&ids)
+            .arg(if replay { "1" } else { "0" });
+        self.run(inv).await
+    }
+
+    pub async fn patch(
+        &self,
+        id: &[u8; 16],
+        patch: &Patch,
+        if_match: Option<u64>,
+        now: u64,
+    ) -> Result<PatchOutcome> {
+        let reply = self.patch_inner(id, patch, if_match, now, false).await?;
+        let items = as_array(&reply)?;
+        match items.first().and_then(as_int) {
+            Some(1) => Ok(PatchOutcome::Updated(
+                self.session_from(id, as_array(&items[1])?)?,
+            )),
+            Some(2) => Ok(PatchOutcome::VersionMismatch {
+                current: items.get(1).and_then(as_u64).unwrap_or(0),
+            }),
+            Some(3) => Err(StoreError::Input(
+                crate::session::InputError::MetadataTooLarge {
+                    size: items.get(1).and_then(as_u64).unwrap_or(0) as usize,
+                    limit: self.inner.limits.max_metadata_bytes,
+                },
+            )),
+            _ => Ok(PatchOutcome::NotFound),
+        }
+    }
+
+    async fn patch_inner(
+        &self,
+        id: &[u8; 16],
+        patch: &Patch,
+        if_match: Option<u64>,
+        now: u64,
+        replay: bool,
+    ) -> Result<Value> {
+        let ids = format_id(id);
+        let mut inv = self.inner.scripts.patch.prepare_invoke();
+        inv.key(self.key("s:", &ids))
+            .key(self.key("t:", &ids))
+            .arg(now)
+            .arg(if_match.map(|v| v.to_string()).unwrap_or_default())
+            .arg(patch.user_id.as_deref().unwrap_or(""))
+            .arg(&self.inner.prefix)
+            .arg(&ids)
+            .arg(self.inner.limits.max_lifetime_ms)
+            .arg(self.inner.limits.max_metadata_bytes)
+            .arg(if replay { "1" } else { "0" });
+        if let Some(meta) = &patch.metadata {
+            for (k, v) in meta {
+                inv.arg(field_name(k)).arg(v.to_string());
+            }
+        }
+        self.run(inv).await
+    }
+
+    pub async fn delete(&self, id: &[u8; 16]) -> Result<bool> {
+        let ids = format_id(id);
+        let mut inv = self.inner.scripts.delete.prepare_invoke();
+        inv.key(self.key("s:", &ids))
+            .key(self.key("t:", &ids))
+            .key(self.key("active", ""))
+            .arg(&ids)
+            .arg(&self.inner.prefix)
+            .arg(self.inner.limits.max_lifetime_ms)
+            .arg(self.channel());
+        match self.run(inv).await? {
+            Value::Int(n) => Ok(n > 0),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    pub async fn rotate(&self, id: &[u8; 16], new_id: &[u8; 16]) -> Result<Option<Session>> {
+        let reply = self
+            .rotate_inner(id, new_id, crate::session::now_ms(), false)
+            .await?;
+        let items = as_array(&reply)?;
+        match items.first().and_then(as_int) {
+            Some(1) => Ok(Some(self.session_from(new_id, as_array(&items[1])?)?)),
+            _ => Ok(None),
+        }
+    }
+
+    async fn rotate_inner(
+        &self,
+        id: &[u8; 16],
+        new_id: &[u8; 16],
+        now: u64,
+        replay: bool,
+    ) -> Result<Value> {
+        let (old, new) = (format_id(id), format_id(new_id));
+        let mut inv = self.inner.scripts.rotate.prepare_invoke();
+        inv.key(self.key("s:", &old))
+            .key(self.key("s:", &new))
+            .key(self.key("t:", &old))
+            .key(self.key("active", ""))
+            .key(self.key("t:", &new))
+            .arg(&old)
+            .arg(&new)
+            .arg(&self.inner.prefix)
+            .arg(self.inner.limits.max_lifetime_ms)
+            .arg(self.channel())
+            .arg(now)
+            .arg(if replay { "1" } else { "0" });
+        self.run(inv).await
+    }
+
+    pub async fn list_user(&self, user: &str, now: u64) -> Result<Vec<Session>> {
+        let mut inv = self.inner.scripts.list_user.prepare_invoke();
+        inv.key(self.key("u:", user))
+            .arg(now)
+            .arg(&self.inner.prefix)
+            .arg(user);
+        let reply = self.run(inv).await?;
+        let items = as_array(&reply)?;
+        let mut out = Vec::with_capacity(items.len() / 2);
+        for pair in items.chunks(2) {
+            let (Some(fields), Some(id)) = (pair.first(), pair.get(1).and_then(as_string)) else {
+                continue;
+            };
+            if let Some(id) = crate::session::parse_session_id(&id) {
+                out.push(self.session_from(&id, as_array(fields)?)?);
+            }
+        }
+        out.sort_by_key(|s| s.created_at);
+        Ok(out)
+    }
+
+    /// Deletes all of a user's sessions; returns the ids that were live.
+    pub async fn delete_user(&self, user: &str) -> Result<Vec<[u8; 16]>> {
+        let mut inv = self.inner.scripts.delete_user.prepare_invoke();
+        inv.key(self.key("u:", user))
+            .key(self.key("active", ""))
+            .arg(&self.inner.prefix)
+            .arg(user)
+            .arg(self.inner.limits.max_lifetime_ms)
+            .arg(self.channel())
+            .arg(crate::session::now_ms());
+        let reply = self.run(inv).await?;
+        Ok(as_array(&reply)?
+            .iter()
+            .filter_map(as_string)
+            .filter_map(|s| crate::session::parse_session_id(&s))
+            .collect())
+    }
+
+    // ---- replay ----------------------------------------------------------------
+
+    /// Applies one journaled operation, reporting whether the session was
+    /// there, gone for good (tombstone) or lost (restore it from the mirror).
+    pub async fn replay(&self, op: &Op) -> Result<Replayed> {
+        match op {
+            Op::Create(s) => match self.create_inner(s, true).await? {
+                -1 => Ok(Replayed::Tombstoned),
+                _ => Ok(Replayed::Applied),
+            },
+            Op::Touch { id, at } => match self.touch_inner(id, *at, true).await? {
+                Value::Array(_) => Ok(Replayed::Applied),
+                Value::Int(-1) => Ok(Replayed::Tombstoned),
+                _ => Ok(Replayed::Missing),
+            },
+            Op::Patch { id, patch } => {
+                let reply = self.patch_inner(id, patch, None, 0, true).await?;
+                match as_array(&reply)?.first().and_then(as_int) {
+                    Some(1) => Ok(Replayed::Applied),
+                    Some(-1) => Ok(Replayed::Tombstoned),
+                    Some(3) => Ok(Replayed::Refused(
+                        "merged metadata would exceed the limit".into(),
+                    )),
+                    _ => Ok(Replayed::Missing),
+                }
+            }
+            Op::Rotate { old, new } => {
+                let reply = self.rotate_inner(old, new, 0, true).await?;
+                match as_array(&reply)?.first().and_then(as_int) {
+                    Some(1) | Some(2) => Ok(Replayed::Applied),
+                    Some(-1) => {
+                        // Revoked elsewhere: the rotated id must not live on.
+                        self.delete(new).await?;
+                        Ok(Replayed::Tombstoned)
+                    }
+                    _ => Ok(Replayed::Missing),
+                }
+            }
+            Op::Delete { id } => {
+                self.delete(id).await?;
+                Ok(Replayed::Applied)
+            }
+        }
+    }
+
+    /// Writes a mirror copy into Redis unless it exists or is tombstoned.
+    pub async fn restore(&self, s: &Session) -> Result<Replayed> {
+        match self.create_inner(s, true).await? {
+            -1 => Ok(Replayed::Tombstoned),
+            _ => Ok(Replayed::Applied),
+        }
+    }
+
+    // ---- mirror events -----------------------------------------------------------
+
+    /// Subscribes to deletion events and hands each deleted id to `on_delete`
+    /// until the subscription breaks.
+    pub async fn follow_deletions(&self, mut on_delete: impl FnMut([u8; 16])) -> Result<()> {
+        use futures_util::StreamExt;
+        let client = self.client().await?;
+        let mut pubsub = tokio::time::timeout(self.inner.timeout, client.get_async_pubsub())
+            .await
+            .map_err(|_| StoreError::Redis("pubsub connect timed out".into()))?
+            .map_err(|e| StoreError::Redis(e.to_string()))?;
+        pubsub
+            .subscribe(self.channel())
+            .await
+            .map_err(|e| StoreError::Redis(e.to_string()))?;
+        let mut stream = pubsub.on_message();
+        while let Some(msg) = stream.next().await {
+            let payload: String = msg.get_payload().unwrap_or_default();
+            if let Some(id) = payload
+                .strip_prefix("del:")
+                .and_then(crate::session::parse_session_id)
+            {
+                on_delete(id);
+            }
+        }
+        Err(StoreError::Redis("pubsub connection closed".into()))
+    }
+
+    /// Builds a session from a HGETALL reply.
+    fn session_from(&self, id: &[u8; 16], fields: &[Value]) -> Result<Session> {
+        let mut s = Session {
+            id: *id,
+            user_id: String::new(),
+            created_at: 0,
+            last_accessed: 0,
+            expires_at: 0,
+            request_count: 0,
+            version: 0,
+            metadata: String::new(),
+        };
+        let mut meta: Vec<(String, String)> = Vec::new();
+        for pair in fields.chunks(2) {
+            let (Some(k), Some(v)) = (
+                pair.first().and_then(as_string),
+                pair.get(1).and_then(as_string),
+            ) else {
+                continue;
+            };
+            let num = || v.parse::<u64>().unwrap_or(0);
+            match k.as_str() {
+                "u" => s.user_id = v,
+                "c" => s.created_at = num(),
+                "a" => s.last_accessed = num(),
+                "e" => s.expires_at = num(),
+                "n" => s.request_count = num(),
+                "v" => s.version = num(),
+                _ => {
+                    if let Some(key) = k.strip_prefix("m:") {
+                        meta.push((key.to_string(), v));
+                    }
+                }
+            }
+        }
+        meta.sort();
+        let mut text = String::with_capacity(
+            2 + meta
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 2)
+                .sum::<usize>(),
+        );
+        text.push('{');
+        for (i, (k, v)) in meta.iter().enumerate() {
+            if i > 0 {
+                text.push(',');
+            }
+            text.push_str(k);
+            text.push(':');
+            text.push_str(v);
+        }
+        text.push('}');
+        if serde_json::from_str::<serde::de::IgnoredAny>(&text).is_err() {
+            tracing::error!(id = %format_id(id), "session in redis has undecodable metadata");
+            return Err(StoreError::Redis(
+                "undecodable session record in redis".into(),
+            ));
+        }
+        s.metadata = text;
+        Ok(s)
+    }
+}
+
+/// `redis+sentinel://[:password@]host:port[,host:port…]/master_name[/db]`
+fn sentinel_client(rest: &str) -> std::result::Result<redis::sentinel::SentinelClient, String> {
+    let (auth, rest) = match rest.rsplit_once('@') {
+        Some((auth, rest)) => (Some(auth), rest),
+        None => (None, rest),
+    };
+    let (hosts, path) = rest
+        .split_once('/')
+        .ok_or("redis+sentinel URL needs /master_name")?;
+    let mut path = path.split('/');
+    let master = path
+        .next()
+        .filter(|m| !m.is_empty())
+        .ok_or("redis+sentinel URL needs /master_name")?;
+    let db: i64 = path
+        .next()
+        .map(|d| d.parse().map_err(|_| "bad db number"))
+        .transpose()?
+        .unwrap_or(0);
+    let sentinels: Vec<String> = hosts.split(',').map(|h| format!("redis://{h}")).collect();
+    let mut info = redis::RedisConnectionInfo::default().set_db(db);
+    if let Some(auth) = auth {
+        let password = auth.split_once(':').map(|(_, p)| p).unwrap_or(auth);
+        if !password.is_empty() {
+            info = info.set_password(password);
+        }
+    }
+    let node =
+        redis::sentinel::SentinelNodeConnectionInfo::default().set_redis_connection_info(info);
+    redis::sentinel::SentinelClient::build(
+        sentinels,
+        master.to_string(),
+        Some(node),
+        redis::sentinel::SentinelServerType::Master,
+    )
+    .map_err(|e| format!("redis+sentinel URL: {e}"))
+}
+
+/// The hash field of a metadata key: `m:` + the key as a JSON string.
+fn field_name(key: &str) -> String {
+    format!("m:{}", serde_json::Value::String(key.to_string()))
+}
+
+/// Metadata as hash field/value pairs.
+fn metadata_fields(text: &str) -> Vec<(String, String)> {
+    serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(text)
+        .unwrap_or_default()
+        .iter()
+        .map(|(k, v)| (field_name(k), v.to_string()))
+        .collect()
+}
+
+fn as_array(v: &Value) -> Result<&[Value]> {
+    match v {
+        Value::Array(items) => Ok(items),
+        other => Err(unexpected(other)),
+    }
+}
+
+fn as_int(v: &Value) -> Option<i64> {
+    match v {
+        Value::Int(n) => Some(*n),
+        _ => None,
+    }
+}
+
+fn as_u64(v: &Value) -> Option<u64> {
+    match v {
+        Value::Int(n) => u64::try_from(*n).ok(),
+        other => as_string(other).and_then(|s| s.parse().ok()),
+    }
+}
+
+fn as_string(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::Int(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+fn unexpected(v: &Value) -> StoreError {
+    StoreError::Redis(format!("unexpected reply from redis: {v:?}"))
+}
