@@ -50,13 +50,19 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: Config, started: Instant) -> Result<(), Box<dyn std::error::Error>> {
+    raise_fd_limit();
     let listener = match systemd::activated_listener()? {
         Some(l) => tokio::net::TcpListener::from_std(l)?,
-        None => tokio::net::TcpListener::bind(config.listen)
-            .await
-            .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?,
+        None => {
+            // Refuse before binding, so an exposed port is never open at all.
+            config.check_exposure(config.listen)?;
+            tokio::net::TcpListener::bind(config.listen)
+                .await
+                .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?
+        }
     };
     let addr = listener.local_addr()?;
+    // Under socket activation the address is systemd's, not `listen`.
     config.check_exposure(addr)?;
 
     let limits = Limits {
@@ -78,10 +84,6 @@ async fn run(config: Config, started: Instant) -> Result<(), Box<dyn std::error:
         None => None,
     };
     let store = Store::new(sled, redis);
-    {
-        let sled = store.sled().clone();
-        tokio::task::spawn_blocking(move || sled.count_sessions());
-    }
 
     let admission = Admission::new(config.workers, config.max_connections, config.max_in_flight);
     let metrics = Metrics::new(&config.instance_id, store.clone(), admission.clone());
@@ -126,6 +128,22 @@ async fn run(config: Config, started: Instant) -> Result<(), Box<dyn std::error:
     store.close().await?;
     tracing::info!("local store flushed; bye");
     Ok(())
+}
+
+/// Lifts the soft open-files limit to the hard one: each connection is a
+/// descriptor, and `max_connections` is the bound that should bite, not EMFILE.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
 }
 
 async fn wait_for_signal() -> std::io::Result<()> {

@@ -11,7 +11,7 @@ use crate::session::Limits;
 use crate::store::Store;
 use bytes::Bytes;
 use error::ApiError;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{header, Method, Request, Response, StatusCode};
 use std::net::SocketAddr;
@@ -181,6 +181,10 @@ fn authorized(config: &Config, req: &Request<Incoming>) -> bool {
 }
 
 /// Reads a body of at most `limit` bytes; an empty body reads as `{}`.
+///
+/// An oversized body is answered 413, but first read and discarded up to
+/// [`DRAIN_CAP`] so the client, still sending, gets to see the answer instead
+/// of a connection reset. Anything larger is cut off at once.
 pub async fn read_json_body<T: serde::de::DeserializeOwned>(
     req: Request<Incoming>,
     limit: usize,
@@ -193,41 +197,65 @@ pub async fn read_json_body<T: serde::de::DeserializeOwned>(
             format!("request body exceeds {limit} bytes"),
         )
     };
-    if let Some(len) = req
+    let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-    {
-        if len > limit as u64 {
-            return Err(too_large());
+        .and_then(|v| v.parse::<u64>().ok());
+    let mut body = req.into_body();
+    if declared.is_some_and(|len| len > limit as u64) {
+        if declared.is_some_and(|len| len <= DRAIN_CAP as u64) {
+            drain(&mut body, DRAIN_CAP, timeout).await;
         }
+        return Err(too_large());
     }
-    let collected = tokio::time::timeout(timeout, Limited::new(req.into_body(), limit).collect())
-        .await
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::REQUEST_TIMEOUT,
-                "body_timeout",
-                "request body was not received in time",
-            )
-        })?;
-    let bytes = match collected {
-        Ok(c) => c.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
-        Err(e) => {
-            return Err(ApiError::bad_request(
-                "bad_body",
-                format!("reading request body: {e}"),
-            ))
+    let read = async {
+        let mut buf = Vec::with_capacity(declared.unwrap_or(0) as usize);
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| {
+                ApiError::bad_request("bad_body", format!("reading request body: {e}"))
+            })?;
+            if let Ok(data) = frame.into_data() {
+                if buf.len() + data.len() > limit {
+                    drain(&mut body, DRAIN_CAP, timeout).await;
+                    return Err(too_large());
+                }
+                buf.extend_from_slice(&data);
+            }
         }
+        Ok(buf)
     };
+    let bytes = tokio::time::timeout(timeout, read).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            "request body was not received in time",
+        )
+    })??;
     let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
         b"{}"
     } else {
         &bytes
     };
     serde_json::from_slice(bytes).map_err(|e| ApiError::bad_request("invalid_json", e.to_string()))
+}
+
+/// Largest oversized body read (and thrown away) so its sender sees the 413.
+const DRAIN_CAP: usize = 2 * 1024 * 1024;
+
+async fn drain(body: &mut Incoming, cap: usize, timeout: std::time::Duration) {
+    let mut seen = 0usize;
+    let _ = tokio::time::timeout(timeout, async {
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Ok(data) = frame.into_data() {
+                seen += data.len();
+                if seen > cap {
+                    break;
+                }
+            }
+        }
+    })
+    .await;
 }
 
 pub fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Body> {

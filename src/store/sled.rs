@@ -83,14 +83,11 @@ impl SledStore {
                 commit: GroupCommit::new(),
             }),
         };
+        // One walk of the keys at start-up (before anything can change them)
+        // seeds the gauge; from then on it is kept by every change.
+        let n = store.inner.sessions.len() as i64;
+        store.inner.active.store(n, Ordering::Relaxed);
         Ok(store)
-    }
-
-    /// Counts stored sessions once, for the gauge. Run off the start-up path:
-    /// it walks the whole tree.
-    pub fn count_sessions(&self) {
-        let n = self.inner.sessions.len() as i64;
-        self.inner.active.fetch_add(n, Ordering::Relaxed);
     }
 
     pub fn limits(&self) -> &Limits {
@@ -462,10 +459,12 @@ impl SledStore {
         Ok(())
     }
 
-    /// Writes raw bytes as a session record (tests of corrupt data at rest).
+    /// Writes raw bytes as a session record and flushes (tests of corrupt
+    /// data at rest).
     #[doc(hidden)]
     pub fn put_raw_for_test(&self, id: &[u8; 16], bytes: &[u8]) -> Result<()> {
         self.inner.sessions.insert(id, bytes)?;
+        self.inner.db.flush()?;
         Ok(())
     }
 }

@@ -1,0 +1,506 @@
+//! Test harness: real processes on free loopback ports.
+//!
+//! `Node` runs the built `edgenode` binary with a temp data dir; `Redis` runs a
+//! real `redis-server`. Both are killed when dropped. Readiness is polled
+//! (`/api/ready`, `PING`), never slept for.
+
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_edgenode");
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind an ephemeral port")
+        .local_addr()
+        .expect("local addr")
+        .port()
+}
+
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("edgenode-test-")
+        .tempdir()
+        .expect("temp dir")
+}
+
+/// Polls `f` until it returns true or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    f()
+}
+
+pub fn signal(pid: u32, sig: i32) {
+    // SAFETY: plain kill(2) on a child we started.
+    unsafe {
+        libc::kill(pid as i32, sig);
+    }
+}
+
+/// An HTTP answer: status, headers (lower-case names) and the body as JSON
+/// when it parses.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub text: String,
+}
+
+impl Answer {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.text).unwrap_or(Value::Null)
+    }
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+    /// The error code of a JSON error body.
+    pub fn code(&self) -> String {
+        self.json()["error"]["code"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    }
+}
+
+/// A small blocking HTTP client (ureq) that returns 4xx/5xx as answers.
+#[derive(Clone)]
+pub struct Client {
+    pub base: String,
+    agent: ureq::Agent,
+    token: Option<String>,
+}
+
+impl Client {
+    pub fn new(base: impl Into<String>) -> Client {
+        Client {
+            base: base.into(),
+            agent: ureq::AgentBuilder::new()
+                .timeout(Duration::from_secs(10))
+                .build(),
+            token: None,
+        }
+    }
+
+    pub fn with_token(mut self, token: &str) -> Client {
+        self.token = Some(token.into());
+        self
+    }
+
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&str>,
+    ) -> Answer {
+        self.try_request(method, path, headers, body)
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+
+    /// Like `request`, but a transport failure is an `Err` instead of a panic.
+    pub fn try_request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&str>,
+    ) -> Result<Answer, String> {
+        let mut req = self
+            .agent
+            .request(method, &format!("{}{}", self.base, path));
+        if let Some(t) = &self.token {
+            req = req.set("Authorization", &format!("Bearer {t}"));
+        }
+        for (k, v) in headers {
+            req = req.set(k, v);
+        }
+        let res = match body {
+            Some(b) => req.set("Content-Type", "application/json").send_string(b),
+            None => req.call(),
+        };
+        let resp = match res {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => return Err(e.to_string()),
+        };
+        let status = resp.status();
+        let headers = resp
+            .headers_names()
+            .into_iter()
+            .filter_map(|n| {
+                resp.header(&n)
+                    .map(|v| (n.to_ascii_lowercase(), v.to_string()))
+            })
+            .collect();
+        let text = resp.into_string().map_err(|e| e.to_string())?;
+        Ok(Answer {
+            status,
+            headers,
+            text,
+        })
+    }
+
+    pub fn get(&self, path: &str) -> Answer {
+        self.request("GET", path, &[], None)
+    }
+    pub fn post(&self, path: &str, body: &str) -> Answer {
+        self.request("POST", path, &[], Some(body))
+    }
+    pub fn patch(&self, path: &str, body: &str) -> Answer {
+        self.request("PATCH", path, &[], Some(body))
+    }
+    pub fn delete(&self, path: &str) -> Answer {
+        self.request("DELETE", path, &[], None)
+    }
+
+    /// Creates a session and returns its JSON.
+    pub fn create(&self, body: &str) -> Value {
+        let a = self.post("/api/sessions", body);
+        assert_eq!(a.status, 201, "create: {}", a.text);
+        a.json()
+    }
+}
+
+/// Sends raw bytes and returns the raw response (for input ureq would refuse
+/// to send: non-UTF-8, broken framing).
+pub fn raw_http(addr: &str, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+    s.write_all(request).expect("write");
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+pub fn raw_status(response: &str) -> u16 {
+    response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A running edgenode process.
+pub struct Node {
+    pub child: Child,
+    pub port: u16,
+    pub addr: String,
+    pub data_dir: PathBuf,
+    pub args: Vec<String>,
+    pub log: PathBuf,
+    _owned_dir: Option<tempfile::TempDir>,
+}
+
+pub struct NodeBuilder {
+    args: Vec<String>,
+    envs: Vec<(String, String)>,
+    data_dir: Option<PathBuf>,
+    port: Option<u16>,
+}
+
+impl NodeBuilder {
+    pub fn arg(mut self, a: impl Into<String>) -> Self {
+        self.args.push(a.into());
+        self
+    }
+    pub fn args<I: IntoIterator<Item = S>, S: Into<String>>(mut self, it: I) -> Self {
+        self.args.extend(it.into_iter().map(Into::into));
+        self
+    }
+    pub fn env(mut self, k: &str, v: &str) -> Self {
+        self.envs.push((k.into(), v.into()));
+        self
+    }
+    pub fn data_dir(mut self, d: &Path) -> Self {
+        self.data_dir = Some(d.to_path_buf());
+        self
+    }
+    pub fn port(mut self, p: u16) -> Self {
+        self.port = Some(p);
+        self
+    }
+
+    /// Starts the node and waits for `/api/ready`.
+    pub fn start(self) -> Node {
+        let node = self.spawn();
+        assert!(
+            node.wait_ready(Duration::from_secs(10)),
+            "node did not become ready; log:\n{}",
+            node.log_text()
+        );
+        node
+    }
+
+    /// Starts the node without waiting.
+    pub fn spawn(self) -> Node {
+        let (owned, data_dir) = match self.data_dir {
+            Some(d) => (None, d),
+            None => {
+                let t = tempdir();
+                let p = t.path().to_path_buf();
+                (Some(t), p)
+            }
+        };
+        let port = self.port.unwrap_or_else(free_port);
+        let addr = format!("127.0.0.1:{port}");
+        let log = data_dir.with_extension(format!("{port}.log"));
+        let mut args = vec![
+            "--config".to_string(),
+            "/dev/null".into(),
+            "--listen".into(),
+            addr.clone(),
+            "--data-dir".into(),
+            data_dir.join("db").to_string_lossy().into_owned(),
+        ];
+        args.extend(self.args);
+        let logfile = std::fs::File::create(&log).expect("log file");
+        let mut cmd = Command::new(BIN);
+        cmd.args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(logfile);
+        for (k, v) in &self.envs {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn edgenode");
+        Node {
+            child,
+            port,
+            addr,
+            data_dir,
+            args,
+            log,
+            _owned_dir: owned,
+        }
+    }
+}
+
+impl Node {
+    pub fn builder() -> NodeBuilder {
+        NodeBuilder {
+            args: Vec::new(),
+            envs: Vec::new(),
+            data_dir: None,
+            port: None,
+        }
+    }
+
+    pub fn start() -> Node {
+        Node::builder().start()
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn client(&self) -> Client {
+        Client::new(self.url())
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn wait_ready(&self, timeout: Duration) -> bool {
+        let c = Client::new(self.url());
+        wait_until(timeout, || {
+            c.try_request("GET", "/api/ready", &[], None)
+                .map(|a| a.status == 200)
+                .unwrap_or(false)
+        })
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        signal(self.pid(), libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node did not exit after SIGTERM; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Starts a new process with the same arguments and data dir.
+    pub fn restart(&mut self) {
+        let logfile = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.log)
+            .expect("log");
+        self.child = Command::new(BIN)
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(logfile)
+            .spawn()
+            .expect("respawn edgenode");
+        assert!(
+            self.wait_ready(Duration::from_secs(10)),
+            "node did not come back; log:\n{}",
+            self.log_text()
+        );
+    }
+
+    /// Threads and resident memory (kB) from /proc.
+    pub fn threads_and_rss_kb(&self) -> (u64, u64) {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        (field("Threads:"), field("VmRSS:"))
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A real redis-server on a free loopback port.
+pub struct Redis {
+    pub child: Child,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    persistent: bool,
+}
+
+impl Redis {
+    /// `persistent`: appendonly with fsync always, so a restart keeps data.
+    pub fn start(persistent: bool) -> Redis {
+        let dir = tempdir();
+        let port = free_port();
+        let mut r = Redis {
+            child: Self::spawn(port, dir.path(), persistent),
+            port,
+            dir,
+            persistent,
+        };
+        r.wait_up();
+        r
+    }
+
+    fn spawn(port: u16, dir: &Path, persistent: bool) -> Child {
+        let mut cmd = Command::new("redis-server");
+        cmd.args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+        ])
+        .args(["--dir", &dir.to_string_lossy()])
+        .args(if persistent {
+            ["--appendonly", "yes", "--appendfsync", "always"]
+        } else {
+            ["--appendonly", "no", "--appendfsync", "no"]
+        })
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+        cmd.spawn()
+            .expect("redis-server must be installed (scripts/test.sh installs it)")
+    }
+
+    fn wait_up(&mut self) {
+        let port = self.port;
+        assert!(
+            wait_until(Duration::from_secs(10), || Redis::ping_port(port)),
+            "redis-server did not start on {port}"
+        );
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    pub fn ping_port(port: u16) -> bool {
+        redis_cmd(port, &["PING"])
+            .map(|r| r.starts_with("+PONG"))
+            .unwrap_or(false)
+    }
+
+    /// Runs a command and returns the raw RESP reply.
+    pub fn cmd(&self, args: &[&str]) -> String {
+        redis_cmd(self.port, args).unwrap_or_default()
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn stop(&self) {
+        signal(self.child.id(), libc::SIGSTOP);
+    }
+
+    pub fn cont(&self) {
+        signal(self.child.id(), libc::SIGCONT);
+    }
+
+    /// Starts again on the same port and directory.
+    pub fn restart(&mut self) {
+        self.child = Self::spawn(self.port, self.dir.path(), self.persistent);
+        self.wait_up();
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.cont();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A tiny RESP client (inline command encoding) for test assertions.
+pub fn redis_cmd(port: u16, args: &[&str]) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_millis(1000))).ok();
+    let mut req = format!("*{}\r\n", args.len());
+    for a in args {
+        req.push_str(&format!("${}\r\n{}\r\n", a.len(), a));
+    }
+    s.write_all(req.as_bytes()).ok()?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let n = s.read(&mut buf).ok()?;
+    Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
