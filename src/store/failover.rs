@@ -364,8 +364,10 @@ impl Store {
                 delay = first_delay;
                 if last_refresh.elapsed() >= Duration::from_secs(1) {
                     last_refresh = std::time::Instant::now();
+                    // Doubles as the health check of an idle node: a node
+                    // that serves nothing still notices Redis going away.
                     if let Err(e) = redis.refresh_active(now_ms()).await {
-                        tracing::debug!(error = %e, "refreshing the active-session count failed");
+                        self.redis_failed("refresh", &e);
                     }
                 }
             }
@@ -417,40 +419,49 @@ impl Store {
                 }
                 return Ok(());
             }
+            // Entries that do not decode were logged and counted; drop them.
+            // Entries already contained in a restored mirror copy are skipped.
+            let mut todo: Vec<(u64, super::journal::Op)> = Vec::with_capacity(batch.len());
             for (seq, op) in batch {
-                let Some(op) = op else {
-                    sled.journal_remove(seq)?;
-                    continue;
-                };
-                let skip = restored.get(&op.id()).is_some_and(|&upto| seq <= upto);
-                if !skip {
-                    match redis.replay(&op).await? {
-                        Replayed::Applied | Replayed::Tombstoned => {}
-                        Replayed::Refused(why) => {
-                            tracing::warn!(seq, why, "journal entry could not be applied; dropped")
+                match op {
+                    Some(op) if !restored.get(&op.id()).is_some_and(|&upto| seq <= upto) => {
+                        todo.push((seq, op))
+                    }
+                    _ => sled.journal_remove(seq)?,
+                }
+            }
+            let ops: Vec<&super::journal::Op> = todo.iter().map(|(_, op)| op).collect();
+            let outcomes = redis.replay_batch(&ops).await?;
+            for ((seq, op), outcome) in todo.iter().zip(outcomes) {
+                let covered = restored.get(&op.id()).is_some_and(|&upto| *seq <= upto);
+                match outcome {
+                    Replayed::Applied | Replayed::Tombstoned => {}
+                    Replayed::Refused(why) => {
+                        tracing::warn!(seq, why, "journal entry could not be applied; dropped")
+                    }
+                    Replayed::Missing if covered => {}
+                    Replayed::Missing => {
+                        // Redis lost the session (restarted empty, say):
+                        // restore the mirror's copy, which already holds
+                        // every journaled change up to `upto`.
+                        let target = match op {
+                            super::journal::Op::Rotate { new, .. } => *new,
+                            other => other.id(),
+                        };
+                        let (copy, upto) = sled.with_lock(&target, || {
+                            (sled.get(&target, now_ms()), sled.journal_last_seq())
+                        });
+                        if let Some(copy) = copy {
+                            redis.restore(&copy).await?;
+                            restored.insert(target, upto);
                         }
-                        Replayed::Missing => {
-                            // Redis lost the session (restarted empty, say):
-                            // restore the mirror's copy, which already holds
-                            // every journaled change up to `upto`.
-                            let target = match &op {
-                                super::journal::Op::Rotate { new, .. } => *new,
-                                other => other.id(),
-                            };
-                            let (copy, upto) = sled.with_lock(&target, || {
-                                (sled.get(&target, now_ms()), sled.journal_last_seq())
-                            });
-                            if let Some(copy) = copy {
-                                redis.restore(&copy).await?;
-                                restored.insert(target, upto);
-                            }
-                            if let super::journal::Op::Rotate { old, .. } = &op {
-                                redis.delete(old).await?;
-                            }
+                        if let super::journal::Op::Rotate { old, .. } = op {
+                            redis.delete(old).await?;
+                            restored.insert(*old, upto);
                         }
                     }
                 }
-                sled.journal_remove(seq)?;
+                sled.journal_remove(*seq)?;
                 replayed += 1;
                 self.inner.replayed.fetch_add(1, Ordering::Relaxed);
             }

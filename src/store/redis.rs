@@ -234,6 +234,8 @@ redis.call('DEL', KEYS[1])
 return out
 "#;
 
+const ALL_SCRIPTS: [&str; 7] = [CREATE, TOUCH, PATCH, DELETE, ROTATE, LIST_USER, DELETE_USER];
+
 impl RedisStore {
     /// Prepares the store; connecting happens on first use and in the probe,
     /// so a node starts (in fallback) even when Redis is down.
@@ -408,6 +410,13 @@ impl RedisStore {
     }
 
     async fn create_inner(&self, s: &Session, replay: bool) -> Result<i64> {
+        match self.run(self.create_inv(s, replay)).await? {
+            Value::Int(n) => Ok(n),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    fn create_inv(&self, s: &Session, replay: bool) -> redis::ScriptInvocation<'_> {
         let id = format_id(&s.id);
         let mut inv = self.inner.scripts.create.prepare_invoke();
         inv.key(self.key("s:", &id))
@@ -426,10 +435,7 @@ impl RedisStore {
         for (k, v) in metadata_fields(&s.metadata) {
             inv.arg(k).arg(v);
         }
-        match self.run(inv).await? {
-            Value::Int(n) => Ok(n),
-            other => Err(unexpected(&other)),
-        }
+        inv
     }
 
     pub async fn touch(&self, id: &[u8; 16], now: u64) -> Result<Option<Session>> {
@@ -440,6 +446,10 @@ impl RedisStore {
     }
 
     async fn touch_inner(&self, id: &[u8; 16], at: u64, replay: bool) -> Result<Value> {
+        self.run(self.touch_inv(id, at, replay)).await
+    }
+
+    fn touch_inv(&self, id: &[u8; 16], at: u64, replay: bool) -> redis::ScriptInvocation<'_> {
         let ids = format_id(id);
         let mut inv = self.inner.scripts.touch.prepare_invoke();
         inv.key(self.key("s:", &ids))
@@ -450,7 +460,7 @@ impl RedisStore {
             .arg(self.inner.limits.max_lifetime_ms)
             .arg(&ids)
             .arg(if replay { "1" } else { "0" });
-        self.run(inv).await
+        inv
     }
 
     pub async fn patch(
@@ -487,6 +497,18 @@ impl RedisStore {
         now: u64,
         replay: bool,
     ) -> Result<Value> {
+        self.run(self.patch_inv(id, patch, if_match, now, replay))
+            .await
+    }
+
+    fn patch_inv(
+        &self,
+        id: &[u8; 16],
+        patch: &Patch,
+        if_match: Option<u64>,
+        now: u64,
+        replay: bool,
+    ) -> redis::ScriptInvocation<'_> {
         let ids = format_id(id);
         let mut inv = self.inner.scripts.patch.prepare_invoke();
         inv.key(self.key("s:", &ids))
@@ -504,10 +526,17 @@ impl RedisStore {
                 inv.arg(field_name(k)).arg(v.to_string());
             }
         }
-        self.run(inv).await
+        inv
     }
 
     pub async fn delete(&self, id: &[u8; 16]) -> Result<bool> {
+        match self.run(self.delete_inv(id)).await? {
+            Value::Int(n) => Ok(n > 0),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    fn delete_inv(&self, id: &[u8; 16]) -> redis::ScriptInvocation<'_> {
         let ids = format_id(id);
         let mut inv = self.inner.scripts.delete.prepare_invoke();
         inv.key(self.key("s:", &ids))
@@ -517,10 +546,7 @@ impl RedisStore {
             .arg(&self.inner.prefix)
             .arg(self.inner.limits.max_lifetime_ms)
             .arg(self.channel());
-        match self.run(inv).await? {
-            Value::Int(n) => Ok(n > 0),
-            other => Err(unexpected(&other)),
-        }
+        inv
     }
 
     pub async fn rotate(&self, id: &[u8; 16], new_id: &[u8; 16]) -> Result<Option<Session>> {
@@ -541,6 +567,16 @@ impl RedisStore {
         now: u64,
         replay: bool,
     ) -> Result<Value> {
+        self.run(self.rotate_inv(id, new_id, now, replay)).await
+    }
+
+    fn rotate_inv(
+        &self,
+        id: &[u8; 16],
+        new_id: &[u8; 16],
+        now: u64,
+        replay: bool,
+    ) -> redis::ScriptInvocation<'_> {
         let (old, new) = (format_id(id), format_id(new_id));
         let mut inv = self.inner.scripts.rotate.prepare_invoke();
         inv.key(self.key("s:", &old))
@@ -555,7 +591,7 @@ impl RedisStore {
             .arg(self.channel())
             .arg(now)
             .arg(if replay { "1" } else { "0" });
-        self.run(inv).await
+        inv
     }
 
     pub async fn list_user(&self, user: &str, now: u64) -> Result<Vec<Session>> {
@@ -599,47 +635,79 @@ impl RedisStore {
 
     // ---- replay ----------------------------------------------------------------
 
-    /// Applies one journaled operation, reporting whether the session was
-    /// there, gone for good (tombstone) or lost (restore it from the mirror).
-    pub async fn replay(&self, op: &Op) -> Result<Replayed> {
-        match op {
-            Op::Create(s) => match self.create_inner(s, true).await? {
-                -1 => Ok(Replayed::Tombstoned),
-                _ => Ok(Replayed::Applied),
-            },
-            Op::Touch { id, at } => match self.touch_inner(id, *at, true).await? {
-                Value::Array(_) => Ok(Replayed::Applied),
-                Value::Int(-1) => Ok(Replayed::Tombstoned),
-                _ => Ok(Replayed::Missing),
-            },
-            Op::Patch { id, patch } => {
-                let reply = self.patch_inner(id, patch, None, 0, true).await?;
-                match as_array(&reply)?.first().and_then(as_int) {
-                    Some(1) => Ok(Replayed::Applied),
-                    Some(-1) => Ok(Replayed::Tombstoned),
-                    Some(3) => Ok(Replayed::Refused(
-                        "merged metadata would exceed the limit".into(),
-                    )),
-                    _ => Ok(Replayed::Missing),
+    /// Applies journaled operations in order, in one pipelined round trip,
+    /// reporting for each whether the session was there, gone for good
+    /// (tombstone) or lost (restore it from the mirror). Pipelining is what
+    /// lets replay outpace the fallback traffic that keeps arriving meanwhile.
+    pub async fn replay_batch(&self, ops: &[&Op]) -> Result<Vec<Replayed>> {
+        let invocations: Vec<_> = ops
+            .iter()
+            .map(|op| match op {
+                Op::Create(s) => self.create_inv(s, true),
+                Op::Touch { id, at } => self.touch_inv(id, *at, true),
+                Op::Patch { id, patch } => self.patch_inv(id, patch, None, 0, true),
+                Op::Rotate { old, new } => self.rotate_inv(old, new, 0, true),
+                Op::Delete { id } => self.delete_inv(id),
+            })
+            .collect();
+        let fut = async {
+            let mut conn = self.conn().await?;
+            // Pipelined EVALSHA does not load missing scripts (a Redis that
+            // restarted empty has none): load them all first.
+            let mut load = redis::pipe();
+            for code in ALL_SCRIPTS {
+                load.cmd("SCRIPT").arg("LOAD").arg(code).ignore();
+            }
+            let mut pipe = redis::pipe();
+            for inv in &invocations {
+                pipe.invoke_script(inv);
+            }
+            load.query_async::<()>(&mut conn)
+                .await
+                .map_err(|e| StoreError::Redis(e.to_string()))?;
+            pipe.query_async::<Vec<Value>>(&mut conn)
+                .await
+                .map_err(|e| StoreError::Redis(e.to_string()))
+        };
+        // A batch does more work than one request: allow it a few timeouts.
+        let replies = match tokio::time::timeout(self.inner.timeout * 8, fut).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                self.drop_conn();
+                return Err(e);
+            }
+            Err(_) => {
+                self.drop_conn();
+                return Err(StoreError::Redis("replay batch timed out".into()));
+            }
+        };
+        let mut out = Vec::with_capacity(ops.len());
+        for (op, reply) in ops.iter().zip(replies.iter()) {
+            let code = match reply {
+                Value::Int(n) => Some(*n),
+                Value::Array(items) => items.first().and_then(as_int).or(Some(1)),
+                _ => None,
+            };
+            let outcome = match (op, code) {
+                (Op::Delete { .. }, _) => Replayed::Applied,
+                (Op::Create(_), Some(-1)) => Replayed::Tombstoned,
+                (Op::Create(_), _) => Replayed::Applied,
+                (Op::Touch { .. }, _) if matches!(reply, Value::Array(_)) => Replayed::Applied,
+                (_, Some(1)) | (Op::Rotate { .. }, Some(2)) => Replayed::Applied,
+                (Op::Patch { .. }, Some(3)) => {
+                    Replayed::Refused("merged metadata would exceed the limit".into())
                 }
-            }
-            Op::Rotate { old, new } => {
-                let reply = self.rotate_inner(old, new, 0, true).await?;
-                match as_array(&reply)?.first().and_then(as_int) {
-                    Some(1) | Some(2) => Ok(Replayed::Applied),
-                    Some(-1) => {
-                        // Revoked elsewhere: the rotated id must not live on.
-                        self.delete(new).await?;
-                        Ok(Replayed::Tombstoned)
-                    }
-                    _ => Ok(Replayed::Missing),
+                (Op::Rotate { new, .. }, Some(-1)) => {
+                    // Revoked elsewhere: the rotated id must not live on.
+                    self.delete(new).await?;
+                    Replayed::Tombstoned
                 }
-            }
-            Op::Delete { id } => {
-                self.delete(id).await?;
-                Ok(Replayed::Applied)
-            }
+                (_, Some(-1)) => Replayed::Tombstoned,
+                _ => Replayed::Missing,
+            };
+            out.push(outcome);
         }
+        Ok(out)
     }
 
     /// Writes a mirror copy into Redis unless it exists or is tombstoned.

@@ -1,0 +1,454 @@
+//! Several nodes on one Redis, and what happens when Redis goes away: killed
+//! (connection refused), stalled with SIGSTOP (no answer at all), restarted
+//! with its data or empty. Real redis-server processes, real edgenode nodes.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const STORE_TIMEOUT_MS: u64 = 250;
+
+fn node_on(redis: &Redis, name: &str) -> Node {
+    Node::builder()
+        .args(["--redis-url", &redis.url(), "--instance-id", name])
+        .args(["--store-timeout-ms", &STORE_TIMEOUT_MS.to_string()])
+        .args([
+            "--redis-probe-interval-ms",
+            "100",
+            "--redis-probe-max-ms",
+            "500",
+        ])
+        .start()
+}
+
+fn id_of(v: &Value) -> String {
+    v["session_id"].as_str().expect("session_id").to_string()
+}
+
+fn health(c: &Client) -> Value {
+    c.get("/api/health").json()
+}
+
+fn wait_for_redis_mode(c: &Client, within: Duration) {
+    assert!(
+        wait_until(within, || {
+            let h = health(c);
+            h["store"]["active"] == "redis" && h["store"]["pending_sync"] == 0
+        }),
+        "node did not return to redis mode: {}",
+        health(c)
+    );
+}
+
+#[test]
+fn three_nodes_share_every_session_through_redis() {
+    let redis = Redis::start(false);
+    let nodes: Vec<Node> = (1..=3)
+        .map(|i| node_on(&redis, &format!("node{i}")))
+        .collect();
+    let cs: Vec<Client> = nodes.iter().map(Node::client).collect();
+    for c in &cs {
+        wait_for_redis_mode(c, Duration::from_secs(5));
+    }
+
+    // created on 1, read on 2, patched on 3
+    let s = cs[0].create(r#"{"user_id":"erin","metadata":{"a":1}}"#);
+    let id = id_of(&s);
+    let path = format!("/api/sessions/{id}");
+    assert_eq!(cs[1].get(&path).json()["metadata"], json!({"a":1}));
+    let p = cs[2].patch(&path, r#"{"metadata":{"b":2,"a":null}}"#);
+    assert_eq!(p.json()["metadata"], json!({"b":2}));
+    assert_eq!(
+        cs[0].get(&path).json()["metadata"],
+        json!({"b":2}),
+        "node 1 sees node 3's patch at once"
+    );
+
+    // 300 concurrent touches over the three nodes are counted exactly
+    let before = cs[1].get(&path).json()["request_count"].as_u64().unwrap();
+    let handles: Vec<_> = (0..300)
+        .map(|i| {
+            let c = cs[i % 3].clone();
+            let path = path.clone();
+            std::thread::spawn(move || c.get(&path).status)
+        })
+        .collect();
+    for h in handles {
+        assert_eq!(h.join().unwrap(), 200);
+    }
+    let after = cs[2].get(&path).json()["request_count"].as_u64().unwrap();
+    assert_eq!(after, before + 300 + 1);
+
+    // concurrent PATCHes of different keys all survive
+    let handles: Vec<_> = (0..30)
+        .map(|i| {
+            let c = cs[i % 3].clone();
+            let path = path.clone();
+            std::thread::spawn(move || {
+                c.patch(&path, &format!(r#"{{"metadata":{{"k{i}":{i}}}}}"#))
+                    .status
+            })
+        })
+        .collect();
+    for h in handles {
+        assert_eq!(h.join().unwrap(), 200);
+    }
+    let meta = cs[0].get(&path).json()["metadata"].clone();
+    for i in 0..30 {
+        assert_eq!(meta[format!("k{i}")], i, "patch k{i} lost: {meta}");
+    }
+    let version = cs[0].get(&path).json()["version"].as_u64().unwrap();
+    assert_eq!(version, 2 + 30, "every merge bumped the version once");
+
+    // a conditional PATCH with a stale version gets 412 on any node
+    let stale = cs[1].request(
+        "PATCH",
+        &path,
+        &[("If-Match", &(version - 1).to_string())],
+        Some(r#"{"metadata":{"z":1}}"#),
+    );
+    assert_eq!(stale.status, 412);
+    let fresh = cs[2].request(
+        "PATCH",
+        &path,
+        &[("If-Match", &version.to_string())],
+        Some(r#"{"metadata":{"z":1}}"#),
+    );
+    assert_eq!(fresh.status, 200);
+
+    // metadata limit is enforced on the merged result in Redis too
+    let big = format!(r#"{{"metadata":{{"blob":"{}"}}}}"#, "x".repeat(15_000));
+    assert_eq!(cs[0].patch(&path, &big).status, 200);
+    let over = cs[1].patch(
+        &path,
+        &format!(r#"{{"metadata":{{"blob2":"{}"}}}}"#, "y".repeat(2_000)),
+    );
+    assert_eq!(
+        (over.status, over.code().as_str()),
+        (413, "metadata_too_large")
+    );
+
+    // rotation and revocation are seen everywhere
+    let rotated = cs[0].post(&format!("{path}/rotate"), "");
+    let new_id = id_of(&rotated.json());
+    assert_eq!(cs[1].get(&path).status, 404);
+    assert_eq!(cs[2].get(&format!("/api/sessions/{new_id}")).status, 200);
+    cs[2].create(r#"{"user_id":"erin"}"#);
+    assert_eq!(
+        cs[0].get("/api/users/erin/sessions").json()["sessions"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    assert_eq!(
+        cs[1].delete("/api/users/erin/sessions").json()["deleted"],
+        2
+    );
+    assert_eq!(cs[2].get(&format!("/api/sessions/{new_id}")).status, 404);
+
+    // keys are namespaced, and the active count comes from the index
+    let keys = redis.cmd(&["SCAN", "0", "MATCH", "*", "COUNT", "1000"]);
+    assert!(!keys.contains("\r\ns:"), "un-prefixed key: {keys}");
+    assert!(wait_until(Duration::from_secs(5), || health(&cs[0])
+        ["sessions"]["active"]
+        == 0));
+}
+
+/// One outage drill. `how` is "kill" or "stall"; `keep_data` says whether
+/// the Redis that comes back still has its data.
+fn outage_drill(how: &str, keep_data: bool) {
+    let mut redis = Redis::start(keep_data);
+    let n1 = node_on(&redis, "node1");
+    let n2 = node_on(&redis, "node2");
+    let (c1, c2) = (n1.client(), n2.client());
+    wait_for_redis_mode(&c1, Duration::from_secs(5));
+    wait_for_redis_mode(&c2, Duration::from_secs(5));
+
+    // Before the outage: a session patched on node 2 and last used on node 1,
+    // and a session node 1 has served but node 2 then revoked.
+    let shared = id_of(&c2.create(r#"{"user_id":"frank","metadata":{"before":1}}"#));
+    let shared_path = format!("/api/sessions/{shared}");
+    c2.patch(&shared_path, r#"{"metadata":{"on_node2":true}}"#);
+    let mut touches: u64 = 0;
+    for _ in 0..3 {
+        assert_eq!(c1.get(&shared_path).status, 200);
+        touches += 1;
+    }
+    let revoked = id_of(&c2.create("{}"));
+    assert_eq!(c1.get(&format!("/api/sessions/{revoked}")).status, 200);
+    assert_eq!(c2.delete(&format!("/api/sessions/{revoked}")).status, 204);
+    // the revocation reaches node 1's mirror through pub/sub
+    std::thread::sleep(Duration::from_millis(200));
+
+    // Background traffic on both nodes for the whole outage.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let failures = Arc::new(AtomicU64::new(0));
+    let max_latency_ms = Arc::new(AtomicU64::new(0));
+    let requests = Arc::new(AtomicU64::new(0));
+    let traffic: Vec<_> = [c1.clone(), c2.clone()]
+        .into_iter()
+        .map(|c| {
+            let (stop, failures, max_latency_ms, requests) = (
+                stop.clone(),
+                failures.clone(),
+                max_latency_ms.clone(),
+                requests.clone(),
+            );
+            std::thread::spawn(move || {
+                let mut mine: Vec<String> = Vec::new();
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    i += 1;
+                    let t = Instant::now();
+                    let ok = match i % 4 {
+                        0 => c
+                            .try_request(
+                                "POST",
+                                "/api/sessions",
+                                &[],
+                                Some(r#"{"metadata":{"bg":true}}"#),
+                            )
+                            .map(|a| {
+                                if a.status == 201 {
+                                    mine.push(id_of(&a.json()));
+                                }
+                                a.status == 201
+                            }),
+                        1 => match mine.last() {
+                            Some(id) => c
+                                .try_request("GET", &format!("/api/sessions/{id}"), &[], None)
+                                .map(|a| a.status == 200),
+                            None => Ok(true),
+                        },
+                        2 => match mine.last() {
+                            Some(id) => c
+                                .try_request(
+                                    "PATCH",
+                                    &format!("/api/sessions/{id}"),
+                                    &[],
+                                    Some(&format!(r#"{{"metadata":{{"n":{i}}}}}"#)),
+                                )
+                                .map(|a| a.status == 200),
+                            None => Ok(true),
+                        },
+                        _ => match mine.pop() {
+                            Some(id) => c
+                                .try_request("DELETE", &format!("/api/sessions/{id}"), &[], None)
+                                .map(|a| a.status == 204),
+                            None => Ok(true),
+                        },
+                    };
+                    requests.fetch_add(1, Ordering::Relaxed);
+                    max_latency_ms.fetch_max(t.elapsed().as_millis() as u64, Ordering::Relaxed);
+                    if !matches!(ok, Ok(true)) {
+                        failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+
+    // --- the outage ---
+    let outage_started = Instant::now();
+    match how {
+        "kill" => redis.kill9(),
+        _ => redis.stop(),
+    }
+
+    // On node 1, from its mirror: the shared session is patched and used.
+    let p = c1.patch(&shared_path, r#"{"metadata":{"during":1}}"#);
+    assert_eq!(p.status, 200, "patch during outage: {}", p.text);
+    assert_eq!(
+        p.json()["metadata"]["before"],
+        1,
+        "served from the mirror with pre-outage data"
+    );
+    for _ in 0..5 {
+        assert_eq!(c1.get(&shared_path).status, 200);
+        touches += 1;
+    }
+    // the revoked session is not served by node 1
+    assert_eq!(
+        c1.get(&format!("/api/sessions/{revoked}")).status,
+        404,
+        "revoked session served from the mirror"
+    );
+
+    // Sessions created, changed and deleted during the outage.
+    let mut created: Vec<(String, u64)> = Vec::new();
+    let mut deleted: Vec<String> = Vec::new();
+    for i in 0..20u64 {
+        let c = if i % 2 == 0 { &c1 } else { &c2 };
+        let id = id_of(&c.create(&format!(r#"{{"user_id":"outage","metadata":{{"i":{i}}}}}"#)));
+        if i % 5 == 0 {
+            assert_eq!(c.delete(&format!("/api/sessions/{id}")).status, 204);
+            deleted.push(id);
+        } else {
+            assert_eq!(
+                c.patch(
+                    &format!("/api/sessions/{id}"),
+                    r#"{"metadata":{"changed":true}}"#
+                )
+                .status,
+                200
+            );
+            for _ in 0..i % 3 {
+                assert_eq!(c.get(&format!("/api/sessions/{id}")).status, 200);
+            }
+            created.push((id, i % 3));
+        }
+    }
+    for c in [&c1, &c2] {
+        let h = health(c);
+        assert_eq!(h["store"]["active"], "sled", "{h}");
+        assert_eq!(h["store"]["redis_reachable"], false);
+        assert!(h["store"]["pending_sync"].as_u64().unwrap() > 0);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+
+    // --- Redis returns ---
+    match how {
+        "kill" => redis.restart(),
+        _ => redis.cont(),
+    }
+    let back = Instant::now();
+    wait_for_redis_mode(&c1, Duration::from_secs(10));
+    wait_for_redis_mode(&c2, Duration::from_secs(10));
+    let reconciled_in = back.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    for t in traffic {
+        t.join().unwrap();
+    }
+    let (fails, worst) = (
+        failures.load(Ordering::Relaxed),
+        max_latency_ms.load(Ordering::Relaxed),
+    );
+    println!(
+        "drill {how}, redis keeps data: {keep_data}: {} requests, {fails} failed, slowest {worst} ms, outage {:?}, reconciled in {:?}",
+        requests.load(Ordering::Relaxed),
+        back.duration_since(outage_started),
+        reconciled_in
+    );
+    assert_eq!(fails, 0, "requests failed during the outage");
+    assert!(
+        worst <= 2 * STORE_TIMEOUT_MS + 150,
+        "a request waited {worst} ms"
+    );
+
+    // Everything is in Redis now: check through node 2, in redis mode.
+    let h1 = health(&c1);
+    assert!(
+        h1["store"]["reconciliations"].as_u64().unwrap() >= 1,
+        "{h1}"
+    );
+    for (id, reads) in &created {
+        let a = c2.get(&format!("/api/sessions/{id}"));
+        assert_eq!(
+            a.status, 200,
+            "session created during the outage is missing: {id}"
+        );
+        assert_eq!(a.json()["metadata"]["changed"], true);
+        assert_eq!(a.json()["request_count"], reads + 1, "{id}");
+    }
+    for id in &deleted {
+        assert_eq!(
+            c2.get(&format!("/api/sessions/{id}")).status,
+            404,
+            "deleted during the outage, resurrected: {id}"
+        );
+    }
+    let s = c2.get(&shared_path).json();
+    assert_eq!(s["metadata"]["before"], 1);
+    assert_eq!(
+        s["metadata"]["on_node2"], true,
+        "node 2's pre-outage patch survived"
+    );
+    assert_eq!(
+        s["metadata"]["during"], 1,
+        "node 1's outage patch was replayed"
+    );
+    assert_eq!(s["request_count"], touches + 1, "request counts add up");
+    for c in [&c1, &c2] {
+        assert_eq!(
+            c.get(&format!("/api/sessions/{revoked}")).status,
+            404,
+            "revoked session resurrected"
+        );
+    }
+    assert_eq!(
+        c1.get("/api/users/outage/sessions").json()["sessions"]
+            .as_array()
+            .unwrap()
+            .len(),
+        created.len()
+    );
+}
+
+#[test]
+fn outage_drill_redis_killed_and_restarted_with_its_data() {
+    outage_drill("kill", true);
+}
+
+#[test]
+fn outage_drill_redis_killed_and_restarted_empty() {
+    outage_drill("kill", false);
+}
+
+#[test]
+fn outage_drill_redis_stalled_with_sigstop() {
+    outage_drill("stall", true);
+}
+
+#[test]
+fn a_node_started_while_redis_is_down_serves_and_later_syncs() {
+    let port = free_port();
+    let url = format!("redis://127.0.0.1:{port}/");
+    let node = Node::builder()
+        .args([
+            "--redis-url",
+            &url,
+            "--store-timeout-ms",
+            "250",
+            "--redis-probe-interval-ms",
+            "100",
+            "--redis-probe-max-ms",
+            "300",
+        ])
+        .start();
+    let c = node.client();
+    let id = id_of(&c.create(r#"{"metadata":{"offline":true}}"#));
+    assert_eq!(health(&c)["store"]["active"], "sled");
+
+    // now Redis appears on that port
+    let dir = tempdir();
+    let mut redis_proc = std::process::Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--dir",
+            &dir.path().to_string_lossy(),
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-server");
+    wait_for_redis_mode(&c, Duration::from_secs(10));
+    let key = format!("edgenode:s:{id}");
+    assert!(
+        redis_cmd(port, &["HGET", &key, "m:\"offline\""])
+            .unwrap_or_default()
+            .contains("true"),
+        "replayed into redis"
+    );
+    let _ = redis_proc.kill();
+    let _ = redis_proc.wait();
+}
