@@ -134,6 +134,9 @@ pub async fn serve(
         }
     };
 
+    // Only worked out when someone will read it.
+    let client = tracing::enabled!(tracing::Level::DEBUG)
+        .then(|| client_ip(&app.config, peer, req.headers()));
     let result = if route.needs_token() && !authorized(&app.config, &req) {
         Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
@@ -161,11 +164,12 @@ pub async fn serve(
             header::HeaderValue::from_static("Bearer"),
         );
     }
-    app.metrics.observe(
-        template,
-        resp.status().as_u16(),
-        start.elapsed().as_secs_f64(),
-    );
+    let status = resp.status().as_u16();
+    app.metrics
+        .observe(template, status, start.elapsed().as_secs_f64());
+    if let (Some(client), true) = (client, status >= 400) {
+        tracing::debug!(%client, route = template, status, "request refused");
+    }
     Ok(resp)
 }
 
@@ -280,21 +284,28 @@ pub fn is(method: &Method, want: &Method) -> bool {
     method == want
 }
 
-/// The client's address: the peer, or the first `X-Forwarded-For` hop when the
-/// peer is a trusted proxy.
-pub fn client_ip(config: &Config, peer: SocketAddr, req: &Request<Incoming>) -> std::net::IpAddr {
-    if config.is_trusted_proxy(peer.ip()) {
-        if let Some(ip) = req
-            .headers()
-            .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split(',').next())
-            .and_then(|v| v.trim().parse().ok())
-        {
-            return ip;
-        }
+/// The client's address: the peer, or, when the peer is a trusted proxy, the
+/// rightmost `X-Forwarded-For` hop that is not itself a trusted proxy (hops
+/// to its left were written by the client and can be forged).
+pub fn client_ip(
+    config: &Config,
+    peer: SocketAddr,
+    headers: &hyper::HeaderMap,
+) -> std::net::IpAddr {
+    if !config.is_trusted_proxy(peer.ip()) {
+        return peer.ip();
     }
-    peer.ip()
+    let hops: Vec<std::net::IpAddr> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|h| h.trim().parse().ok())
+        .collect();
+    hops.into_iter()
+        .rev()
+        .find(|ip| !config.is_trusted_proxy(*ip))
+        .unwrap_or(peer.ip())
 }
 
 impl App {
@@ -305,7 +316,35 @@ impl App {
 
 #[cfg(test)]
 mod tests {
-    use super::Route;
+    use super::{client_ip, Route};
+    use crate::config::{Args, Config};
+    use clap::Parser;
+
+    #[test]
+    fn client_ip_believes_only_trusted_proxies_and_skips_forged_hops() {
+        let args = Args::try_parse_from([
+            "edgenode",
+            "--config",
+            "/dev/null",
+            "--trusted-proxies",
+            "10.0.0.5,10.0.1.0/24",
+        ])
+        .unwrap();
+        let config = Config::resolve(args).unwrap();
+        let mut h = hyper::HeaderMap::new();
+        h.insert(
+            "x-forwarded-for",
+            "6.6.6.6, 203.0.113.9, 10.0.1.7".parse().unwrap(),
+        );
+        let balancer = "10.0.0.5:4000".parse().unwrap();
+        let stranger = "198.51.100.1:4000".parse().unwrap();
+        assert_eq!(client_ip(&config, balancer, &h).to_string(), "203.0.113.9");
+        assert_eq!(client_ip(&config, stranger, &h).to_string(), "198.51.100.1");
+        assert_eq!(
+            client_ip(&config, balancer, &hyper::HeaderMap::new()).to_string(),
+            "10.0.0.5"
+        );
+    }
 
     #[test]
     fn routes_parse_to_templates() {

@@ -96,6 +96,10 @@ impl Store {
     fn redis_failed(&self, what: &str, err: &StoreError) {
         self.inner.redis_reachable.store(false, Ordering::Release);
         if self.inner.redis_mode.swap(false, Ordering::AcqRel) {
+            // The mirror must hold the latest touches before it serves.
+            if let Err(e) = self.inner.sled.flush_touched() {
+                tracing::error!(error = %e, "writing buffered touches to the mirror failed");
+            }
             self.inner.failovers.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(operation = what, error = %err, "redis unavailable; switching to the local sled store");
         }
@@ -135,7 +139,7 @@ impl Store {
             match r.touch(id, now).await {
                 Ok(found) => {
                     match &found {
-                        Some(s) => self.inner.sled.mirror_put(s)?,
+                        Some(s) => self.inner.sled.mirror_touch(s.clone())?,
                         None => {
                             self.inner.sled.mirror_remove(id)?;
                         }
@@ -395,6 +399,7 @@ impl Store {
         // the copy already includes: their older entries are skipped.
         let mut restored: std::collections::HashMap<[u8; 16], u64> =
             std::collections::HashMap::new();
+        sled.flush_touched()?;
         let was_fallback = !self.inner.redis_mode.load(Ordering::Acquire);
         if was_fallback && sled.journal_len() > 0 {
             tracing::info!(
@@ -498,6 +503,6 @@ impl Store {
 
     /// Flushes everything; called on shutdown.
     pub async fn close(&self) -> Result<()> {
-        self.inner.sled.durable().await
+        self.inner.sled.close().await
     }
 }

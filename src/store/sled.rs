@@ -19,6 +19,7 @@ use super::journal::{self, Op};
 use super::PatchOutcome;
 use crate::session::{InputError, Limits, Patch, Session};
 use sled::{Db, Tree};
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -46,7 +47,19 @@ struct Inner {
     active: AtomicI64,
     corrupt: AtomicU64,
     commit: GroupCommit,
+    /// Touch results from Redis not yet written to the mirror, one map per
+    /// lock stripe. Written by the housekeeping flush (and at once on a
+    /// failover), so the Redis-mode hot path does no sled write at all.
+    touched: Vec<Mutex<HashMap<[u8; 16], Session>>>,
+    meta: Tree,
 }
+
+/// Most buffered touches per stripe; past it a touch is written through.
+const TOUCHED_PER_STRIPE: usize = 512;
+
+/// Where a clean shutdown leaves the session count, so the next start need
+/// not walk every key.
+const CLEAN_COUNT_KEY: &[u8] = b"clean_shutdown_session_count";
 
 /// What a modification decided to do with the session it looked at.
 enum Change {
@@ -75,17 +88,25 @@ impl SledStore {
                 by_user: db.open_tree("by_user")?,
                 by_expiry: db.open_tree("by_expiry")?,
                 journal: db.open_tree("journal")?,
+                meta: db.open_tree("meta")?,
                 db,
                 locks: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
                 limits,
                 active: AtomicI64::new(0),
                 corrupt: AtomicU64::new(0),
                 commit: GroupCommit::new(),
+                touched: (0..LOCK_STRIPES)
+                    .map(|_| Mutex::new(HashMap::new()))
+                    .collect(),
             }),
         };
-        // One walk of the keys at start-up (before anything can change them)
-        // seeds the gauge; from then on it is kept by every change.
-        let n = store.inner.sessions.len() as i64;
+        // The gauge starts from the count a clean shutdown left (consumed, so
+        // a crash after this start forces a recount) or, after a crash, from
+        // one walk of the keys before anything can change them.
+        let n = match store.inner.meta.remove(CLEAN_COUNT_KEY)? {
+            Some(v) if v.len() == 8 => i64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8])),
+            _ => store.inner.sessions.len() as i64,
+        };
         store.inner.active.store(n, Ordering::Relaxed);
         Ok(store)
     }
@@ -234,16 +255,73 @@ impl SledStore {
 
     // ---- mirror maintenance (Redis mode) ------------------------------------
 
-    /// Stores a session as Redis returned it. Not flushed by itself.
+    /// Stores a session as Redis returned it (newest wins against what the
+    /// mirror and the touch buffer hold). Not flushed by itself.
     pub fn mirror_put(&self, session: &Session) -> Result<()> {
-        self.modify(&session.id, 0, |_| {
-            Ok((Change::Put(session.clone()), (), None))
+        self.modify(&session.id, 0, |current| {
+            let mut merged = session.clone();
+            if let Some(b) = self.take_touched(&session.id) {
+                merged = newest(&merged, &b);
+            }
+            if let Some(c) = current {
+                merged = newest(&merged, c);
+            }
+            Ok((Change::Put(merged), (), None))
         })
+    }
+
+    /// Buffers a touch result from Redis for the mirror (see `touched`).
+    pub fn mirror_touch(&self, session: Session) -> Result<()> {
+        let mut map = self.inner.touched[stripe(&session.id)]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(prev) = map.get_mut(&session.id) {
+            *prev = newest(&session, prev);
+            return Ok(());
+        }
+        if map.len() < TOUCHED_PER_STRIPE {
+            map.insert(session.id, session);
+            return Ok(());
+        }
+        drop(map);
+        self.mirror_put(&session)
+    }
+
+    /// Writes every buffered touch into the mirror.
+    pub fn flush_touched(&self) -> Result<()> {
+        for shard in &self.inner.touched {
+            let ids: Vec<[u8; 16]> = shard
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .keys()
+                .copied()
+                .collect();
+            for id in ids {
+                self.modify(&id, 0, |current| {
+                    Ok(match (self.take_touched(&id), current) {
+                        (Some(b), Some(c)) => (Change::Put(newest(&b, c)), (), None),
+                        (Some(b), None) => (Change::Put(b), (), None),
+                        (None, _) => (Change::Keep, (), None),
+                    })
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes a buffered touch; called under the session's stripe lock so it
+    /// orders with the mirror write that follows.
+    fn take_touched(&self, id: &[u8; 16]) -> Option<Session> {
+        self.inner.touched[stripe(id)]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id)
     }
 
     /// Drops a session another node deleted or rotated away.
     pub fn mirror_remove(&self, id: &[u8; 16]) -> Result<bool> {
         self.modify(id, 0, |current| {
+            self.take_touched(id);
             Ok((
                 if current.is_some() {
                     Change::Remove
@@ -345,18 +423,25 @@ impl SledStore {
 
     /// Flushes lazily-written data (touches, mirror updates, sweeps).
     pub async fn flush_lazy(&self) -> Result<()> {
+        self.flush_touched()?;
+        self.durable().await
+    }
+
+    /// Final flush on a clean shutdown; records the session count so the
+    /// next start skips the recount.
+    pub async fn close(&self) -> Result<()> {
+        self.flush_touched()?;
+        let n = self.inner.active.load(Ordering::Relaxed);
+        self.inner.meta.insert(CLEAN_COUNT_KEY, &n.to_be_bytes())?;
         self.durable().await
     }
 
     // ---- internals -----------------------------------------------------------
 
     fn lock(&self, id: &[u8; 16]) -> MutexGuard<'_, ()> {
-        let stripe = (u64::from_le_bytes([id[0], id[1], id[2], id[3], id[4], id[5], id[6], id[7]])
-            as usize)
-            % LOCK_STRIPES;
         // A poisoned stripe only means another request panicked mid-change;
         // the data itself is sled's, so carry on.
-        self.inner.locks[stripe]
+        self.inner.locks[stripe(id)]
             .lock()
             .unwrap_or_else(|p| p.into_inner())
     }
@@ -467,6 +552,27 @@ impl SledStore {
         self.inner.db.flush()?;
         Ok(())
     }
+}
+
+/// The lock stripe (and touch-buffer shard) of a session id. Ids are random,
+/// so their first bytes spread evenly.
+fn stripe(id: &[u8; 16]) -> usize {
+    u64::from_le_bytes([id[0], id[1], id[2], id[3], id[4], id[5], id[6], id[7]]) as usize
+        % LOCK_STRIPES
+}
+
+/// Merges two copies of one session seen at different times: data from the
+/// higher version, counters and times from whichever is further along.
+fn newest(a: &Session, b: &Session) -> Session {
+    let mut out = if b.version > a.version {
+        b.clone()
+    } else {
+        a.clone()
+    };
+    out.request_count = a.request_count.max(b.request_count);
+    out.last_accessed = a.last_accessed.max(b.last_accessed);
+    out.expires_at = a.expires_at.max(b.expires_at);
+    out
 }
 
 fn user_prefix(user: &str) -> Vec<u8> {

@@ -1,0 +1,184 @@
+#!/usr/bin/env bash
+# Measures what DESIGN.md's performance targets talk about, in one run:
+#
+#   - session touch (GET /api/session with a cookie) req/s and p99 with wrk at
+#     $CONNS connections, in sled mode and in Redis mode;
+#   - redis-benchmark -t get at the same concurrency, and the Redis-mode ratio;
+#   - idle RSS and threads; RSS and threads with 1 000 open connections and
+#     100 000 stored sessions;
+#   - start-to-ready time and the stripped binary sizes.
+#
+# Usage: scripts/bench.sh [seconds per wrk run, default 10]
+# Everything runs on 127.0.0.1 and is stopped at the end.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION="${1:-10}"
+CONNS="${CONNS:-64}"
+SESSIONS="${SESSIONS:-100000}"
+OPEN_CONNS="${OPEN_CONNS:-1000}"
+
+need() { command -v "$1" >/dev/null 2>&1; }
+if ! need wrk || ! need redis-server || ! need redis-benchmark; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq wrk redis-server redis-tools >/dev/null
+fi
+
+cargo build --release --quiet
+BIN=target/release/edgenode
+WORK=$(mktemp -d /tmp/edgenode-bench.XXXXXX)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+ms_now() { date +%s%3N; }
+
+wait_ready() {  # url
+  for _ in $(seq 1 500); do
+    curl -fs "$1/api/ready" >/dev/null 2>&1 && return 0
+    sleep 0.01
+  done
+  echo "node at $1 did not become ready" >&2; exit 1
+}
+
+proc_field() {  # pid field
+  awk -v f="$2:" '$1 == f { print $2 }' "/proc/$1/status"
+}
+
+start_node() {  # name port [args...]; sets NODE_PID, READY_MS
+  local name=$1 port=$2; shift 2
+  local t0; t0=$(ms_now)
+  "$BIN" --config /dev/null --listen "127.0.0.1:$port" --data-dir "$WORK/$name" \
+    --log-level warn "$@" 2>"$WORK/$name.log" &
+  NODE_PID=$!
+  PIDS+=("$NODE_PID")
+  wait_ready "http://127.0.0.1:$port"
+  READY_MS=$(( $(ms_now) - t0 ))
+}
+
+touch_bench() {  # port → prints "req/s p99"
+  local url="http://127.0.0.1:$1"
+  local id
+  id=$(curl -fs "$url/api/session" | python3 -c 'import sys,json; print(json.load(sys.stdin)["session_id"])')
+  cat >"$WORK/touch.lua" <<LUA
+wrk.headers["Cookie"] = "session_id=$id"
+LUA
+  wrk -t2 -c"$CONNS" -d"${DURATION}s" --latency -s "$WORK/touch.lua" "$url/api/session" >"$WORK/wrk.out"
+  local rps p99
+  rps=$(awk '/^Requests\/sec/ { print $2 }' "$WORK/wrk.out")
+  p99=$(awk '$1 == "99%" { print $2 }' "$WORK/wrk.out")
+  local non2xx
+  non2xx=$(awk '/Non-2xx/ { print $5 }' "$WORK/wrk.out")
+  [ -n "$non2xx" ] && echo "warning: $non2xx non-2xx answers" >&2
+  echo "$rps $p99"
+}
+
+echo "edgenode bench: $(nproc) cores, wrk ${DURATION}s at $CONNS connections"
+echo
+
+# --- sled mode ---------------------------------------------------------------
+SLED_PORT=$(free_port)
+start_node sled "$SLED_PORT"
+SLED_PID=$NODE_PID
+SLED_READY_MS=$READY_MS
+sleep 1  # let start-up allocations settle before reading idle RSS
+IDLE_RSS=$(proc_field "$SLED_PID" VmRSS)
+IDLE_THREADS=$(proc_field "$SLED_PID" Threads)
+read -r SLED_RPS SLED_P99 < <(touch_bench "$SLED_PORT")
+SLED_THREADS_LOAD=$(proc_field "$SLED_PID" Threads)
+
+# --- Redis mode ----------------------------------------------------------------
+REDIS_PORT=$(free_port)
+redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
+  --dir "$WORK" >"$WORK/redis.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 1 300); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.01; done
+REDIS_NODE_PORT=$(free_port)
+start_node redisnode "$REDIS_NODE_PORT" --redis-url "redis://127.0.0.1:$REDIS_PORT/"
+REDIS_NODE_PID=$NODE_PID
+for _ in $(seq 1 300); do
+  curl -fs "http://127.0.0.1:$REDIS_NODE_PORT/api/health" | grep -q '"active":"redis"' && break
+  sleep 0.01
+done
+read -r REDIS_RPS REDIS_P99 < <(touch_bench "$REDIS_NODE_PORT")
+REDIS_THREADS_LOAD=$(proc_field "$REDIS_NODE_PID" Threads)
+# -q prints progress lines ending in \r; the final figure follows the last \r.
+GET_RPS=$(redis-benchmark -p "$REDIS_PORT" -t get -c "$CONNS" -n $(( 400000 * DURATION / 10 )) -q 2>/dev/null \
+  | tr '\r' '\n' | awk '/^GET: [0-9.]+ requests per second/ { print $2 }' | tail -1)
+RATIO=$(python3 -c "print(f'{float(\"$REDIS_RPS\") / float(\"$GET_RPS\"):.2f}')")
+kill "$REDIS_NODE_PID"
+
+# --- memory with many sessions and connections (sled mode) -------------------
+# Spread over many users so per-user indexes stay realistic.
+cat >"$WORK/create.lua" <<'LUA'
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+local n = 0
+request = function()
+  n = n + 1
+  return wrk.format(nil, "/api/sessions", nil,
+    '{"user_id":"u' .. (n % 5000) .. '","metadata":{"cart":[1,2,3],"theme":"dark"}}')
+end
+LUA
+active() { curl -fs "http://127.0.0.1:$SLED_PORT/api/health" | python3 -c 'import sys,json; print(json.load(sys.stdin)["sessions"]["active"])'; }
+T0=$(ms_now)
+while [ "$(active)" -lt "$SESSIONS" ]; do
+  wrk -t2 -c"$CONNS" -d5s -s "$WORK/create.lua" "http://127.0.0.1:$SLED_PORT" >"$WORK/create.out"
+done
+CREATE_RPS=$(awk '/^Requests\/sec/ { print $2 }' "$WORK/create.out")
+FILL_S=$(( ($(ms_now) - T0) / 1000 ))
+STORED=$(active)
+
+python3 - "$SLED_PORT" "$OPEN_CONNS" "$SLED_PID" >"$WORK/conns.out" <<'PY'
+import socket, sys
+port, n, pid = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+socks = []
+for _ in range(n):
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(b"GET /api/health HTTP/1.1\r\nHost: bench\r\n\r\n")
+    socks.append(s)
+ok = 0
+for s in socks:
+    data = s.recv(65536)
+    ok += data.startswith(b"HTTP/1.1 200")
+status = open(f"/proc/{pid}/status").read().split("\n")
+field = lambda f: next(l.split()[1] for l in status if l.startswith(f + ":"))
+print(ok, field("VmRSS"), field("Threads"))
+PY
+read -r CONNS_OK LOADED_RSS LOADED_THREADS <"$WORK/conns.out"
+
+# --- restart with the full store: start-to-ready and RSS ---------------------
+kill "$SLED_PID"; wait "$SLED_PID" 2>/dev/null || true
+start_node sled "$SLED_PORT"
+FULL_READY_MS=$READY_MS
+
+SIZE_HOST=$(stat -c %s "$BIN")
+SIZE_AARCH64="not built (scripts/release.sh)"
+for f in target/aarch64-unknown-linux-musl/release/edgenode target/cross/aarch64-unknown-linux-musl/release/edgenode; do
+  [ -f "$f" ] && SIZE_AARCH64="$(stat -c %s "$f") bytes ($f)"
+done
+
+kb_mb() { python3 -c "print(f'{int(\"$1\")/1024:.1f} MB')"; }
+cat <<REPORT
+== touch (GET /api/session with cookie), $CONNS connections, ${DURATION}s
+sled mode       : $SLED_RPS req/s   p99 $SLED_P99   (target >= 40000 req/s)
+redis mode      : $REDIS_RPS req/s   p99 $REDIS_P99
+redis-benchmark : $GET_RPS GET/s at -c $CONNS
+ratio           : $RATIO x redis GET   (target >= 0.75)
+
+== footprint
+idle RSS        : $(kb_mb "$IDLE_RSS")   (target < 12 MB)
+idle threads    : $IDLE_THREADS
+threads under wrk load: sled $SLED_THREADS_LOAD, redis $REDIS_THREADS_LOAD   (target <= workers + blocking + 2 = $(( $(nproc) + 2 + 2 )))
+stored sessions : $STORED (filled in ${FILL_S}s, creates at $CREATE_RPS req/s, each fsync-acknowledged)
+with $OPEN_CONNS open connections + $STORED sessions: RSS $(kb_mb "$LOADED_RSS"), threads $LOADED_THREADS, $CONNS_OK/$OPEN_CONNS answered   (target < 32 MB)
+start to ready  : ${SLED_READY_MS} ms empty, ${FULL_READY_MS} ms with $STORED sessions   (target < 100 ms)
+binary (host, stripped release): $SIZE_HOST bytes
+binary (aarch64 musl)          : $SIZE_AARCH64   (target < 4 MB)
+REPORT
