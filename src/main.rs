@@ -51,6 +51,9 @@ fn main() -> ExitCode {
 
 async fn run(config: Config, started: Instant) -> Result<(), Box<dyn std::error::Error>> {
     raise_fd_limit();
+    // Installed first: a SIGTERM that arrives as soon as we serve (or even
+    // before) must drain, not kill.
+    let signals = Signals::install()?;
     let listener = match systemd::activated_listener()? {
         Some(l) => tokio::net::TcpListener::from_std(l)?,
         None => {
@@ -118,7 +121,7 @@ async fn run(config: Config, started: Instant) -> Result<(), Box<dyn std::error:
         "edgenode ready"
     );
 
-    wait_for_signal().await?;
+    signals.recv().await;
     tracing::info!("shutting down: readiness off, draining");
     app.ready.store(false, Ordering::Release);
     systemd::stopping();
@@ -146,15 +149,27 @@ fn raise_fd_limit() {
     }
 }
 
-async fn wait_for_signal() -> std::io::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// SIGTERM (systemd stop) and SIGINT (Ctrl-C).
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
     }
-    Ok(())
+
+    async fn recv(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
 }
 
 /// Plain lines without colours or timestamps under journald (it adds its

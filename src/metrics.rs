@@ -1,7 +1,7 @@
 //! Prometheus metrics (`GET /metrics`).
 //!
 //! Request counters and the latency histogram are updated on the request path,
-//! labelled by route *template* (`/api/sessions/{id}`, never a raw path) so the
+//! labelled by route *template* (`/api/sessions/:id`, never a raw path) so the
 //! series count stays fixed. Store and pool figures are read from their owners
 //! at scrape time by a collector, so they are never stale and cost nothing
 //! between scrapes.

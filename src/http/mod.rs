@@ -75,9 +75,9 @@ impl<'a> Route<'a> {
     pub fn template(&self) -> &'static str {
         match self {
             Route::Sessions => "/api/sessions",
-            Route::Session(_) => "/api/sessions/{id}",
-            Route::Rotate(_) => "/api/sessions/{id}/rotate",
-            Route::UserSessions(_) => "/api/users/{user_id}/sessions",
+            Route::Session(_) => "/api/sessions/:id",
+            Route::Rotate(_) => "/api/sessions/:id/rotate",
+            Route::UserSessions(_) => "/api/users/:user_id/sessions",
             Route::BrowserSession => "/api/session",
             Route::Health => "/api/health",
             Route::Ready => "/api/ready",

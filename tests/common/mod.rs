@@ -15,12 +15,48 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_edgenode");
 
+/// The optimised build, for tests that measure memory: a debug build's
+/// futures are several times larger and say nothing about the release.
+/// `scripts/test.sh` builds it before the tests; a stale one is refused.
+pub fn release_binary() -> PathBuf {
+    let release = Path::new(BIN)
+        .parent()
+        .and_then(Path::parent)
+        .map(|t| t.join("release/edgenode"))
+        .expect("target dir");
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let (Some(rel), Some(dbg)) = (modified(&release), modified(Path::new(BIN))) else {
+        panic!(
+            "{} is missing: run `cargo build --release` first (scripts/test.sh does)",
+            release.display()
+        );
+    };
+    assert!(
+        rel + Duration::from_secs(120) >= dbg,
+        "{} is older than the code under test: run `cargo build --release` (scripts/test.sh does)",
+        release.display()
+    );
+    release
+}
+
+/// A free port *below* the kernel's ephemeral range (32768+), so that a
+/// restarted node cannot find its port taken by some test's client socket.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind an ephemeral port")
-        .local_addr()
-        .expect("local addr")
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let seed = std::process::id()
+        ^ (std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0));
+    NEXT.compare_exchange(0, seed % 12_000, Ordering::SeqCst, Ordering::SeqCst)
+        .ok();
+    loop {
+        let port = 20_000 + (NEXT.fetch_add(7, Ordering::SeqCst) % 12_000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 pub fn tempdir() -> tempfile::TempDir {
@@ -198,6 +234,7 @@ pub fn raw_status(response: &str) -> u16 {
 /// A running edgenode process.
 pub struct Node {
     pub child: Child,
+    bin: PathBuf,
     pub port: u16,
     pub addr: String,
     pub data_dir: PathBuf,
@@ -207,6 +244,8 @@ pub struct Node {
 }
 
 pub struct NodeBuilder {
+    bin: PathBuf,
+    self_pid_envs: Vec<String>,
     args: Vec<String>,
     envs: Vec<(String, String)>,
     data_dir: Option<PathBuf>,
@@ -232,6 +271,18 @@ impl NodeBuilder {
     }
     pub fn port(mut self, p: u16) -> Self {
         self.port = Some(p);
+        self
+    }
+    /// Runs another build of edgenode (see [`release_binary`]).
+    pub fn binary(mut self, bin: PathBuf) -> Self {
+        self.bin = bin;
+        self
+    }
+    /// Sets `name` to the node's own pid, as systemd does for LISTEN_PID and
+    /// WATCHDOG_PID (the node is started through `sh -c 'exec …'`, which
+    /// keeps the shell's pid).
+    pub fn env_own_pid(mut self, name: &str) -> Self {
+        self.self_pid_envs.push(name.into());
         self
     }
 
@@ -269,7 +320,20 @@ impl NodeBuilder {
         ];
         args.extend(self.args);
         let logfile = std::fs::File::create(&log).expect("log file");
-        let mut cmd = Command::new(BIN);
+        let mut cmd = if self.self_pid_envs.is_empty() {
+            Command::new(&self.bin)
+        } else {
+            let assigns: Vec<String> = self
+                .self_pid_envs
+                .iter()
+                .map(|n| format!("{n}=$$"))
+                .collect();
+            let mut c = Command::new("sh");
+            c.arg("-c")
+                .arg(format!("export {}; exec \"$0\" \"$@\"", assigns.join(" ")))
+                .arg(&self.bin);
+            c
+        };
         cmd.args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -279,6 +343,7 @@ impl NodeBuilder {
         }
         let child = cmd.spawn().expect("spawn edgenode");
         Node {
+            bin: self.bin.clone(),
             child,
             port,
             addr,
@@ -293,6 +358,8 @@ impl NodeBuilder {
 impl Node {
     pub fn builder() -> NodeBuilder {
         NodeBuilder {
+            bin: PathBuf::from(BIN),
+            self_pid_envs: Vec::new(),
             args: Vec::new(),
             envs: Vec::new(),
             data_dir: None,
@@ -357,7 +424,7 @@ impl Node {
             .append(true)
             .open(&self.log)
             .expect("log");
-        self.child = Command::new(BIN)
+        self.child = Command::new(&self.bin)
             .args(&self.args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
