@@ -339,10 +339,25 @@ impl RedisStore {
     /// the connection and is reported as a Redis failure.
     async fn run(&self, inv: redis::ScriptInvocation<'_>) -> Result<Value> {
         let fut = async {
-            let mut conn = self.conn().await?;
-            inv.invoke_async::<Value>(&mut conn)
-                .await
-                .map_err(|e| StoreError::Redis(e.to_string()))
+            let mut retried = false;
+            loop {
+                let mut conn = self.conn().await?;
+                match inv.invoke_async::<Value>(&mut conn).await {
+                    Ok(v) => return Ok(v),
+                    // The shared connection broke since its last use (Redis
+                    // restarted, say): one fresh connection before giving
+                    // up, so a restart does not send the node to its mirror.
+                    Err(e)
+                        if !retried
+                            && (e.is_connection_dropped() || e.is_io_error())
+                            && !e.is_connection_refusal() =>
+                    {
+                        self.drop_conn();
+                        retried = true;
+                    }
+                    Err(e) => return Err(StoreError::Redis(e.to_string())),
+                }
+            }
         };
         match tokio::time::timeout(self.inner.timeout, fut).await {
             Ok(Ok(v)) => Ok(v),
