@@ -452,3 +452,148 @@ fn a_node_started_while_redis_is_down_serves_and_later_syncs() {
     let _ = redis_proc.kill();
     let _ = redis_proc.wait();
 }
+
+/// Redis's own high availability: one master, one replica, one sentinel. The
+/// master is killed; Sentinel promotes the replica; the node follows.
+#[test]
+fn a_sentinel_failover_is_followed_without_losing_sessions() {
+    let dir = tempdir();
+    let (m, r, s) = (free_port(), free_port(), free_port());
+    let spawn = |args: Vec<String>| {
+        std::process::Command::new("redis-server")
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server")
+    };
+    let base = |port: u16, name: &str| -> Vec<String> {
+        let d = dir.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        let log = dir.path().join(format!("{name}.log")).display().to_string();
+        let mut a: Vec<String> = [
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+        ]
+        .map(String::from)
+        .to_vec();
+        a.extend([
+            "--dir".to_string(),
+            d.display().to_string(),
+            "--logfile".into(),
+            log,
+        ]);
+        a
+    };
+    let mut replica_args = base(r, "replica");
+    replica_args.extend(["--replicaof".into(), "127.0.0.1".into(), m.to_string()]);
+    let conf = dir.path().join("sentinel.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "port {s}\nbind 127.0.0.1\ndir {d}\nlogfile {d}/sentinel.log\nsentinel monitor mymaster 127.0.0.1 {m} 1\n\
+             sentinel down-after-milliseconds mymaster 500\nsentinel failover-timeout mymaster 3000\n",
+            d = dir.path().display()
+        ),
+    )
+    .unwrap();
+    // master, replica, sentinel: killed when the test ends, however it ends
+    let mut procs = Procs(vec![
+        spawn(base(m, "master")),
+        spawn(replica_args),
+        spawn(vec![conf.display().to_string(), "--sentinel".into()]),
+    ]);
+    let sentinel_log =
+        || std::fs::read_to_string(dir.path().join("sentinel.log")).unwrap_or_default();
+    assert!(wait_until(Duration::from_secs(10), || redis_cmd(
+        r,
+        &["INFO", "replication"]
+    )
+    .unwrap_or_default()
+    .contains("master_link_status:up")));
+    assert!(wait_until(Duration::from_secs(10), || redis_cmd(
+        s,
+        &["SENTINEL", "get-master-addr-by-name", "mymaster"]
+    )
+    .unwrap_or_default()
+    .contains(&m.to_string())));
+    // the sentinel must have discovered the replica before the master dies
+    assert!(
+        wait_until(Duration::from_secs(15), || sentinel_log()
+            .contains("+slave")),
+        "sentinel never saw the replica: {}",
+        sentinel_log()
+    );
+
+    let node = Node::builder()
+        .args([
+            "--redis-url",
+            &format!("redis+sentinel://127.0.0.1:{s}/mymaster"),
+            "--store-timeout-ms",
+            "250",
+        ])
+        .args([
+            "--redis-probe-interval-ms",
+            "100",
+            "--redis-probe-max-ms",
+            "500",
+        ])
+        .start();
+    let c = node.client();
+    wait_for_redis_mode(&c, Duration::from_secs(10));
+    let before = id_of(&c.create(r#"{"metadata":{"when":"before"}}"#));
+    assert!(
+        redis_cmd(m, &["WAIT", "1", "2000"])
+            .unwrap_or_default()
+            .starts_with(":1"),
+        "replicated"
+    );
+
+    // The master dies; the node keeps serving from its mirror meanwhile.
+    let _ = procs.0[0].kill();
+    let _ = procs.0[0].wait();
+    let during = id_of(&c.create(r#"{"metadata":{"when":"during"}}"#));
+    assert_eq!(c.get(&format!("/api/sessions/{before}")).status, 200);
+
+    assert!(
+        wait_until(Duration::from_secs(20), || redis_cmd(
+            s,
+            &["SENTINEL", "get-master-addr-by-name", "mymaster"]
+        )
+        .unwrap_or_default()
+        .contains(&r.to_string())),
+        "sentinel did not promote the replica: {}",
+        sentinel_log()
+    );
+    wait_for_redis_mode(&c, Duration::from_secs(20));
+    for (id, when) in [(&before, "before"), (&during, "during")] {
+        let key = format!("edgenode:s:{id}");
+        let stored = redis_cmd(r, &["HGET", &key, "m:\"when\""]).unwrap_or_default();
+        assert!(
+            stored.contains(when),
+            "session {when} the failover is on the new master: {stored}"
+        );
+        assert_eq!(
+            c.get(&format!("/api/sessions/{id}")).json()["metadata"]["when"],
+            when
+        );
+    }
+    let h = c.get("/api/health").json();
+    assert!(h["store"]["failovers"].as_u64().unwrap() >= 1, "{h}");
+}
+
+/// Child processes killed on drop.
+struct Procs(Vec<std::process::Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
