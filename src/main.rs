@@ -87,6 +87,7 @@ async fn run(config: Config, started: Instant) -> Result<(), Box<dyn std::error:
         None => None,
     };
     let store = Store::new(sled, redis);
+    return_free_memory();
 
     let admission = Admission::new(config.workers, config.max_connections, config.max_in_flight);
     let metrics = Metrics::new(&config.instance_id, store.clone(), admission.clone());
@@ -103,6 +104,13 @@ async fn run(config: Config, started: Instant) -> Result<(), Box<dyn std::error:
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     tokio::spawn(store.clone().run_housekeeping(shutdown_rx.clone()));
     tokio::spawn(store.clone().run_background(shutdown_rx.clone()));
+    tokio::spawn(async {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(30));
+        loop {
+            tick.tick().await;
+            return_free_memory();
+        }
+    });
     if let Some(every) = systemd::watchdog_interval() {
         tokio::spawn(systemd::run_watchdog(every, shutdown_rx.clone()));
     }
@@ -146,6 +154,17 @@ fn raise_fd_limit() {
             lim.rlim_cur = lim.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
+    }
+}
+
+/// Opening sled replays its log through many short-lived allocations, and
+/// bursts of traffic leave freed buffers behind; glibc keeps such pages
+/// unless asked. (musl's allocator, the release builds', returns them itself.)
+fn return_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free heap pages.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
