@@ -111,6 +111,23 @@ async fn run(config: Config, started: Instant) -> Result<(), Box<dyn std::error:
             return_free_memory();
         }
     });
+    // systemctl status shows the store mode and the session count.
+    {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                let st = store.status();
+                systemd::status(&format!(
+                    "store {}, {} sessions, {} pending sync",
+                    st.active.as_str(),
+                    st.sessions_active,
+                    st.pending_sync
+                ));
+            }
+        });
+    }
     if let Some(every) = systemd::watchdog_interval() {
         tokio::spawn(systemd::run_watchdog(every, shutdown_rx.clone()));
     }
@@ -118,7 +135,10 @@ async fn run(config: Config, started: Instant) -> Result<(), Box<dyn std::error:
 
     app.ready.store(true, Ordering::Release);
     let mode = store.mode().as_str();
-    systemd::ready(&format!("serving on {addr}, store {mode}"));
+    systemd::ready(&format!(
+        "serving on {addr}, store {mode}, {} sessions",
+        store.status().sessions_active
+    ));
     tracing::info!(
         %addr,
         store = mode,
