@@ -474,6 +474,29 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_config_names_only_real_keys() {
+        // Uncomment every `#key = value` line of the example and load it.
+        let example = include_str!("../deploy/edgenode.toml.example");
+        let active: String = example
+            .lines()
+            .filter_map(|l| l.strip_prefix('#'))
+            .filter(|l| {
+                l.split_once(" = ")
+                    .is_some_and(|(k, _)| k.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert!(active.lines().count() >= 25, "{active}");
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(active.as_bytes()).unwrap();
+        let args =
+            Args::try_parse_from(["edgenode", "--config", f.path().to_str().unwrap()]).unwrap();
+        let c = Config::resolve(args).unwrap_or_else(|e| panic!("{e}\n{active}"));
+        assert_eq!(c.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(c.store_timeout, Duration::from_millis(250));
+    }
+
+    #[test]
     fn unknown_file_keys_are_refused() {
         let mut f = tempfile::NamedTempFile::new().unwrap();
         writeln!(f, "redis_ulr = \"redis://x\"").unwrap();

@@ -7,6 +7,11 @@
 //! A background probe watches for Redis to come back; the journal is then
 //! replayed in order and only when it is empty does the node return to Redis
 //! mode. See DESIGN.md, "Stores and the failure model".
+//!
+//! In Redis mode the mirror is a copy for outages: creates, patches and
+//! touches reach it lazily (flushed every 500 ms, touches batched per
+//! session), while deletes and rotations are flushed before the answer, so a
+//! revoked session cannot reappear from the mirror after a crash.
 
 use super::redis::RedisStore;
 use super::sled::SledStore;
@@ -119,8 +124,10 @@ impl Store {
         if let Route::Redis(r) = self.route() {
             match r.create(&session).await {
                 Ok(()) => {
+                    // Redis holds it; the mirror copy is for outages and is
+                    // flushed with the next lazy flush, sparing the SD card
+                    // an fsync per create.
                     self.inner.sled.mirror_put(&session)?;
-                    self.inner.sled.durable().await?;
                     return Ok(session);
                 }
                 Err(e) => self.redis_failed("create", &e),
@@ -164,10 +171,7 @@ impl Store {
             match r.patch(id, patch, if_match, now).await {
                 Ok(outcome) => {
                     match &outcome {
-                        PatchOutcome::Updated(s) => {
-                            self.inner.sled.mirror_put(s)?;
-                            self.inner.sled.durable().await?;
-                        }
+                        PatchOutcome::Updated(s) => self.inner.sled.mirror_put(s)?,
                         PatchOutcome::NotFound => {
                             self.inner.sled.mirror_remove(id)?;
                         }
