@@ -28,7 +28,7 @@ for cmd in "${!NEEDS[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("${NEEDS[$cmd]}")
 done
 # armhf C library for linking and for qemu-arm's -L root
-[ -e /usr/arm-linux-gnueabihf/lib/libc.so.6 ] || missing+=(libc6-dev-armhf-cross)
+[ -e /usr/arm-linux-gnueabihf/lib/libc.so ] || missing+=(libc6-dev-armhf-cross)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "test.sh: installing ${missing[*]}"
   $SUDO apt-get update -qq

@@ -76,7 +76,11 @@ impl Iter {
     }
 
     fn high_key(&self) -> &[u8] {
-        const MAX_KEY: &[u8] = &[255; 1024 * 1024];
+        // edgenode patch: upstream's stand-in for "above every key" was
+        // [255; 1024 * 1024], a 1 MiB constant: a quarter of the release
+        // binary. 1 KiB of 0xFF is above every key edgenode stores (at most
+        // 24 bytes, or UTF-8 text, which never contains 0xFF).
+        const MAX_KEY: &[u8] = &[255; 1024];
         match self.hi {
             Bound::Unbounded => MAX_KEY,
             Bound::Excluded(ref hi) | Bound::Included(ref hi) => hi.as_ref(),
