@@ -426,21 +426,7 @@ fn a_node_started_while_redis_is_down_serves_and_later_syncs() {
     assert_eq!(health(&c)["store"]["active"], "sled");
 
     // now Redis appears on that port
-    let dir = tempdir();
-    let mut redis_proc = std::process::Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--dir",
-            &dir.path().to_string_lossy(),
-        ])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("redis-server");
+    let redis = Redis::start_on(port, false);
     wait_for_redis_mode(&c, Duration::from_secs(10));
     let key = format!("edgenode:s:{id}");
     assert!(
@@ -449,8 +435,7 @@ fn a_node_started_while_redis_is_down_serves_and_later_syncs() {
             .contains("true"),
         "replayed into redis"
     );
-    let _ = redis_proc.kill();
-    let _ = redis_proc.wait();
+    drop(redis);
 }
 
 /// Redis's own high availability: one master, one replica, one sentinel. The

@@ -456,14 +456,10 @@ impl RedisStore {
     }
 
     pub async fn touch(&self, id: &[u8; 16], now: u64) -> Result<Option<Session>> {
-        match self.touch_inner(id, now, false).await? {
+        match self.run(self.touch_inv(id, now, false)).await? {
             Value::Array(fields) => Ok(Some(self.session_from(id, &fields)?)),
             _ => Ok(None),
         }
-    }
-
-    async fn touch_inner(&self, id: &[u8; 16], at: u64, replay: bool) -> Result<Value> {
-        self.run(self.touch_inv(id, at, replay)).await
     }
 
     fn touch_inv(&self, id: &[u8; 16], at: u64, replay: bool) -> redis::ScriptInvocation<'_> {
@@ -487,7 +483,9 @@ impl RedisStore {
         if_match: Option<u64>,
         now: u64,
     ) -> Result<PatchOutcome> {
-        let reply = self.patch_inner(id, patch, if_match, now, false).await?;
+        let reply = self
+            .run(self.patch_inv(id, patch, if_match, now, false))
+            .await?;
         let items = as_array(&reply)?;
         match items.first().and_then(as_int) {
             Some(1) => Ok(PatchOutcome::Updated(
@@ -504,18 +502,6 @@ impl RedisStore {
             )),
             _ => Ok(PatchOutcome::NotFound),
         }
-    }
-
-    async fn patch_inner(
-        &self,
-        id: &[u8; 16],
-        patch: &Patch,
-        if_match: Option<u64>,
-        now: u64,
-        replay: bool,
-    ) -> Result<Value> {
-        self.run(self.patch_inv(id, patch, if_match, now, replay))
-            .await
     }
 
     fn patch_inv(
@@ -568,23 +554,13 @@ impl RedisStore {
 
     pub async fn rotate(&self, id: &[u8; 16], new_id: &[u8; 16]) -> Result<Option<Session>> {
         let reply = self
-            .rotate_inner(id, new_id, crate::session::now_ms(), false)
+            .run(self.rotate_inv(id, new_id, crate::session::now_ms(), false))
             .await?;
         let items = as_array(&reply)?;
         match items.first().and_then(as_int) {
             Some(1) => Ok(Some(self.session_from(new_id, as_array(&items[1])?)?)),
             _ => Ok(None),
         }
-    }
-
-    async fn rotate_inner(
-        &self,
-        id: &[u8; 16],
-        new_id: &[u8; 16],
-        now: u64,
-        replay: bool,
-    ) -> Result<Value> {
-        self.run(self.rotate_inv(id, new_id, now, replay)).await
     }
 
     fn rotate_inv(

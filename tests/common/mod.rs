@@ -472,8 +472,12 @@ pub struct Redis {
 impl Redis {
     /// `persistent`: appendonly with fsync always, so a restart keeps data.
     pub fn start(persistent: bool) -> Redis {
+        Redis::start_on(free_port(), persistent)
+    }
+
+    /// On a given port (for a node that was told about it beforehand).
+    pub fn start_on(port: u16, persistent: bool) -> Redis {
         let dir = tempdir();
-        let port = free_port();
         let mut r = Redis {
             child: Self::spawn(port, dir.path(), persistent),
             port,
