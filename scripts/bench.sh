@@ -9,6 +9,9 @@
 #   - start-to-ready time and the stripped binary sizes.
 #
 # Usage: scripts/bench.sh [seconds per wrk run, default 10]
+#   BIN=path/to/edgenode   measure that build (e.g. the static musl release,
+#                          target/x86_64-unknown-linux-musl/release/edgenode)
+#                          instead of the host release build
 # Everything runs on 127.0.0.1 and is stopped at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,8 +28,10 @@ if ! need wrk || ! need redis-server || ! need redis-benchmark; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq wrk redis-server redis-tools >/dev/null
 fi
 
-cargo build --release --quiet
-BIN=target/release/edgenode
+if [ -z "${BIN:-}" ]; then
+  cargo build --release --quiet
+  BIN=target/release/edgenode
+fi
 WORK=$(mktemp -d /tmp/edgenode-bench.XXXXXX)
 PIDS=()
 cleanup() {
@@ -79,7 +84,7 @@ LUA
   echo "$rps $p99"
 }
 
-echo "edgenode bench: $(nproc) cores, wrk ${DURATION}s at $CONNS connections"
+echo "edgenode bench: $(nproc) cores, wrk ${DURATION}s at $CONNS connections, binary $BIN ($("$BIN" --version))"
 echo
 
 # --- sled mode ---------------------------------------------------------------
@@ -129,13 +134,16 @@ LUA
 active() { curl -fs "http://127.0.0.1:$SLED_PORT/api/health" | python3 -c 'import sys,json; print(json.load(sys.stdin)["sessions"]["active"])'; }
 T0=$(ms_now)
 while [ "$(active)" -lt "$SESSIONS" ]; do
-  wrk -t2 -c"$CONNS" -d5s -s "$WORK/create.lua" "http://127.0.0.1:$SLED_PORT" >"$WORK/create.out"
+  wrk -t2 -c"$CONNS" -d2s -s "$WORK/create.lua" "http://127.0.0.1:$SLED_PORT" >"$WORK/create.out"
 done
 CREATE_RPS=$(awk '/^Requests\/sec/ { print $2 }' "$WORK/create.out")
 FILL_S=$(( ($(ms_now) - T0) / 1000 ))
 STORED=$(active)
 
-python3 - "$SLED_PORT" "$OPEN_CONNS" "$SLED_PID" >"$WORK/conns.out" <<'PY'
+# Opens $OPEN_CONNS keep-alive connections, one request each, and prints
+# "answered RSS_kB threads" while they are all open.
+hold_conns() {  # port pid
+  python3 - "$1" "$OPEN_CONNS" "$2" <<'PY'
 import socket, sys
 port, n, pid = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 socks = []
@@ -151,12 +159,18 @@ status = open(f"/proc/{pid}/status").read().split("\n")
 field = lambda f: next(l.split()[1] for l in status if l.startswith(f + ":"))
 print(ok, field("VmRSS"), field("Threads"))
 PY
+}
+
+hold_conns "$SLED_PORT" "$SLED_PID" >"$WORK/conns.out"
 read -r CONNS_OK LOADED_RSS LOADED_THREADS <"$WORK/conns.out"
 
 # --- restart with the full store: start-to-ready and RSS ---------------------
 kill "$SLED_PID"; wait "$SLED_PID" 2>/dev/null || true
 start_node sled "$SLED_PORT"
 FULL_READY_MS=$READY_MS
+sleep 1
+RESTART_RSS=$(proc_field "$NODE_PID" VmRSS)
+read -r _ RESTART_LOADED_RSS RESTART_LOADED_THREADS < <(hold_conns "$SLED_PORT" "$NODE_PID")
 
 SIZE_HOST=$(stat -c %s "$BIN")
 SIZE_AARCH64="not built (scripts/release.sh)"
@@ -177,8 +191,9 @@ idle RSS        : $(kb_mb "$IDLE_RSS")   (target < 12 MB)
 idle threads    : $IDLE_THREADS
 threads under wrk load: sled $SLED_THREADS_LOAD, redis $REDIS_THREADS_LOAD   (target <= workers + blocking + 2 = $(( $(nproc) + 2 + 2 )))
 stored sessions : $STORED (filled in ${FILL_S}s, creates at $CREATE_RPS req/s, each fsync-acknowledged)
-with $OPEN_CONNS open connections + $STORED sessions: RSS $(kb_mb "$LOADED_RSS"), threads $LOADED_THREADS, $CONNS_OK/$OPEN_CONNS answered   (target < 32 MB)
+right after the fill, with $OPEN_CONNS open connections: RSS $(kb_mb "$LOADED_RSS"), threads $LOADED_THREADS, $CONNS_OK/$OPEN_CONNS answered   (target < 32 MB)
+restarted on the $STORED sessions: idle RSS $(kb_mb "$RESTART_RSS"); with $OPEN_CONNS open connections RSS $(kb_mb "$RESTART_LOADED_RSS"), threads $RESTART_LOADED_THREADS   (target < 32 MB)
 start to ready  : ${SLED_READY_MS} ms empty, ${FULL_READY_MS} ms with $STORED sessions   (target < 100 ms)
-binary (host, stripped release): $SIZE_HOST bytes
+binary measured ($BIN): $SIZE_HOST bytes
 binary (aarch64 musl)          : $SIZE_AARCH64   (target < 4 MB)
 REPORT
