@@ -335,18 +335,22 @@ impl RedisStore {
         *self.inner.conn.write().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
-    /// Runs a script within the store timeout. Any error or timeout drops
-    /// the connection and is reported as a Redis failure.
-    async fn run(&self, inv: redis::ScriptInvocation<'_>) -> Result<Value> {
-        let fut = async {
+    /// Runs `call` on the shared connection within `limit`, the one place
+    /// every Redis call goes through. A connection that broke since its last
+    /// use (Redis restarted, say) gets one fresh try, so a restart does not
+    /// send the node to its mirror. Any failure drops the connection; the
+    /// next call reconnects.
+    async fn call<T, F, Fut>(&self, limit: Duration, mut call: F) -> Result<T>
+    where
+        F: FnMut(MultiplexedConnection) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let attempt = async {
             let mut retried = false;
             loop {
-                let mut conn = self.conn().await?;
-                match inv.invoke_async::<Value>(&mut conn).await {
+                let conn = self.conn().await?;
+                match call(conn).await {
                     Ok(v) => return Ok(v),
-                    // The shared connection broke since its last use (Redis
-                    // restarted, say): one fresh connection before giving
-                    // up, so a restart does not send the node to its mirror.
                     Err(e)
                         if !retried
                             && (e.is_connection_dropped() || e.is_io_error())
@@ -359,7 +363,7 @@ impl RedisStore {
                 }
             }
         };
-        match tokio::time::timeout(self.inner.timeout, fut).await {
+        match tokio::time::timeout(limit, attempt).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => {
                 self.drop_conn();
@@ -369,53 +373,46 @@ impl RedisStore {
                 self.drop_conn();
                 Err(StoreError::Redis(format!(
                     "no answer within {} ms",
-                    self.inner.timeout.as_millis()
+                    limit.as_millis()
                 )))
             }
         }
     }
 
+    /// Runs a script within the store timeout.
+    async fn run(&self, inv: redis::ScriptInvocation<'_>) -> Result<Value> {
+        let inv = &inv;
+        self.call(self.inner.timeout, |mut c| async move {
+            inv.invoke_async::<Value>(&mut c).await
+        })
+        .await
+    }
+
     pub async fn ping(&self) -> Result<()> {
-        let fut = async {
-            let mut conn = self.conn().await?;
-            redis::cmd("PING")
-                .query_async::<String>(&mut conn)
-                .await
-                .map_err(|e| StoreError::Redis(e.to_string()))
-        };
-        match tokio::time::timeout(self.inner.timeout, fut).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => {
-                self.drop_conn();
-                Err(e)
-            }
-            Err(_) => {
-                self.drop_conn();
-                Err(StoreError::Redis("ping timed out".into()))
-            }
-        }
+        self.call(self.inner.timeout, |mut c| async move {
+            redis::cmd("PING").query_async::<String>(&mut c).await
+        })
+        .await
+        .map(|_| ())
     }
 
     /// Refreshes the cached active-session count (and prunes the index).
     pub async fn refresh_active(&self, now: u64) -> Result<()> {
         let key = self.key("active", "");
-        let fut = async {
-            let mut conn = self.conn().await?;
-            let (_, n): (u64, u64) = redis::pipe()
-                .cmd("ZREMRANGEBYSCORE")
-                .arg(&key)
-                .arg("-inf")
-                .arg(now)
-                .cmd("ZCARD")
-                .arg(&key)
-                .query_async(&mut conn)
-                .await
-                .map_err(|e| StoreError::Redis(e.to_string()))?;
-            Ok::<u64, StoreError>(n)
-        };
-        let n = tokio::time::timeout(self.inner.timeout, fut)
-            .await
-            .map_err(|_| StoreError::Redis("timed out".into()))??;
+        let key = &key;
+        let (_, n): (u64, u64) = self
+            .call(self.inner.timeout, |mut c| async move {
+                redis::pipe()
+                    .cmd("ZREMRANGEBYSCORE")
+                    .arg(key)
+                    .arg("-inf")
+                    .arg(now)
+                    .cmd("ZCARD")
+                    .arg(key)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
         self.inner.active.store(n, Ordering::Relaxed);
         Ok(())
     }
@@ -643,37 +640,24 @@ impl RedisStore {
                 Op::Delete { id } => self.delete_inv(id),
             })
             .collect();
-        let fut = async {
-            let mut conn = self.conn().await?;
-            // Pipelined EVALSHA does not load missing scripts (a Redis that
-            // restarted empty has none): load them all first.
-            let mut load = redis::pipe();
-            for code in ALL_SCRIPTS {
-                load.cmd("SCRIPT").arg("LOAD").arg(code).ignore();
-            }
-            let mut pipe = redis::pipe();
-            for inv in &invocations {
-                pipe.invoke_script(inv);
-            }
-            load.query_async::<()>(&mut conn)
-                .await
-                .map_err(|e| StoreError::Redis(e.to_string()))?;
-            pipe.query_async::<Vec<Value>>(&mut conn)
-                .await
-                .map_err(|e| StoreError::Redis(e.to_string()))
-        };
+        // Pipelined EVALSHA does not load missing scripts (a Redis that
+        // restarted empty has none): load them all first.
+        let mut load = redis::pipe();
+        for code in ALL_SCRIPTS {
+            load.cmd("SCRIPT").arg("LOAD").arg(code).ignore();
+        }
+        let mut pipe = redis::pipe();
+        for inv in &invocations {
+            pipe.invoke_script(inv);
+        }
+        let (load, pipe) = (&load, &pipe);
         // A batch does more work than one request: allow it a few timeouts.
-        let replies = match tokio::time::timeout(self.inner.timeout * 8, fut).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => {
-                self.drop_conn();
-                return Err(e);
-            }
-            Err(_) => {
-                self.drop_conn();
-                return Err(StoreError::Redis("replay batch timed out".into()));
-            }
-        };
+        let replies: Vec<Value> = self
+            .call(self.inner.timeout * 8, |mut c| async move {
+                load.query_async::<()>(&mut c).await?;
+                pipe.query_async::<Vec<Value>>(&mut c).await
+            })
+            .await?;
         let mut out = Vec::with_capacity(ops.len());
         for (op, reply) in ops.iter().zip(replies.iter()) {
             let code = match reply {
