@@ -15,6 +15,11 @@ use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::watch;
 
+// musl's malloc takes one global lock; mimalloc keeps per-thread heaps.
+#[cfg(target_env = "musl")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let started = Instant::now();
     let config = match Config::resolve(Args::parse()) {
