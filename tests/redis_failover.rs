@@ -582,3 +582,44 @@ impl Drop for Procs {
         }
     }
 }
+
+/// The journal is on disk, not in memory: a node killed with -9 while Redis
+/// was away replays what it acknowledged once both are back.
+#[test]
+fn a_node_killed_during_an_outage_replays_its_journal_after_restart() {
+    let mut redis = Redis::start(true);
+    let mut node = node_on(&redis, "node1");
+    let c = node.client();
+    wait_for_redis_mode(&c, Duration::from_secs(5));
+    let kept = id_of(&c.create(r#"{"metadata":{"v":0}}"#));
+
+    redis.kill9();
+    let created = id_of(&c.create(r#"{"metadata":{"born":"offline"}}"#));
+    assert_eq!(
+        c.patch(&format!("/api/sessions/{kept}"), r#"{"metadata":{"v":1}}"#)
+            .status,
+        200
+    );
+    assert!(
+        c.get("/api/health").json()["store"]["pending_sync"]
+            .as_u64()
+            .unwrap()
+            >= 2
+    );
+    node.kill9();
+
+    redis.restart();
+    node.restart();
+    wait_for_redis_mode(&node.client(), Duration::from_secs(10));
+    let key = |id: &str| format!("edgenode:s:{id}");
+    assert!(
+        redis
+            .cmd(&["HGET", &key(&created), "m:\"born\""])
+            .contains("offline"),
+        "offline create replayed"
+    );
+    assert!(
+        redis.cmd(&["HGET", &key(&kept), "m:\"v\""]) == "$1\r\n1\r\n",
+        "offline patch replayed"
+    );
+}

@@ -45,6 +45,9 @@ struct Inner {
     /// Sessions present minus those known gone; a gauge, not an exact count
     /// (expired sessions stay counted until the sweep removes them).
     active: AtomicI64,
+    /// Journal entries, kept as a counter: `Tree::len` walks every key, and
+    /// health, metrics and the probe loop ask often during a long outage.
+    journal_entries: AtomicU64,
     corrupt: AtomicU64,
     commit: GroupCommit,
     /// Touch results from Redis not yet written to the mirror, one map per
@@ -94,6 +97,7 @@ impl SledStore {
                 limits,
                 active: AtomicI64::new(0),
                 corrupt: AtomicU64::new(0),
+                journal_entries: AtomicU64::new(0),
                 commit: GroupCommit::new(),
                 touched: (0..LOCK_STRIPES)
                     .map(|_| Mutex::new(HashMap::new()))
@@ -108,6 +112,8 @@ impl SledStore {
             _ => store.inner.sessions.len() as i64,
         };
         store.inner.active.store(n, Ordering::Relaxed);
+        let j = store.inner.journal.len() as u64;
+        store.inner.journal_entries.store(j, Ordering::Relaxed);
         Ok(store)
     }
 
@@ -337,7 +343,7 @@ impl SledStore {
     // ---- journal -------------------------------------------------------------
 
     pub fn journal_len(&self) -> u64 {
-        self.inner.journal.len() as u64
+        self.inner.journal_entries.load(Ordering::Relaxed)
     }
 
     /// The oldest `n` journal entries, in order. An entry that does not decode
@@ -362,7 +368,9 @@ impl SledStore {
     }
 
     pub fn journal_remove(&self, seq: u64) -> Result<()> {
-        self.inner.journal.remove(seq.to_be_bytes())?;
+        if self.inner.journal.remove(seq.to_be_bytes())?.is_some() {
+            self.inner.journal_entries.fetch_sub(1, Ordering::Relaxed);
+        }
         Ok(())
     }
 
@@ -508,6 +516,7 @@ impl SledStore {
             self.inner
                 .journal
                 .insert(seq.to_be_bytes(), journal::encode(&op))?;
+            self.inner.journal_entries.fetch_add(1, Ordering::Relaxed);
         }
         Ok(reply)
     }
