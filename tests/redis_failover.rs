@@ -455,22 +455,10 @@ fn a_sentinel_failover_is_followed_without_losing_sessions() {
     let base = |port: u16, name: &str| -> Vec<String> {
         let d = dir.path().join(name);
         std::fs::create_dir_all(&d).unwrap();
-        let log = dir.path().join(format!("{name}.log")).display().to_string();
-        let mut a: Vec<String> = [
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-        ]
-        .map(String::from)
-        .to_vec();
+        let mut a = redis_server_args(port, &d);
         a.extend([
-            "--dir".to_string(),
-            d.display().to_string(),
-            "--logfile".into(),
-            log,
+            "--logfile".to_string(),
+            dir.path().join(format!("{name}.log")).display().to_string(),
         ]);
         a
     };

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use error::ApiError;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::{header, Method, Request, Response, StatusCode};
+use hyper::{header, Request, Response, StatusCode};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -278,10 +278,6 @@ pub fn method_not_allowed(allow: &'static str) -> ApiError {
         "method_not_allowed",
         format!("allowed: {allow}"),
     )
-}
-
-pub fn is(method: &Method, want: &Method) -> bool {
-    method == want
 }
 
 /// The client's address: the peer, or, when the peer is a trusted proxy, the

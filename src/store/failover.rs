@@ -72,10 +72,6 @@ impl Store {
         &self.inner.sled
     }
 
-    pub fn redis(&self) -> Option<&RedisStore> {
-        self.inner.redis.as_ref()
-    }
-
     pub fn mode(&self) -> Mode {
         if self.inner.redis_mode.load(Ordering::Acquire) {
             Mode::Redis

@@ -490,23 +490,15 @@ impl Redis {
 
     fn spawn(port: u16, dir: &Path, persistent: bool) -> Child {
         let mut cmd = Command::new("redis-server");
-        cmd.args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-        ])
-        .args(["--dir", &dir.to_string_lossy()])
-        .args(if persistent {
-            ["--appendonly", "yes", "--appendfsync", "always"]
-        } else {
-            ["--appendonly", "no", "--appendfsync", "no"]
-        })
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        cmd.args(redis_server_args(port, dir))
+            .args(if persistent {
+                ["--appendonly", "yes", "--appendfsync", "always"]
+            } else {
+                ["--appendonly", "no", "--appendfsync", "no"]
+            })
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
         cmd.spawn()
             .expect("redis-server must be installed (scripts/test.sh installs it)")
     }
@@ -560,6 +552,24 @@ impl Drop for Redis {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// What every test redis-server gets: a loopback port, no RDB snapshots, a
+/// data directory of the test's own.
+pub fn redis_server_args(port: u16, dir: &Path) -> Vec<String> {
+    let dir = dir.display().to_string();
+    [
+        "--port",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--dir",
+        &dir,
+    ]
+    .map(String::from)
+    .to_vec()
 }
 
 /// A tiny RESP client (inline command encoding) for test assertions.
