@@ -611,3 +611,37 @@ fn a_node_killed_during_an_outage_replays_its_journal_after_restart() {
         "offline patch replayed"
     );
 }
+
+#[test]
+fn a_redis_that_forgot_its_scripts_is_reloaded_without_a_failover() {
+    // SCRIPT FLUSH is what a Redis restarted without persistence looks like
+    // to the script cache; the node must reload, not fall back to its mirror.
+    let redis = Redis::start(false);
+    let node = node_on(&redis, "node1");
+    let c = node.client();
+    wait_for_redis_mode(&c, Duration::from_secs(5));
+    let s = c.create(r#"{"metadata":{"k":"v"}}"#);
+    let path = format!("/api/sessions/{}", id_of(&s));
+    assert_eq!(c.get(&path).json()["request_count"], 1);
+
+    for round in 2..=4u64 {
+        assert_eq!(redis.cmd(&["SCRIPT", "FLUSH"]), "+OK\r\n");
+        let touched = c.get(&path);
+        assert_eq!(touched.status, 200, "{}", touched.text);
+        assert_eq!(touched.json()["request_count"], round);
+        assert_eq!(touched.json()["metadata"], json!({"k":"v"}));
+    }
+    let p = c.patch(&path, r#"{"metadata":{"k2":2}}"#);
+    assert_eq!(p.status, 200);
+    let h = health(&c);
+    assert_eq!(h["store"]["active"], "redis", "{h}");
+    assert_eq!(
+        h["store"]["failovers"], 0,
+        "no fallback for a NOSCRIPT: {h}"
+    );
+    assert_eq!(
+        redis.cmd(&["HGET", &format!("edgenode:s:{}", id_of(&s)), "n"]),
+        "$1\r\n4\r\n",
+        "the count lives in redis"
+    );
+}
