@@ -52,6 +52,13 @@ wait_ready() {  # url
   echo "node at $1 did not become ready" >&2; exit 1
 }
 
+cpu_ticks() {  # pid → user+system CPU time in clock ticks
+  awk '{ print $14 + $15 }' "/proc/$1/stat"
+}
+us_per() {  # ticks_before ticks_after count → CPU microseconds per item
+  python3 -c "print(f'{($2 - $1) * 1e6 / $(getconf CLK_TCK) / max($3, 1):.1f}')"
+}
+
 proc_field() {  # pid field
   awk -v f="$2:" '$1 == f { print $2 }' "/proc/$1/status"
 }
@@ -102,7 +109,8 @@ SLED_THREADS_LOAD=$(proc_field "$SLED_PID" Threads)
 REDIS_PORT=$(free_port)
 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
   --dir "$WORK" >"$WORK/redis.log" 2>&1 &
-PIDS+=($!)
+REDIS_PID=$!
+PIDS+=("$REDIS_PID")
 for _ in $(seq 1 300); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.01; done
 REDIS_NODE_PORT=$(free_port)
 start_node redisnode "$REDIS_NODE_PORT" --redis-url "redis://127.0.0.1:$REDIS_PORT/"
@@ -111,32 +119,42 @@ for _ in $(seq 1 300); do
   curl -fs "http://127.0.0.1:$REDIS_NODE_PORT/api/health" | grep -q '"active":"redis"' && break
   sleep 0.01
 done
+N0=$(cpu_ticks "$REDIS_NODE_PID"); R0=$(cpu_ticks "$REDIS_PID")
 read -r REDIS_RPS REDIS_P99 < <(touch_bench "$REDIS_NODE_PORT")
+N1=$(cpu_ticks "$REDIS_NODE_PID"); R1=$(cpu_ticks "$REDIS_PID")
+TOUCHES=$(python3 -c "print(int(float('$REDIS_RPS') * $DURATION))")
+NODE_US=$(us_per "$N0" "$N1" "$TOUCHES"); REDIS_TOUCH_US=$(us_per "$R0" "$R1" "$TOUCHES")
 REDIS_THREADS_LOAD=$(proc_field "$REDIS_NODE_PID" Threads)
 # -q prints progress lines ending in \r; the final figure follows the last \r.
-GET_RPS=$(redis-benchmark -p "$REDIS_PORT" -t get -c "$CONNS" -n $(( 400000 * DURATION / 10 )) -q 2>/dev/null \
+GETS=$(( 400000 * DURATION / 10 ))
+R0=$(cpu_ticks "$REDIS_PID")
+GET_RPS=$(redis-benchmark -p "$REDIS_PORT" -t get -c "$CONNS" -n "$GETS" -q 2>/dev/null \
   | tr '\r' '\n' | awk '/^GET: [0-9.]+ requests per second/ { print $2 }' | tail -1)
+REDIS_GET_US=$(us_per "$R0" "$(cpu_ticks "$REDIS_PID")" "$GETS")
 RATIO=$(python3 -c "print(f'{float(\"$REDIS_RPS\") / float(\"$GET_RPS\"):.2f}')")
 kill "$REDIS_NODE_PID"
 
 # --- memory with many sessions and connections (sled mode) -------------------
-# Spread over many users so per-user indexes stay realistic.
-cat >"$WORK/create.lua" <<'LUA'
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
+# Exactly $SESSIONS sessions (the target's figure), spread over many users so
+# per-user indexes stay realistic: each wrk thread creates its share, then
+# only reads /api/ready until the run ends.
+active() { curl -fs "http://127.0.0.1:$SLED_PORT/api/health" | python3 -c 'import sys,json; print(json.load(sys.stdin)["sessions"]["active"])'; }
+T0=$(ms_now)
+while :; do
+  MISSING=$(( SESSIONS - $(active) ))
+  [ "$MISSING" -le 0 ] && break
+  cat >"$WORK/create.lua" <<LUA
+local quota = math.ceil($MISSING / 2)
 local n = 0
 request = function()
   n = n + 1
-  return wrk.format(nil, "/api/sessions", nil,
+  if n > quota then return wrk.format("GET", "/api/ready") end
+  return wrk.format("POST", "/api/sessions", {["Content-Type"] = "application/json"},
     '{"user_id":"u' .. (n % 5000) .. '","metadata":{"cart":[1,2,3],"theme":"dark"}}')
 end
 LUA
-active() { curl -fs "http://127.0.0.1:$SLED_PORT/api/health" | python3 -c 'import sys,json; print(json.load(sys.stdin)["sessions"]["active"])'; }
-T0=$(ms_now)
-while [ "$(active)" -lt "$SESSIONS" ]; do
-  wrk -t2 -c"$CONNS" -d2s -s "$WORK/create.lua" "http://127.0.0.1:$SLED_PORT" >"$WORK/create.out"
+  wrk -t2 -c"$CONNS" -d5s -s "$WORK/create.lua" "http://127.0.0.1:$SLED_PORT" >"$WORK/create.out"
 done
-CREATE_RPS=$(awk '/^Requests\/sec/ { print $2 }' "$WORK/create.out")
 FILL_S=$(( ($(ms_now) - T0) / 1000 ))
 STORED=$(active)
 
@@ -185,12 +203,14 @@ sled mode       : $SLED_RPS req/s   p99 $SLED_P99   (target >= 40000 req/s)
 redis mode      : $REDIS_RPS req/s   p99 $REDIS_P99
 redis-benchmark : $GET_RPS GET/s at -c $CONNS
 ratio           : $RATIO x redis GET   (target >= 0.75)
+CPU per request : node $NODE_US us + redis $REDIS_TOUCH_US us per touch; redis $REDIS_GET_US us per GET
+                  (all of it shares $(nproc) cores with the load generator)
 
 == footprint
 idle RSS        : $(kb_mb "$IDLE_RSS")   (target < 12 MB)
 idle threads    : $IDLE_THREADS
 threads under wrk load: sled $SLED_THREADS_LOAD, redis $REDIS_THREADS_LOAD   (target <= workers + blocking + 2 = $(( $(nproc) + 2 + 2 )))
-stored sessions : $STORED (filled in ${FILL_S}s, creates at $CREATE_RPS req/s, each fsync-acknowledged)
+stored sessions : $STORED (created in 5 s wrk runs, ${FILL_S}s in all, each create fsync-acknowledged)
 right after the fill, with $OPEN_CONNS open connections: RSS $(kb_mb "$LOADED_RSS"), threads $LOADED_THREADS, $CONNS_OK/$OPEN_CONNS answered   (target < 32 MB)
 restarted on the $STORED sessions: idle RSS $(kb_mb "$RESTART_RSS"); with $OPEN_CONNS open connections RSS $(kb_mb "$RESTART_LOADED_RSS"), threads $RESTART_LOADED_THREADS   (target < 32 MB)
 start to ready  : ${SLED_READY_MS} ms empty, ${FULL_READY_MS} ms with $STORED sessions   (target < 100 ms)
