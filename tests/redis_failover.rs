@@ -645,3 +645,76 @@ fn a_redis_that_forgot_its_scripts_is_reloaded_without_a_failover() {
         "the count lives in redis"
     );
 }
+
+/// `redis-cli` against a password-protected Redis, trimmed output.
+fn redis_cli(port: u16, password: &str, db: u32, args: &[&str]) -> String {
+    let out = std::process::Command::new("redis-cli")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "--no-auth-warning",
+        ])
+        .args(["-a", password, "-n", &db.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli (from redis-tools) must be installed");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn a_redis_url_with_password_db_and_key_prefix_is_honoured() {
+    let redis = Redis::start(false);
+    assert_eq!(
+        redis.cmd(&["CONFIG", "SET", "requirepass", "s3cret"]),
+        "+OK\r\n"
+    );
+    let url = format!("redis://:s3cret@127.0.0.1:{}/3", redis.port);
+    let node = Node::builder()
+        .args(["--redis-url", &url, "--key-prefix", "pi-cluster:"])
+        .start();
+    let c = node.client();
+    wait_for_redis_mode(&c, Duration::from_secs(5));
+
+    let s = c.create(r#"{"user_id":"dora","metadata":{"lang":"de"}}"#);
+    let id = id_of(&s);
+    let key = format!("pi-cluster:s:{id}");
+    assert_eq!(
+        redis_cli(redis.port, "s3cret", 3, &["HGET", &key, "u"]),
+        "dora"
+    );
+    assert_eq!(
+        redis_cli(redis.port, "s3cret", 0, &["EXISTS", &key]),
+        "0",
+        "nothing lands in db 0"
+    );
+    assert_eq!(
+        c.get(&format!("/api/sessions/{id}")).json()["request_count"],
+        1
+    );
+    assert_eq!(
+        redis_cli(redis.port, "s3cret", 3, &["HGET", &key, "n"]),
+        "1"
+    );
+
+    // A node given the wrong password keeps serving from its own disk and
+    // says why in its log, rather than failing requests.
+    let wrong = format!("redis://:nope@127.0.0.1:{}/3", redis.port);
+    let lost = Node::builder().args(["--redis-url", &wrong]).start();
+    let lc = lost.client();
+    let created = lc.post("/api/sessions", r#"{"user_id":"eve"}"#);
+    assert_eq!(created.status, 201, "{}", created.text);
+    let h = health(&lc);
+    assert_eq!(h["store"]["active"], "sled", "{h}");
+    assert_eq!(h["store"]["redis_reachable"], false, "{h}");
+    let names_auth = || {
+        let log = lost.log_text().to_lowercase();
+        log.contains("auth") || log.contains("password")
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), names_auth),
+        "the log names the authentication failure: {}",
+        lost.log_text()
+    );
+}

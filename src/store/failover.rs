@@ -345,6 +345,9 @@ impl Store {
         let mut delay = first_delay;
         let mut shutdown = shutdown;
         let mut last_refresh = std::time::Instant::now() - Duration::from_secs(60);
+        // The probe's last failure: a new reason (refused, timed out, wrong
+        // password...) is logged once as a warning, repeats only at debug.
+        let mut last_failure = String::new();
         loop {
             let redis_mode = self.inner.redis_mode.load(Ordering::Acquire);
             let pending = self.inner.sled.journal_len();
@@ -352,6 +355,7 @@ impl Store {
                 match redis.ping().await {
                     Ok(()) => {
                         self.inner.redis_reachable.store(true, Ordering::Release);
+                        last_failure.clear();
                         delay = first_delay;
                         if let Err(e) = self.reconcile(&redis).await {
                             tracing::warn!(error = %e, "journal replay interrupted; will retry");
@@ -360,7 +364,13 @@ impl Store {
                     }
                     Err(e) => {
                         self.inner.redis_reachable.store(false, Ordering::Release);
-                        tracing::debug!(error = %e, next_probe_ms = delay.as_millis() as u64, "redis still unreachable");
+                        let reason = e.to_string();
+                        if reason != last_failure {
+                            tracing::warn!(error = %reason, "redis unreachable; serving from sled");
+                            last_failure = reason;
+                        } else {
+                            tracing::debug!(error = %e, next_probe_ms = delay.as_millis() as u64, "redis still unreachable");
+                        }
                         delay = (delay * 2).min(max_delay);
                     }
                 }
