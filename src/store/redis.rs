@@ -1,7 +1,8 @@
 //! Redis as the cluster's shared session store.
 //!
-//! Every request-path operation is one Lua script: one round trip, atomic
-//! with respect to every other node, bounded by the store timeout.
+//! Every request-path operation is one Lua script (a touch: the script and an
+//! HGETALL inside one MULTI): one round trip, atomic with respect to every
+//! other node, bounded by the store timeout.
 //!
 //! Keys (all under `key_prefix`):
 //! - `s:<id>`: the session, a hash: `u` user, `c` created, `a` last accessed,
