@@ -718,3 +718,77 @@ fn a_redis_url_with_password_db_and_key_prefix_is_honoured() {
         lost.log_text()
     );
 }
+
+#[test]
+fn corrupt_records_in_redis_are_treated_as_absent_and_never_stall_the_node() {
+    let mut redis = Redis::start(true);
+    let node = node_on(&redis, "node1");
+    let c = node.client();
+    wait_for_redis_mode(&c, Duration::from_secs(5));
+    let key = |id: &str| format!("edgenode:s:{id}");
+    let mk = |user: &str| id_of(&c.create(&format!(r#"{{"user_id":"{user}"}}"#)));
+
+    // Three kinds of damage somebody else's tool could do to a record.
+    let (not_a_number, wrong_type, bad_json) = (mk("zoe"), mk("zoe"), mk("zoe"));
+    let fine = mk("zoe");
+    assert_eq!(
+        redis.cmd(&["HSET", &key(&not_a_number), "c", "yesterday"]),
+        ":0\r\n"
+    );
+    redis.cmd(&["DEL", &key(&wrong_type)]);
+    redis.cmd(&["SET", &key(&wrong_type), "junk"]);
+    redis.cmd(&["HSET", &key(&bad_json), "m:\"k\"", "{not json"]);
+
+    for id in [&not_a_number, &wrong_type, &bad_json] {
+        let path = format!("/api/sessions/{id}");
+        assert_eq!(c.get(&path).status, 404, "a corrupt record is absent");
+        assert_eq!(c.patch(&path, r#"{"metadata":{"x":1}}"#).status, 404);
+    }
+    // GET /api/session with a corrupt one replaces it, like an expired one.
+    let cookie = format!("session_id={not_a_number}");
+    let replaced = c.request("GET", "/api/session", &[("Cookie", &cookie)], None);
+    assert_eq!(replaced.status, 200);
+    assert_ne!(id_of(&replaced.json()), not_a_number);
+    // The user's listing shows the good session and skips the rest.
+    let listed = c.get("/api/users/zoe/sessions").json();
+    let ids: Vec<&str> = listed["sessions"]
+        .as_array()
+        .expect("sessions")
+        .iter()
+        .filter_map(|s| s["session_id"].as_str())
+        .collect();
+    assert_eq!(ids, vec![fine.as_str()], "{listed}");
+    // DELETE clears the junk key.
+    assert_eq!(c.delete(&format!("/api/sessions/{wrong_type}")).status, 204);
+    assert_eq!(redis.cmd(&["EXISTS", &key(&wrong_type)]), ":0\r\n");
+
+    let h = health(&c);
+    assert_eq!(h["store"]["active"], "redis", "Redis itself is fine: {h}");
+    assert_eq!(h["store"]["failovers"], 0, "{h}");
+    assert!(h["store"]["corrupt_records"].as_u64().unwrap() >= 6, "{h}");
+
+    // A journal entry that meets a corrupt record when Redis returns is
+    // dropped (and logged); it must not hold the rest of the journal up.
+    redis.kill9();
+    assert_eq!(c.get(&format!("/api/sessions/{fine}")).status, 200);
+    let offline = id_of(&c.create(r#"{"metadata":{"born":"offline"}}"#));
+    assert!(health(&c)["store"]["pending_sync"].as_u64().unwrap() >= 2);
+    // Damage `fine` in the restarted Redis before the node replays into it:
+    // the node is stopped meanwhile so its probe cannot get there first.
+    signal(node.pid(), libc::SIGSTOP);
+    redis.restart();
+    redis.cmd(&["HSET", &key(&fine), "e", "soon"]);
+    signal(node.pid(), libc::SIGCONT);
+    wait_for_redis_mode(&c, Duration::from_secs(10));
+    assert!(
+        redis
+            .cmd(&["HGET", &key(&offline), "m:\"born\""])
+            .contains("offline"),
+        "the entries after the bad one were replayed"
+    );
+    assert!(
+        node.log_text().contains("could not be applied"),
+        "the dropped entry is logged: {}",
+        node.log_text()
+    );
+}

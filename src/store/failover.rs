@@ -106,6 +106,13 @@ impl Store {
         }
     }
 
+    /// A session record in Redis that no node could have written (counted by
+    /// the Redis store): logged, and the session is treated as absent. Redis
+    /// itself is fine, so the node stays in Redis mode.
+    fn corrupt_in_redis(&self, what: &str, id: &[u8; 16], err: &StoreError) {
+        tracing::error!(operation = what, id = %crate::session::format_id(id), error = %err, "corrupt session record in redis; treated as absent");
+    }
+
     /// Creates a session; `counted` when the creating request itself uses it
     /// (`GET /api/session`), so its request_count starts at 1.
     pub async fn create(
@@ -149,6 +156,10 @@ impl Store {
                     }
                     return Ok(found);
                 }
+                Err(e @ StoreError::CorruptRecord(_)) => {
+                    self.corrupt_in_redis("touch", id, &e);
+                    return Ok(None);
+                }
                 Err(e) => self.redis_failed("touch", &e),
             }
         }
@@ -176,6 +187,10 @@ impl Store {
                     return Ok(outcome);
                 }
                 Err(StoreError::Input(e)) => return Err(StoreError::Input(e)),
+                Err(e @ StoreError::CorruptRecord(_)) => {
+                    self.corrupt_in_redis("patch", id, &e);
+                    return Ok(PatchOutcome::NotFound);
+                }
                 Err(e) => self.redis_failed("patch", &e),
             }
         }
@@ -198,6 +213,10 @@ impl Store {
                     self.inner.sled.mirror_remove(id)?;
                     self.inner.sled.durable().await?;
                     return Ok(existed);
+                }
+                Err(e @ StoreError::CorruptRecord(_)) => {
+                    self.corrupt_in_redis("delete", id, &e);
+                    return Err(e);
                 }
                 Err(e) => self.redis_failed("delete", &e),
             }
@@ -226,6 +245,10 @@ impl Store {
                     self.inner.sled.durable().await?;
                     return Ok(found);
                 }
+                Err(e @ StoreError::CorruptRecord(_)) => {
+                    self.corrupt_in_redis("rotate", id, &e);
+                    return Ok(None);
+                }
                 Err(e) => self.redis_failed("rotate", &e),
             }
         }
@@ -242,6 +265,7 @@ impl Store {
         if let Route::Redis(r) = self.route() {
             match r.list_user(user, now).await {
                 Ok(list) => return Ok(list),
+                Err(e @ StoreError::CorruptRecord(_)) => return Err(e),
                 Err(e) => self.redis_failed("list_user", &e),
             }
         }
@@ -266,6 +290,7 @@ impl Store {
                     self.inner.sled.durable().await?;
                     return Ok(ids.len() as u64);
                 }
+                Err(e @ StoreError::CorruptRecord(_)) => return Err(e),
                 Err(e) => self.redis_failed("delete_user", &e),
             }
         }
@@ -300,7 +325,12 @@ impl Store {
             failovers: self.inner.failovers.load(Ordering::Relaxed),
             reconciliations: self.inner.reconciliations.load(Ordering::Relaxed),
             replayed_ops: self.inner.replayed.load(Ordering::Relaxed),
-            corrupt_records: self.inner.sled.corrupt_records(),
+            corrupt_records: self.inner.sled.corrupt_records()
+                + self
+                    .inner
+                    .redis
+                    .as_ref()
+                    .map_or(0, RedisStore::corrupt_records),
         }
     }
 

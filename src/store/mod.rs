@@ -35,6 +35,11 @@ pub enum StoreError {
     Sled(#[from] ::sled::Error),
     #[error("redis: {0}")]
     Redis(String),
+    /// Redis answered, but the record an operation touched is not one a
+    /// node wrote (wrong key type, a field that is not a number...): the
+    /// record is treated as absent, counted and logged; Redis is fine.
+    #[error("corrupt record in redis: {0}")]
+    CorruptRecord(String),
     #[error("store unavailable: {0}")]
     Unavailable(String),
 }

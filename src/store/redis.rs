@@ -48,6 +48,8 @@ struct Inner {
     limits: Limits,
     conn: RwLock<Option<MultiplexedConnection>>,
     active: AtomicU64,
+    /// Records found in Redis that no node could have written.
+    corrupt: AtomicU64,
     scripts: Scripts,
 }
 
@@ -174,7 +176,9 @@ return {1, redis.call('HGETALL', KEYS[1])}
 
 const DELETE: &str = r#"
 -- KEYS: session, tombstone, active; ARGV: id, prefix, max_lifetime_ms, channel
-local u = redis.call('HGET', KEYS[1], 'u')
+-- (a key that is not a hash is not a node's record: it is deleted all the same)
+local u = nil
+if redis.call('TYPE', KEYS[1]).ok == 'hash' then u = redis.call('HGET', KEYS[1], 'u') end
 local existed = redis.call('DEL', KEYS[1])
 redis.call('SET', KEYS[2], '1', 'PX', ARGV[3])
 redis.call('ZREM', KEYS[3], ARGV[1])
@@ -211,8 +215,10 @@ const LIST_USER: &str = r#"
 local out = {}
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   local key = ARGV[2] .. 's:' .. id
-  local cur = redis.call('HMGET', key, 'e', 'u')
-  if cur[1] and tonumber(cur[1]) > tonumber(ARGV[1]) and cur[2] == ARGV[3] then
+  local cur = {}
+  if redis.call('TYPE', key).ok == 'hash' then cur = redis.call('HMGET', key, 'e', 'u') end
+  local e = tonumber(cur[1])
+  if e and e > tonumber(ARGV[1]) and cur[2] == ARGV[3] then
     out[#out + 1] = redis.call('HGETALL', key)
     out[#out + 1] = id
   else
@@ -227,13 +233,15 @@ const DELETE_USER: &str = r#"
 local out = {}
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   local key = ARGV[1] .. 's:' .. id
-  local cur = redis.call('HMGET', key, 'e', 'u')
+  local cur = {}
+  if redis.call('TYPE', key).ok == 'hash' then cur = redis.call('HMGET', key, 'e', 'u') end
   if cur[1] and cur[2] == ARGV[2] then
     redis.call('DEL', key)
     redis.call('SET', ARGV[1] .. 't:' .. id, '1', 'PX', ARGV[3])
     redis.call('ZREM', KEYS[2], id)
     redis.call('PUBLISH', ARGV[4], 'del:' .. id)
-    if tonumber(cur[1]) > tonumber(ARGV[5]) then out[#out + 1] = id end
+    local e = tonumber(cur[1])
+    if e and e > tonumber(ARGV[5]) then out[#out + 1] = id end
   end
 end
 redis.call('DEL', KEYS[1])
@@ -265,6 +273,7 @@ impl RedisStore {
                 limits,
                 conn: RwLock::new(None),
                 active: AtomicU64::new(0),
+                corrupt: AtomicU64::new(0),
                 scripts: Scripts {
                     create: Script::new(CREATE),
                     touch: Script::new(TOUCH),
@@ -284,6 +293,16 @@ impl RedisStore {
 
     pub fn cached_active(&self) -> u64 {
         self.inner.active.load(Ordering::Relaxed)
+    }
+
+    pub fn corrupt_records(&self) -> u64 {
+        self.inner.corrupt.load(Ordering::Relaxed)
+    }
+
+    /// Counts a bad record and names it in the error the caller gets.
+    fn bad_record(&self, why: String) -> StoreError {
+        self.inner.corrupt.fetch_add(1, Ordering::Relaxed);
+        StoreError::CorruptRecord(why)
     }
 
     fn key(&self, kind: &str, id: &str) -> String {
@@ -368,12 +387,15 @@ impl RedisStore {
                         self.drop_conn();
                         retried = true;
                     }
+                    Err(e) if is_bad_record(&e) => return Err(self.bad_record(e.to_string())),
                     Err(e) => return Err(StoreError::Redis(e.to_string())),
                 }
             }
         };
         match tokio::time::timeout(limit, attempt).await {
             Ok(Ok(v)) => Ok(v),
+            // Redis answered: the connection is fine.
+            Ok(Err(e @ StoreError::CorruptRecord(_))) => Err(e),
             Ok(Err(e)) => {
                 self.drop_conn();
                 Err(e)
@@ -631,7 +653,11 @@ impl RedisStore {
                 continue;
             };
             if let Some(id) = crate::session::parse_session_id(&id) {
-                out.push(self.session_from(&id, as_array(fields)?)?);
+                match self.session_from(&id, as_array(fields)?) {
+                    Ok(s) => out.push(s),
+                    // Listed without it; the rest of the user's sessions stand.
+                    Err(e) => tracing::error!(error = %e, "skipped in a user listing"),
+                }
             }
         }
         out.sort_by_key(|s| s.created_at);
@@ -680,19 +706,30 @@ impl RedisStore {
             load.cmd("SCRIPT").arg("LOAD").arg(code).ignore();
         }
         let mut pipe = redis::pipe();
+        pipe.ignore_errors();
         for inv in &invocations {
             pipe.invoke_script(inv);
         }
         let (load, pipe) = (&load, &pipe);
         // A batch does more work than one request: allow it a few timeouts.
-        let replies: Vec<Value> = self
+        let replies: Vec<redis::RedisResult<Value>> = self
             .call(self.inner.timeout * 8, |mut c| async move {
                 load.query_async::<()>(&mut c).await?;
-                pipe.query_async::<Vec<Value>>(&mut c).await
+                pipe.query_async(&mut c).await
             })
             .await?;
         let mut out = Vec::with_capacity(ops.len());
         for (op, reply) in ops.iter().zip(replies.iter()) {
+            let reply = match reply {
+                Ok(v) => v,
+                // One bad record must not hold the whole journal up.
+                Err(e) if is_bad_record(e) => {
+                    let _ = self.bad_record(e.to_string());
+                    out.push(Replayed::Refused(format!("corrupt record in redis: {e}")));
+                    continue;
+                }
+                Err(e) => return Err(StoreError::Redis(e.to_string())),
+            };
             let code = match reply {
                 Value::Int(n) => Some(*n),
                 Value::Array(items) => items.first().and_then(as_int).or(Some(1)),
@@ -756,7 +793,9 @@ impl RedisStore {
         Err(StoreError::Redis("pubsub connection closed".into()))
     }
 
-    /// Builds a session from a HGETALL reply.
+    /// Builds a session from a HGETALL reply. A record missing one of the
+    /// fields every node writes, or with one that is not a number, is a bad
+    /// record (counted), never a session with made-up values.
     fn session_from(&self, id: &[u8; 16], fields: &[Value]) -> Result<Session> {
         let mut s = Session {
             id: *id,
@@ -769,6 +808,8 @@ impl RedisStore {
             metadata: String::new(),
         };
         let mut meta: Vec<(String, String)> = Vec::new();
+        let mut seen = 0u8;
+        let mut bad: Option<String> = None;
         for pair in fields.chunks(2) {
             let (Some(k), Some(v)) = (
                 pair.first().and_then(as_string),
@@ -776,20 +817,37 @@ impl RedisStore {
             ) else {
                 continue;
             };
-            let num = || v.parse::<u64>().unwrap_or(0);
-            match k.as_str() {
-                "u" => s.user_id = v,
-                "c" => s.created_at = num(),
-                "a" => s.last_accessed = num(),
-                "e" => s.expires_at = num(),
-                "n" => s.request_count = num(),
-                "v" => s.version = num(),
+            let (slot, bit) = match k.as_str() {
+                "u" => {
+                    s.user_id = v;
+                    seen |= 1;
+                    continue;
+                }
+                "c" => (&mut s.created_at, 2),
+                "a" => (&mut s.last_accessed, 4),
+                "e" => (&mut s.expires_at, 8),
+                "n" => (&mut s.request_count, 16),
+                "v" => (&mut s.version, 32),
                 _ => {
                     if let Some(key) = k.strip_prefix("m:") {
                         meta.push((key.to_string(), v));
                     }
+                    continue;
                 }
+            };
+            match v.parse::<u64>() {
+                Ok(n) => {
+                    *slot = n;
+                    seen |= bit;
+                }
+                Err(_) => bad = Some(format!("field {k} is not a number")),
             }
+        }
+        if bad.is_none() && seen != 63 {
+            bad = Some("fields missing".into());
+        }
+        if let Some(why) = bad {
+            return Err(self.bad_record(format!("session {}: {why}", format_id(id))));
         }
         meta.sort();
         let mut text = String::with_capacity(
@@ -809,10 +867,10 @@ impl RedisStore {
         }
         text.push('}');
         if serde_json::from_str::<serde::de::IgnoredAny>(&text).is_err() {
-            tracing::error!(id = %format_id(id), "session in redis has undecodable metadata");
-            return Err(StoreError::Redis(
-                "undecodable session record in redis".into(),
-            ));
+            return Err(self.bad_record(format!(
+                "session {} has undecodable metadata",
+                format_id(id)
+            )));
         }
         s.metadata = text;
         Ok(s)
@@ -855,6 +913,15 @@ fn sentinel_client(rest: &str) -> std::result::Result<redis::sentinel::SentinelC
         redis::sentinel::SentinelServerType::Master,
     )
     .map_err(|e| format!("redis+sentinel URL: {e}"))
+}
+
+/// Whether Redis refused an operation because of the record it found rather
+/// than because of its own state: a key of another type (`WRONGTYPE`) or a
+/// script that failed on a field it could not read (`user_script:`). Such an
+/// error must not send the node to its mirror, nor hold up a replay forever.
+fn is_bad_record(e: &redis::RedisError) -> bool {
+    let text = e.to_string();
+    text.contains("WRONGTYPE") || text.contains("user_script:")
 }
 
 /// The hash field of a metadata key: `m:` + the key as a JSON string.
