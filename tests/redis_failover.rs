@@ -762,6 +762,25 @@ fn corrupt_records_in_redis_are_treated_as_absent_and_never_stall_the_node() {
     assert_eq!(c.delete(&format!("/api/sessions/{wrong_type}")).status, 204);
     assert_eq!(redis.cmd(&["EXISTS", &key(&wrong_type)]), ":0\r\n");
 
+    // The indexes are derived data: clobbered ones are rebuilt, and creating,
+    // listing and counting go on working.
+    redis.cmd(&["SET", "edgenode:u:zoe", "junk"]);
+    redis.cmd(&["SET", "edgenode:active", "junk"]);
+    let later = mk("zoe");
+    let listed = c.get("/api/users/zoe/sessions").json();
+    assert_eq!(
+        listed["sessions"][0]["session_id"],
+        later.as_str(),
+        "{listed}"
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || health(&c)["sessions"]["active"]
+            .as_u64()
+            .is_some_and(|n| n >= 1)),
+        "the active count recovers: {}",
+        health(&c)
+    );
+
     let h = health(&c);
     assert_eq!(h["store"]["active"], "redis", "Redis itself is fine: {h}");
     assert_eq!(h["store"]["failovers"], 0, "{h}");

@@ -92,8 +92,8 @@ local args = {'u', ARGV[4], 'c', ARGV[5], 'a', ARGV[6], 'e', ARGV[7], 'n', ARGV[
 for i = 10, #ARGV do args[#args + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], unpack(args))
 redis.call('PEXPIREAT', KEYS[1], ARGV[7])
-redis.call('ZADD', KEYS[3], ARGV[7], ARGV[2])
-redis.call('SADD', KEYS[4], ARGV[2])
+redis.call('ZADD', index(KEYS[3], 'zset'), ARGV[7], ARGV[2])
+redis.call('SADD', index(KEYS[4], 'set'), ARGV[2])
 redis.call('PEXPIRE', KEYS[4], ARGV[3])
 return 1
 "#;
@@ -112,7 +112,7 @@ end
 local at, c, e, a = tonumber(ARGV[1]), tonumber(cur[1]), tonumber(cur[2]), tonumber(cur[3])
 if ARGV[5] ~= '1' and e <= at then
   redis.call('DEL', KEYS[1])
-  redis.call('ZREM', KEYS[2], ARGV[4])
+  redis.call('ZREM', index(KEYS[2], 'zset'), ARGV[4])
   return 0
 end
 local ne = math.min(at + tonumber(ARGV[2]), c + tonumber(ARGV[3]))
@@ -123,7 +123,7 @@ if at > a then redis.call('HSET', KEYS[1], 'a', ARGV[1]) end
 if ne >= e + 1000 then
   redis.call('HSET', KEYS[1], 'e', string.format('%d', ne))
   redis.call('PEXPIREAT', KEYS[1], string.format('%d', ne))
-  redis.call('ZADD', KEYS[2], string.format('%d', ne), ARGV[4])
+  redis.call('ZADD', index(KEYS[2], 'zset'), string.format('%d', ne), ARGV[4])
 end
 return n
 "#;
@@ -165,8 +165,8 @@ if #ARGV > 8 then
   end
 end
 if ARGV[3] ~= '' and ARGV[3] ~= cur[3] then
-  redis.call('SREM', ARGV[4] .. 'u:' .. cur[3], ARGV[5])
-  redis.call('SADD', ARGV[4] .. 'u:' .. ARGV[3], ARGV[5])
+  redis.call('SREM', index(ARGV[4] .. 'u:' .. cur[3], 'set'), ARGV[5])
+  redis.call('SADD', index(ARGV[4] .. 'u:' .. ARGV[3], 'set'), ARGV[5])
   redis.call('PEXPIRE', ARGV[4] .. 'u:' .. ARGV[3], ARGV[6])
   redis.call('HSET', KEYS[1], 'u', ARGV[3])
 end
@@ -181,8 +181,8 @@ local u = nil
 if redis.call('TYPE', KEYS[1]).ok == 'hash' then u = redis.call('HGET', KEYS[1], 'u') end
 local existed = redis.call('DEL', KEYS[1])
 redis.call('SET', KEYS[2], '1', 'PX', ARGV[3])
-redis.call('ZREM', KEYS[3], ARGV[1])
-if u then redis.call('SREM', ARGV[2] .. 'u:' .. u, ARGV[1]) end
+redis.call('ZREM', index(KEYS[3], 'zset'), ARGV[1])
+if u then redis.call('SREM', index(ARGV[2] .. 'u:' .. u, 'set'), ARGV[1]) end
 redis.call('PUBLISH', ARGV[4], 'del:' .. ARGV[1])
 return existed
 "#;
@@ -202,9 +202,9 @@ if ARGV[7] ~= '1' and tonumber(cur[1]) <= tonumber(ARGV[6]) then return {0} end
 redis.call('RENAME', KEYS[1], KEYS[2])
 redis.call('HINCRBY', KEYS[2], 'v', 1)
 redis.call('SET', KEYS[3], '1', 'PX', ARGV[4])
-redis.call('ZREM', KEYS[4], ARGV[1])
+redis.call('ZREM', index(KEYS[4], 'zset'), ARGV[1])
 redis.call('ZADD', KEYS[4], cur[1], ARGV[2])
-redis.call('SREM', ARGV[3] .. 'u:' .. cur[2], ARGV[1])
+redis.call('SREM', index(ARGV[3] .. 'u:' .. cur[2], 'set'), ARGV[1])
 redis.call('SADD', ARGV[3] .. 'u:' .. cur[2], ARGV[2])
 redis.call('PUBLISH', ARGV[5], 'del:' .. ARGV[1])
 return {1, redis.call('HGETALL', KEYS[2])}
@@ -213,7 +213,7 @@ return {1, redis.call('HGETALL', KEYS[2])}
 const LIST_USER: &str = r#"
 -- KEYS: user set; ARGV: now, prefix, user
 local out = {}
-for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+for _, id in ipairs(redis.call('SMEMBERS', index(KEYS[1], 'set'))) do
   local key = ARGV[2] .. 's:' .. id
   local cur = {}
   if redis.call('TYPE', key).ok == 'hash' then cur = redis.call('HMGET', key, 'e', 'u') end
@@ -231,14 +231,14 @@ return out
 const DELETE_USER: &str = r#"
 -- KEYS: user set, active; ARGV: prefix, user, max_lifetime_ms, channel, now
 local out = {}
-for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+for _, id in ipairs(redis.call('SMEMBERS', index(KEYS[1], 'set'))) do
   local key = ARGV[1] .. 's:' .. id
   local cur = {}
   if redis.call('TYPE', key).ok == 'hash' then cur = redis.call('HMGET', key, 'e', 'u') end
   if cur[1] and cur[2] == ARGV[2] then
     redis.call('DEL', key)
     redis.call('SET', ARGV[1] .. 't:' .. id, '1', 'PX', ARGV[3])
-    redis.call('ZREM', KEYS[2], id)
+    redis.call('ZREM', index(KEYS[2], 'zset'), id)
     redis.call('PUBLISH', ARGV[4], 'del:' .. id)
     local e = tonumber(cur[1])
     if e and e > tonumber(ARGV[5]) then out[#out + 1] = id end
@@ -249,6 +249,26 @@ return out
 "#;
 
 const ALL_SCRIPTS: [&str; 7] = [CREATE, TOUCH, PATCH, DELETE, ROTATE, LIST_USER, DELETE_USER];
+
+/// Put in front of every script. The index keys (a user's set, the active
+/// sorted set) are derived data: one that another tool overwrote with a value
+/// of another type is dropped and rebuilt from here on, rather than failing
+/// every operation that touches it (and a replayed create with it).
+const PRELUDE: &str = r#"
+local function index(key, kind)
+  local t = redis.call('TYPE', key).ok
+  if t ~= kind and t ~= 'none' then redis.call('DEL', key) end
+  return key
+end
+"#;
+
+/// A script's full source: the prelude, then its body.
+fn source(body: &str) -> String {
+    let mut s = String::with_capacity(PRELUDE.len() + body.len());
+    s.push_str(PRELUDE);
+    s.push_str(body);
+    s
+}
 
 impl RedisStore {
     /// Prepares the store; connecting happens on first use and in the probe,
@@ -275,13 +295,13 @@ impl RedisStore {
                 active: AtomicU64::new(0),
                 corrupt: AtomicU64::new(0),
                 scripts: Scripts {
-                    create: Script::new(CREATE),
-                    touch: Script::new(TOUCH),
-                    patch: Script::new(PATCH),
-                    delete: Script::new(DELETE),
-                    rotate: Script::new(ROTATE),
-                    list_user: Script::new(LIST_USER),
-                    delete_user: Script::new(DELETE_USER),
+                    create: Script::new(&source(CREATE)),
+                    touch: Script::new(&source(TOUCH)),
+                    patch: Script::new(&source(PATCH)),
+                    delete: Script::new(&source(DELETE)),
+                    rotate: Script::new(&source(ROTATE)),
+                    list_user: Script::new(&source(LIST_USER)),
+                    delete_user: Script::new(&source(DELETE_USER)),
                 },
             }),
         })
@@ -431,7 +451,7 @@ impl RedisStore {
     pub async fn refresh_active(&self, now: u64) -> Result<()> {
         let key = self.key("active", "");
         let key = &key;
-        let (_, n): (u64, u64) = self
+        let counted: Result<(u64, u64)> = self
             .call(self.inner.timeout, |mut c| async move {
                 redis::pipe()
                     .cmd("ZREMRANGEBYSCORE")
@@ -443,7 +463,21 @@ impl RedisStore {
                     .query_async(&mut c)
                     .await
             })
-            .await?;
+            .await;
+        let n = match counted {
+            Ok((_, n)) => n,
+            // Overwritten by another tool: derived data, so it is dropped and
+            // refills as sessions are created and touched.
+            Err(StoreError::CorruptRecord(why)) => {
+                tracing::warn!(error = %why, "the active-session index was not a sorted set; dropped");
+                self.call(self.inner.timeout, |mut c| async move {
+                    redis::cmd("DEL").arg(key).query_async::<()>(&mut c).await
+                })
+                .await?;
+                0
+            }
+            Err(e) => return Err(e),
+        };
         self.inner.active.store(n, Ordering::Relaxed);
         Ok(())
     }
@@ -702,8 +736,8 @@ impl RedisStore {
         // Pipelined EVALSHA does not load missing scripts (a Redis that
         // restarted empty has none): load them all first.
         let mut load = redis::pipe();
-        for code in ALL_SCRIPTS {
-            load.cmd("SCRIPT").arg("LOAD").arg(code).ignore();
+        for body in ALL_SCRIPTS {
+            load.cmd("SCRIPT").arg("LOAD").arg(source(body)).ignore();
         }
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
