@@ -116,6 +116,16 @@ pub struct Args {
     #[arg(long, env = "EDGENODE_MAX_IN_FLIGHT", value_name = "N")]
     pub max_in_flight: Option<usize>,
 
+    /// Requests per second each client IP may make (X-Forwarded-For from a
+    /// trusted proxy names the client); above it: 429. 0 = off [default: 0]
+    #[arg(long, env = "EDGENODE_RATE_LIMIT_PER_IP", value_name = "N")]
+    pub rate_limit_per_ip: Option<u32>,
+
+    /// Requests a client IP may make at once before the per-second rate
+    /// applies [default: twice rate_limit_per_ip]
+    #[arg(long, env = "EDGENODE_RATE_LIMIT_BURST", value_name = "N")]
+    pub rate_limit_burst: Option<u32>,
+
     /// sled page cache size [default: 4]
     #[arg(long, env = "EDGENODE_CACHE_CAPACITY_MB", value_name = "MB")]
     pub cache_capacity_mb: Option<u64>,
@@ -179,6 +189,8 @@ struct FileConfig {
     trusted_proxies: Option<Vec<String>>,
     max_connections: Option<usize>,
     max_in_flight: Option<usize>,
+    rate_limit_per_ip: Option<u32>,
+    rate_limit_burst: Option<u32>,
     cache_capacity_mb: Option<u64>,
     header_timeout_ms: Option<u64>,
     request_timeout_ms: Option<u64>,
@@ -211,6 +223,9 @@ pub struct Config {
     pub trusted_proxies: Vec<IpNet>,
     pub max_connections: usize,
     pub max_in_flight: usize,
+    /// Requests per second per client IP; 0 = no limit.
+    pub rate_limit_per_ip: u32,
+    pub rate_limit_burst: u32,
     pub cache_capacity_bytes: u64,
     pub header_timeout: Duration,
     pub request_timeout: Duration,
@@ -247,6 +262,10 @@ impl Config {
             }
             None => FileConfig::default(),
         };
+        let rate_limit_per_ip = args
+            .rate_limit_per_ip
+            .or(file.rate_limit_per_ip)
+            .unwrap_or(0);
         let trusted_proxies = match args.trusted_proxies {
             Some(list) => list,
             None => file
@@ -328,6 +347,11 @@ impl Config {
                 .or(file.max_connections)
                 .unwrap_or(1024),
             max_in_flight: args.max_in_flight.or(file.max_in_flight).unwrap_or(256),
+            rate_limit_per_ip,
+            rate_limit_burst: args
+                .rate_limit_burst
+                .or(file.rate_limit_burst)
+                .unwrap_or(rate_limit_per_ip.saturating_mul(2)),
             cache_capacity_bytes: args
                 .cache_capacity_mb
                 .or(file.cache_capacity_mb)
@@ -367,6 +391,9 @@ impl Config {
         }
         if self.max_connections == 0 || self.max_in_flight == 0 {
             return bad("max_connections and max_in_flight must be at least 1");
+        }
+        if self.rate_limit_per_ip > 0 && self.rate_limit_burst == 0 {
+            return bad("rate_limit_burst must be at least 1 when rate_limit_per_ip is set");
         }
         if self.store_timeout.is_zero() {
             return bad("store_timeout_ms must be at least 1");

@@ -5,7 +5,7 @@ use clap::Parser;
 use edgenode::config::{Args, Config, LogFormat};
 use edgenode::http::App;
 use edgenode::metrics::Metrics;
-use edgenode::pool::Admission;
+use edgenode::pool::{Admission, RateLimiter};
 use edgenode::session::Limits;
 use edgenode::store::{redis::RedisStore, sled::SledStore, Store};
 use edgenode::{server, systemd};
@@ -121,6 +121,7 @@ async fn run(config: Config, started: Instant) -> Result<(), Box<dyn std::error:
         limits,
         store: store.clone(),
         admission,
+        rate_limiter: RateLimiter::new(config.rate_limit_per_ip, config.rate_limit_burst),
         metrics,
         started,
         ready: false.into(),

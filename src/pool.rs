@@ -124,3 +124,108 @@ mod tests {
         assert_eq!((s.rejected, s.completed), (2, 2));
     }
 }
+
+/// Per-client rate limiting: a token bucket per client IP, refilled at
+/// `rate` tokens a second up to `burst`. Off unless `rate_limit_per_ip` is
+/// set; the shipped balancer configs limit per client as well.
+///
+/// Memory stays bounded: each of the shards holds at most `MAX_CLIENTS_PER_SHARD`
+/// buckets. A full shard first forgets buckets that have refilled (clients
+/// that went quiet); if it is still full, the new client is let through
+/// unlimited rather than tracked, so a flood of spoofed addresses cannot
+/// grow the node or lock real clients out.
+pub struct RateLimiter {
+    rate: f64,
+    burst: f64,
+    shards: Vec<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, Bucket>>>,
+}
+
+#[derive(Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: std::time::Instant,
+}
+
+const RATE_SHARDS: usize = 16;
+const MAX_CLIENTS_PER_SHARD: usize = 4096;
+
+impl RateLimiter {
+    /// `None` when `rate` is 0 (no limit).
+    pub fn new(rate: u32, burst: u32) -> Option<RateLimiter> {
+        (rate > 0).then(|| RateLimiter {
+            rate: f64::from(rate),
+            burst: f64::from(burst.max(1)),
+            shards: (0..RATE_SHARDS)
+                .map(|_| std::sync::Mutex::new(std::collections::HashMap::new()))
+                .collect(),
+        })
+    }
+
+    /// Takes one token for `ip`; `Err(seconds)` says when the next one is
+    /// due (for `Retry-After`).
+    pub fn check(&self, ip: std::net::IpAddr, now: std::time::Instant) -> Result<(), u64> {
+        let shard = &self.shards[shard_of(ip)];
+        let mut map = shard.lock().unwrap_or_else(|p| p.into_inner());
+        let (rate, burst) = (self.rate, self.burst);
+        let refilled =
+            |b: &Bucket| (b.tokens + now.duration_since(b.at).as_secs_f64() * rate).min(burst);
+        if !map.contains_key(&ip) && map.len() >= MAX_CLIENTS_PER_SHARD {
+            map.retain(|_, b| refilled(b) < burst);
+            if map.len() >= MAX_CLIENTS_PER_SHARD {
+                return Ok(());
+            }
+        }
+        let bucket = map.entry(ip).or_insert(Bucket {
+            tokens: burst,
+            at: now,
+        });
+        let tokens = refilled(bucket);
+        if tokens >= 1.0 {
+            *bucket = Bucket {
+                tokens: tokens - 1.0,
+                at: now,
+            };
+            Ok(())
+        } else {
+            *bucket = Bucket { tokens, at: now };
+            Err(((1.0 - tokens) / rate).ceil().max(1.0) as u64)
+        }
+    }
+}
+
+/// Spreads clients over the shards (addresses are not secret; any mix will do).
+fn shard_of(ip: std::net::IpAddr) -> usize {
+    let n = match ip {
+        std::net::IpAddr::V4(a) => u32::from(a) as u64,
+        std::net::IpAddr::V6(a) => {
+            let v = u128::from(a);
+            (v as u64) ^ ((v >> 64) as u64)
+        }
+    };
+    (n.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 60) as usize % RATE_SHARDS
+}
+
+#[cfg(test)]
+mod rate_tests {
+    use super::RateLimiter;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_client_gets_its_burst_then_the_rate_and_others_are_unaffected() {
+        let limiter = RateLimiter::new(10, 3).expect("limit on");
+        let (a, b) = ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap());
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            assert!(limiter.check(a, t0).is_ok());
+        }
+        assert_eq!(limiter.check(a, t0), Err(1), "burst spent");
+        assert!(
+            limiter.check(b, t0).is_ok(),
+            "another client has its own bucket"
+        );
+        // 10 per second: one token back after 100 ms.
+        assert!(limiter.check(a, t0 + Duration::from_millis(100)).is_ok());
+        assert!(limiter.check(a, t0 + Duration::from_millis(100)).is_err());
+        assert!(RateLimiter::new(0, 5).is_none(), "0 = off");
+    }
+}

@@ -120,6 +120,65 @@ fn requests_beyond_max_in_flight_are_refused_at_once() {
 }
 
 #[test]
+fn a_client_over_its_rate_limit_gets_429_and_others_are_unaffected() {
+    // Behind a balancer on 127.0.0.1 that names the client in X-Forwarded-For.
+    let node = Node::builder()
+        .args(["--rate-limit-per-ip", "1", "--rate-limit-burst", "5"])
+        .args(["--trusted-proxies", "127.0.0.1"])
+        .start();
+    let c = node.client();
+    let from = |ip: &'static str| [("X-Forwarded-For", ip)];
+    let path = "/api/sessions/00000000-0000-4000-8000-000000000000";
+
+    let answers: Vec<Answer> = (0..12)
+        .map(|_| c.request("GET", path, &from("203.0.113.7"), None))
+        .collect();
+    let served = answers.iter().filter(|a| a.status == 404).count();
+    // The burst of 5, plus at most one token refilled while asking.
+    assert!((5..=6).contains(&served), "served {served} of 12");
+    let limited: Vec<&Answer> = answers.iter().filter(|a| a.status == 429).collect();
+    assert_eq!(served + limited.len(), 12);
+    for a in &limited {
+        assert_eq!(a.code(), "rate_limited", "{}", a.text);
+        let retry: u64 = a
+            .header("retry-after")
+            .and_then(|v| v.parse().ok())
+            .expect("Retry-After in seconds");
+        assert!((1..=2).contains(&retry), "Retry-After {retry}");
+    }
+
+    // Another client has its own allowance; health and readiness are never
+    // limited (balancers poll them).
+    assert_eq!(
+        c.request("GET", path, &from("203.0.113.8"), None).status,
+        404
+    );
+    for _ in 0..10 {
+        assert_eq!(
+            c.request("GET", "/api/health", &from("203.0.113.7"), None)
+                .status,
+            200
+        );
+        assert_eq!(
+            c.request("GET", "/api/ready", &from("203.0.113.7"), None)
+                .status,
+            200
+        );
+    }
+    // The limited client is served again once a token has refilled.
+    assert!(wait_until(Duration::from_secs(3), || {
+        c.request("GET", path, &from("203.0.113.7"), None).status == 404
+    }));
+    let metrics = c.get("/metrics").text;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.contains("status=\"429\"") && !l.starts_with('#')),
+        "429s are counted in the request metrics"
+    );
+}
+
+#[test]
 fn slow_clients_are_cut_off() {
     let node = Node::builder()
         .args([

@@ -28,6 +28,8 @@ pub struct App {
     pub limits: Limits,
     pub store: Store,
     pub admission: Arc<Admission>,
+    /// Per-client-IP limit (429), when configured.
+    pub rate_limiter: Option<crate::pool::RateLimiter>,
     pub metrics: Metrics,
     pub started: Instant,
     /// Up and not draining: what `/api/ready` reports.
@@ -135,8 +137,24 @@ pub async fn serve(
     };
 
     // Only worked out when someone will read it.
-    let client = tracing::enabled!(tracing::Level::DEBUG)
+    let client = (app.rate_limiter.is_some() || tracing::enabled!(tracing::Level::DEBUG))
         .then(|| client_ip(&app.config, peer, req.headers()));
+    if let (Some(limiter), Some(ip), Some(_)) = (&app.rate_limiter, client, &_slot) {
+        if let Err(wait_secs) = limiter.check(ip, start) {
+            let mut resp = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "too many requests from this client; slow down",
+            )
+            .into_response();
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from(wait_secs));
+            app.metrics
+                .observe(template, 429, start.elapsed().as_secs_f64());
+            tracing::debug!(client = %ip, route = template, "rate limited");
+            return Ok(resp);
+        }
+    }
     let result = if route.needs_token() && !authorized(&app.config, &req) {
         Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
