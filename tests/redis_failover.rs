@@ -811,3 +811,57 @@ fn corrupt_records_in_redis_are_treated_as_absent_and_never_stall_the_node() {
         node.log_text()
     );
 }
+
+#[test]
+fn a_redis_out_of_memory_during_replay_keeps_the_journal_and_counts_nothing_twice() {
+    let mut redis = Redis::start(true);
+    let node = node_on(&redis, "node1");
+    let c = node.client();
+    wait_for_redis_mode(&c, Duration::from_secs(5));
+    let kept = id_of(&c.create("{}"));
+    let path = format!("/api/sessions/{kept}");
+
+    redis.kill9();
+    for _ in 0..3 {
+        assert_eq!(c.get(&path).status, 200);
+    }
+    let offline = id_of(&c.create(r#"{"metadata":{"born":"offline"}}"#));
+    let pending = health(&c)["store"]["pending_sync"].as_u64().unwrap();
+    assert!(pending >= 4, "{pending}");
+
+    // Redis comes back unable to take writes (maxmemory reached).
+    signal(node.pid(), libc::SIGSTOP);
+    redis.restart();
+    assert_eq!(redis.cmd(&["CONFIG", "SET", "maxmemory", "1"]), "+OK\r\n");
+    signal(node.pid(), libc::SIGCONT);
+    assert!(
+        wait_until(Duration::from_secs(10), || node
+            .log_text()
+            .contains("journal replay interrupted")),
+        "the refused replay is logged: {}",
+        node.log_text()
+    );
+    let h = health(&c);
+    assert_eq!(h["store"]["active"], "sled", "{h}");
+    assert!(
+        h["store"]["pending_sync"].as_u64().unwrap() >= 1,
+        "nothing was dropped: {h}"
+    );
+    assert_eq!(
+        h["store"]["corrupt_records"], 0,
+        "OOM is not a corrupt record: {h}"
+    );
+    assert!(!node.log_text().contains("could not be applied; dropped"));
+
+    // Memory again: everything lands, once.
+    assert_eq!(redis.cmd(&["CONFIG", "SET", "maxmemory", "0"]), "+OK\r\n");
+    wait_for_redis_mode(&c, Duration::from_secs(10));
+    assert!(redis
+        .cmd(&["HGET", &format!("edgenode:s:{offline}"), "m:\"born\""])
+        .contains("offline"));
+    assert_eq!(
+        redis.cmd(&["HGET", &format!("edgenode:s:{kept}"), "n"]),
+        "$1\r\n3\r\n",
+        "three offline reads, each counted once"
+    );
+}

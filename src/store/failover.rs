@@ -107,7 +107,8 @@ impl Store {
     }
 
     /// A session record in Redis that no node could have written (counted by
-    /// the Redis store): logged, and the session is treated as absent. Redis
+    /// the Redis store): logged, and the session is treated as absent, here
+    /// and in the mirror (a later outage must not bring it back). Redis
     /// itself is fine, so the node stays in Redis mode.
     fn corrupt_in_redis(&self, what: &str, id: &[u8; 16], err: &StoreError) {
         tracing::error!(operation = what, id = %crate::session::format_id(id), error = %err, "corrupt session record in redis; treated as absent");
@@ -158,6 +159,7 @@ impl Store {
                 }
                 Err(e @ StoreError::CorruptRecord(_)) => {
                     self.corrupt_in_redis("touch", id, &e);
+                    self.inner.sled.mirror_remove(id)?;
                     return Ok(None);
                 }
                 Err(e) => self.redis_failed("touch", &e),
@@ -189,6 +191,7 @@ impl Store {
                 Err(StoreError::Input(e)) => return Err(StoreError::Input(e)),
                 Err(e @ StoreError::CorruptRecord(_)) => {
                     self.corrupt_in_redis("patch", id, &e);
+                    self.inner.sled.mirror_remove(id)?;
                     return Ok(PatchOutcome::NotFound);
                 }
                 Err(e) => self.redis_failed("patch", &e),
@@ -247,6 +250,7 @@ impl Store {
                 }
                 Err(e @ StoreError::CorruptRecord(_)) => {
                     self.corrupt_in_redis("rotate", id, &e);
+                    self.inner.sled.mirror_remove(id)?;
                     return Ok(None);
                 }
                 Err(e) => self.redis_failed("rotate", &e),
@@ -477,6 +481,11 @@ impl Store {
             }
             let ops: Vec<&super::journal::Op> = todo.iter().map(|(_, op)| op).collect();
             let outcomes = redis.replay_batch(&ops).await?;
+            // Every entry Redis applied (or refused for good) leaves the
+            // journal, even when one before it failed: re-sending an applied
+            // touch or merge would count it twice. A failed entry stays, and
+            // this attempt ends once the batch is sorted.
+            let mut failed: Option<String> = None;
             for ((seq, op), outcome) in todo.iter().zip(outcomes) {
                 let covered = restored.get(&op.id()).is_some_and(|&upto| *seq <= upto);
                 match outcome {
@@ -484,25 +493,18 @@ impl Store {
                     Replayed::Refused(why) => {
                         tracing::warn!(seq, why, "journal entry could not be applied; dropped")
                     }
+                    Replayed::Failed(why) => {
+                        failed.get_or_insert(why);
+                        continue;
+                    }
                     Replayed::Missing if covered => {}
                     Replayed::Missing => {
                         // Redis lost the session (restarted empty, say):
                         // restore the mirror's copy, which already holds
                         // every journaled change up to `upto`.
-                        let target = match op {
-                            super::journal::Op::Rotate { new, .. } => *new,
-                            other => other.id(),
-                        };
-                        let (copy, upto) = sled.with_lock(&target, || {
-                            (sled.get(&target, now_ms()), sled.journal_last_seq())
-                        });
-                        if let Some(copy) = copy {
-                            redis.restore(&copy).await?;
-                            restored.insert(target, upto);
-                        }
-                        if let super::journal::Op::Rotate { old, .. } = op {
-                            redis.delete(old).await?;
-                            restored.insert(*old, upto);
+                        if let Err(e) = self.restore_from_mirror(redis, op, &mut restored).await {
+                            failed.get_or_insert(e.to_string());
+                            continue;
                         }
                     }
                 }
@@ -510,7 +512,37 @@ impl Store {
                 replayed += 1;
                 self.inner.replayed.fetch_add(1, Ordering::Relaxed);
             }
+            if let Some(why) = failed {
+                return Err(StoreError::Redis(format!("replay stopped: {why}")));
+            }
         }
+    }
+
+    /// Writes the mirror's copy of the session a journal entry refers to
+    /// into Redis (and, for a rotation, removes the old id there).
+    async fn restore_from_mirror(
+        &self,
+        redis: &RedisStore,
+        op: &super::journal::Op,
+        restored: &mut std::collections::HashMap<[u8; 16], u64>,
+    ) -> Result<()> {
+        let sled = &self.inner.sled;
+        let target = match op {
+            super::journal::Op::Rotate { new, .. } => *new,
+            other => other.id(),
+        };
+        let (copy, upto) = sled.with_lock(&target, || {
+            (sled.get(&target, now_ms()), sled.journal_last_seq())
+        });
+        if let Some(copy) = copy {
+            redis.restore(&copy).await?;
+            restored.insert(target, upto);
+        }
+        if let super::journal::Op::Rotate { old, .. } = op {
+            redis.delete(old).await?;
+            restored.insert(*old, upto);
+        }
+        Ok(())
     }
 
     /// Keeps the mirror free of sessions deleted or rotated on other nodes.

@@ -77,8 +77,12 @@ pub enum Replayed {
     Missing,
     /// Deleted somewhere: the operation is dropped.
     Tombstoned,
-    /// It cannot apply (e.g. the merge would exceed the metadata limit).
+    /// It cannot apply (e.g. the merge would exceed the metadata limit, or
+    /// the record in Redis is corrupt): the operation is dropped.
     Refused(String),
+    /// Redis refused it for now (out of memory, read-only replica...): it was
+    /// not applied and stays in the journal for the next attempt.
+    Failed(String),
 }
 
 const CREATE: &str = r#"
@@ -101,15 +105,18 @@ return 1
 const TOUCH: &str = r#"
 -- KEYS: session, active, tombstone; ARGV: at, ttl_ms, max_lifetime_ms, id, replay
 -- Returns the new request count, 0 when the session is gone, -1 when a
--- replayed touch meets a tombstone. The request path reads the record back
+-- replayed touch meets a tombstone, -2 when the record is corrupt. The request path reads the record back
 -- with HGETALL in the same MULTI: a Lua HGETALL (turning every field into a
 -- Lua string and back) cost Redis more than the rest of the script.
-local cur = redis.call('HMGET', KEYS[1], 'c', 'e', 'a')
+local cur = redis.call('HMGET', KEYS[1], 'c', 'e', 'a', 'n')
 if not cur[1] then
   if ARGV[5] == '1' and redis.call('EXISTS', KEYS[3]) == 1 then return -1 end
   return 0
 end
 local at, c, e, a = tonumber(ARGV[1]), tonumber(cur[1]), tonumber(cur[2]), tonumber(cur[3])
+-- -2: not a record a node wrote (it must count with these; HINCRBY needs an
+-- integer string)
+if not (c and e and a and cur[4] and string.match(cur[4], '^%d+$')) then return -2 end
 if ARGV[5] ~= '1' and e <= at then
   redis.call('DEL', KEYS[1])
   redis.call('ZREM', index(KEYS[2], 'zset'), ARGV[4])
@@ -119,11 +126,12 @@ local ne = math.min(at + tonumber(ARGV[2]), c + tonumber(ARGV[3]))
 local n = redis.call('HINCRBY', KEYS[1], 'n', 1)
 if at > a then redis.call('HSET', KEYS[1], 'a', ARGV[1]) end
 -- the expiry slides in steps of at least a second: most touches then skip
--- three writes (and the sorted-set update)
+-- three writes (and the sorted-set update). '%.0f', not '%d': Lua's %d goes
+-- through a C long, 32 bits on a 32-bit Redis (a Pi on armv7).
 if ne >= e + 1000 then
-  redis.call('HSET', KEYS[1], 'e', string.format('%d', ne))
-  redis.call('PEXPIREAT', KEYS[1], string.format('%d', ne))
-  redis.call('ZADD', index(KEYS[2], 'zset'), string.format('%d', ne), ARGV[4])
+  redis.call('HSET', KEYS[1], 'e', string.format('%.0f', ne))
+  redis.call('PEXPIREAT', KEYS[1], string.format('%.0f', ne))
+  redis.call('ZADD', index(KEYS[2], 'zset'), string.format('%.0f', ne), ARGV[4])
 end
 return n
 "#;
@@ -136,6 +144,9 @@ local cur = redis.call('HMGET', KEYS[1], 'e', 'v', 'u')
 if not cur[1] then
   if ARGV[8] == '1' and redis.call('EXISTS', KEYS[2]) == 1 then return {-1} end
   return {0}
+end
+if not (string.match(cur[1], '^%d+$') and cur[2] and string.match(cur[2], '^%d+$') and cur[3]) then
+  return {-2}
 end
 if ARGV[8] ~= '1' and tonumber(cur[1]) <= tonumber(ARGV[1]) then return {0} end
 if ARGV[2] ~= '' and tonumber(ARGV[2]) ~= tonumber(cur[2]) then return {2, cur[2]} end
@@ -197,7 +208,10 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
   end
   return {0}
 end
-local cur = redis.call('HMGET', KEYS[1], 'e', 'u')
+local cur = redis.call('HMGET', KEYS[1], 'e', 'u', 'v')
+if not (cur[1] and string.match(cur[1], '^%d+$') and cur[2] and cur[3] and string.match(cur[3], '^%d+$')) then
+  return {-2}
+end
 if ARGV[7] ~= '1' and tonumber(cur[1]) <= tonumber(ARGV[6]) then return {0} end
 redis.call('RENAME', KEYS[1], KEYS[2])
 redis.call('HINCRBY', KEYS[2], 'v', 1)
@@ -281,7 +295,15 @@ impl RedisStore {
         let target = if let Some(rest) = url.strip_prefix("redis+sentinel://") {
             Target::Sentinel(tokio::sync::Mutex::new(sentinel_client(rest)?))
         } else {
-            Target::Direct(Client::open(url).map_err(|e| format!("redis_url: {e}"))?)
+            let info = redis::IntoConnectionInfo::into_connection_info(url)
+                .map_err(|e| format!("redis_url: {e}"))?;
+            // RESP2 whatever the URL says: replies are read as RESP2 arrays.
+            let settings = info
+                .redis_settings()
+                .clone()
+                .set_protocol(redis::ProtocolVersion::RESP2);
+            let info = info.set_redis_settings(settings);
+            Target::Direct(Client::open(info).map_err(|e| format!("redis_url: {e}"))?)
         };
         Ok(RedisStore {
             inner: Arc::new(Inner {
@@ -542,6 +564,11 @@ impl RedisStore {
                 }
             })
             .await?;
+        if count == -2 {
+            return Err(
+                self.bad_record(format!("session {}: fields are not numbers", format_id(id)))
+            );
+        }
         if count <= 0 {
             return Ok(None);
         }
@@ -580,6 +607,9 @@ impl RedisStore {
             Some(2) => Ok(PatchOutcome::VersionMismatch {
                 current: items.get(1).and_then(as_u64).unwrap_or(0),
             }),
+            Some(-2) => {
+                Err(self.bad_record(format!("session {}: fields are not numbers", format_id(id))))
+            }
             Some(3) => Err(StoreError::Input(
                 crate::session::InputError::MetadataTooLarge {
                     size: items.get(1).and_then(as_u64).unwrap_or(0) as usize,
@@ -645,6 +675,9 @@ impl RedisStore {
         let items = as_array(&reply)?;
         match items.first().and_then(as_int) {
             Some(1) => Ok(Some(self.session_from(new_id, as_array(&items[1])?)?)),
+            Some(-2) => {
+                Err(self.bad_record(format!("session {}: fields are not numbers", format_id(id))))
+            }
             _ => Ok(None),
         }
     }
@@ -762,7 +795,12 @@ impl RedisStore {
                     out.push(Replayed::Refused(format!("corrupt record in redis: {e}")));
                     continue;
                 }
-                Err(e) => return Err(StoreError::Redis(e.to_string())),
+                // Not applied; the entries after it were (or failed) each on
+                // their own, so only this one stays in the journal.
+                Err(e) => {
+                    out.push(Replayed::Failed(e.to_string()));
+                    continue;
+                }
             };
             let code = match reply {
                 Value::Int(n) => Some(*n),
@@ -771,6 +809,11 @@ impl RedisStore {
             };
             let outcome = match (op, code) {
                 (Op::Delete { .. }, _) => Replayed::Applied,
+                (_, Some(-2)) => {
+                    let _ = self
+                        .bad_record(format!("journal entry for session {}", format_id(&op.id())));
+                    Replayed::Refused("corrupt record in redis".into())
+                }
                 (Op::Create(_), Some(-1)) => Replayed::Tombstoned,
                 (Op::Create(_), _) => Replayed::Applied,
                 (Op::Touch { .. }, Some(n)) if n > 0 => Replayed::Applied,
@@ -780,8 +823,10 @@ impl RedisStore {
                 }
                 (Op::Rotate { new, .. }, Some(-1)) => {
                     // Revoked elsewhere: the rotated id must not live on.
-                    self.delete(new).await?;
-                    Replayed::Tombstoned
+                    match self.delete(new).await {
+                        Ok(_) => Replayed::Tombstoned,
+                        Err(e) => Replayed::Failed(e.to_string()),
+                    }
                 }
                 (_, Some(-1)) => Replayed::Tombstoned,
                 _ => Replayed::Missing,
@@ -950,12 +995,15 @@ fn sentinel_client(rest: &str) -> std::result::Result<redis::sentinel::SentinelC
 }
 
 /// Whether Redis refused an operation because of the record it found rather
-/// than because of its own state: a key of another type (`WRONGTYPE`) or a
-/// script that failed on a field it could not read (`user_script:`). Such an
-/// error must not send the node to its mirror, nor hold up a replay forever.
+/// than because of its own state: only `WRONGTYPE` (a session key holding
+/// something other than a hash) says that for sure. Every other error reply
+/// (OOM, READONLY, LOADING, BUSY, MISCONF...) means Redis cannot take the
+/// operation now, so the node falls back and a replay keeps the entry; the
+/// scripts themselves report fields they cannot count with (-2).
 fn is_bad_record(e: &redis::RedisError) -> bool {
-    let text = e.to_string();
-    text.contains("WRONGTYPE") || text.contains("user_script:")
+    e.clone()
+        .into_server_errors()
+        .is_some_and(|errs| errs.iter().any(|(_, err)| err.code() == "WRONGTYPE"))
 }
 
 /// The hash field of a metadata key: `m:` + the key as a JSON string.
