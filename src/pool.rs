@@ -5,7 +5,8 @@
 //! spawns a thread per request. What this module adds is the refusal: above
 //! `max_connections` open connections or `max_in_flight` requests being served,
 //! the node answers 503 + `Retry-After` at once instead of queueing, so memory
-//! and latency stay bounded and the balancer can try another node.
+//! and latency stay bounded and the balancer can try another node. And, when
+//! configured, a per-client rate limit ([`RateLimiter`], 429).
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
