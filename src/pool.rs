@@ -105,27 +105,6 @@ impl Drop for RequestSlot {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bounds_are_enforced_and_released() {
-        let a = Admission::new(2, 1, 2);
-        let r1 = a.try_admit().unwrap();
-        let _r2 = a.try_admit().unwrap();
-        assert!(a.try_admit().is_none());
-        drop(r1);
-        assert!(a.try_admit().is_some());
-        let c = a.try_connect().unwrap();
-        assert!(a.try_connect().is_none());
-        drop(c);
-        assert!(a.try_connect().is_some());
-        let s = a.stats();
-        assert_eq!((s.rejected, s.completed), (2, 2));
-    }
-}
-
 /// Per-client rate limiting: a token bucket per client IP, refilled at
 /// `rate` tokens a second up to `burst`. Off unless `rate_limit_per_ip` is
 /// set; the shipped balancer configs limit per client as well.
@@ -204,6 +183,27 @@ fn shard_of(ip: std::net::IpAddr) -> usize {
         }
     };
     (n.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 60) as usize % RATE_SHARDS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounds_are_enforced_and_released() {
+        let a = Admission::new(2, 1, 2);
+        let r1 = a.try_admit().unwrap();
+        let _r2 = a.try_admit().unwrap();
+        assert!(a.try_admit().is_none());
+        drop(r1);
+        assert!(a.try_admit().is_some());
+        let c = a.try_connect().unwrap();
+        assert!(a.try_connect().is_none());
+        drop(c);
+        assert!(a.try_connect().is_some());
+        let s = a.stats();
+        assert_eq!((s.rejected, s.completed), (2, 2));
+    }
 }
 
 #[cfg(test)]

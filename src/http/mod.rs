@@ -115,7 +115,7 @@ pub async fn serve(
 
     // Health and readiness must answer even when the node is saturated: the
     // balancer and the operator need them most then.
-    let _slot = if matches!(route, Route::Health | Route::Ready) {
+    let slot = if matches!(route, Route::Health | Route::Ready) {
         None
     } else {
         match app.admission.try_admit() {
@@ -139,7 +139,8 @@ pub async fn serve(
     // Only worked out when someone will read it.
     let client = (app.rate_limiter.is_some() || tracing::enabled!(tracing::Level::DEBUG))
         .then(|| client_ip(&app.config, peer, req.headers()));
-    if let (Some(limiter), Some(ip), Some(_)) = (&app.rate_limiter, client, &_slot) {
+    // Health and readiness (no slot) are never limited: balancers poll them.
+    if let (Some(limiter), Some(ip), Some(_)) = (&app.rate_limiter, client, &slot) {
         if let Err(wait_secs) = limiter.check(ip, start) {
             let mut resp = ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,

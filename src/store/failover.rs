@@ -110,8 +110,10 @@ impl Store {
     /// the Redis store): logged, and the session is treated as absent, here
     /// and in the mirror (a later outage must not bring it back). Redis
     /// itself is fine, so the node stays in Redis mode.
-    fn corrupt_in_redis(&self, what: &str, id: &[u8; 16], err: &StoreError) {
+    fn corrupt_in_redis(&self, what: &str, id: &[u8; 16], err: &StoreError) -> Result<()> {
         tracing::error!(operation = what, id = %crate::session::format_id(id), error = %err, "corrupt session record in redis; treated as absent");
+        self.inner.sled.mirror_remove(id)?;
+        Ok(())
     }
 
     /// Creates a session; `counted` when the creating request itself uses it
@@ -158,8 +160,7 @@ impl Store {
                     return Ok(found);
                 }
                 Err(e @ StoreError::CorruptRecord(_)) => {
-                    self.corrupt_in_redis("touch", id, &e);
-                    self.inner.sled.mirror_remove(id)?;
+                    self.corrupt_in_redis("touch", id, &e)?;
                     return Ok(None);
                 }
                 Err(e) => self.redis_failed("touch", &e),
@@ -190,8 +191,7 @@ impl Store {
                 }
                 Err(StoreError::Input(e)) => return Err(StoreError::Input(e)),
                 Err(e @ StoreError::CorruptRecord(_)) => {
-                    self.corrupt_in_redis("patch", id, &e);
-                    self.inner.sled.mirror_remove(id)?;
+                    self.corrupt_in_redis("patch", id, &e)?;
                     return Ok(PatchOutcome::NotFound);
                 }
                 Err(e) => self.redis_failed("patch", &e),
@@ -218,7 +218,7 @@ impl Store {
                     return Ok(existed);
                 }
                 Err(e @ StoreError::CorruptRecord(_)) => {
-                    self.corrupt_in_redis("delete", id, &e);
+                    self.corrupt_in_redis("delete", id, &e)?;
                     return Err(e);
                 }
                 Err(e) => self.redis_failed("delete", &e),
@@ -249,8 +249,7 @@ impl Store {
                     return Ok(found);
                 }
                 Err(e @ StoreError::CorruptRecord(_)) => {
-                    self.corrupt_in_redis("rotate", id, &e);
-                    self.inner.sled.mirror_remove(id)?;
+                    self.corrupt_in_redis("rotate", id, &e)?;
                     return Ok(None);
                 }
                 Err(e) => self.redis_failed("rotate", &e),
