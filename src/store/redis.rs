@@ -341,6 +341,11 @@ impl RedisStore {
         self.inner.corrupt.load(Ordering::Relaxed)
     }
 
+    /// The scripts' -2: a record whose counters are not numbers.
+    fn unreadable(&self, id: &[u8; 16]) -> StoreError {
+        self.bad_record(format!("session {}: fields are not numbers", format_id(id)))
+    }
+
     /// Counts a bad record and names it in the error the caller gets.
     fn bad_record(&self, why: String) -> StoreError {
         self.inner.corrupt.fetch_add(1, Ordering::Relaxed);
@@ -542,12 +547,14 @@ impl RedisStore {
     /// Counts a request on the session and returns it, in one round trip:
     /// `MULTI; EVALSHA touch; HGETALL; EXEC`, atomic like a single script.
     pub async fn touch(&self, id: &[u8; 16], now: u64) -> Result<Option<Session>> {
-        let inv = self.touch_inv(id, now, false);
+        let ids = format_id(id);
+        let session_key = self.key("s:", &ids);
+        let inv = self.touch_inv(&ids, &session_key, now, false);
         let mut pipe = redis::pipe();
         pipe.atomic()
             .invoke_script(&inv)
             .cmd("HGETALL")
-            .arg(self.key("s:", &format_id(id)));
+            .arg(&session_key);
         let (pipe, inv) = (&pipe, &inv);
         let (count, fields): (i64, Vec<Value>) = self
             .call(self.inner.timeout, |mut c| async move {
@@ -565,9 +572,7 @@ impl RedisStore {
             })
             .await?;
         if count == -2 {
-            return Err(
-                self.bad_record(format!("session {}: fields are not numbers", format_id(id)))
-            );
+            return Err(self.unreadable(id));
         }
         if count <= 0 {
             return Ok(None);
@@ -575,16 +580,23 @@ impl RedisStore {
         self.session_from(id, &fields).map(Some)
     }
 
-    fn touch_inv(&self, id: &[u8; 16], at: u64, replay: bool) -> redis::ScriptInvocation<'_> {
-        let ids = format_id(id);
+    /// `ids`: the formatted id; `session_key`: its `s:` key (the request
+    /// path reads it back too, so it is built once).
+    fn touch_inv(
+        &self,
+        ids: &str,
+        session_key: &str,
+        at: u64,
+        replay: bool,
+    ) -> redis::ScriptInvocation<'_> {
         let mut inv = self.inner.scripts.touch.prepare_invoke();
-        inv.key(self.key("s:", &ids))
+        inv.key(session_key)
             .key(self.key("active", ""))
-            .key(self.key("t:", &ids))
+            .key(self.key("t:", ids))
             .arg(at)
             .arg(self.inner.limits.ttl_ms)
             .arg(self.inner.limits.max_lifetime_ms)
-            .arg(&ids)
+            .arg(ids)
             .arg(if replay { "1" } else { "0" });
         inv
     }
@@ -607,9 +619,7 @@ impl RedisStore {
             Some(2) => Ok(PatchOutcome::VersionMismatch {
                 current: items.get(1).and_then(as_u64).unwrap_or(0),
             }),
-            Some(-2) => {
-                Err(self.bad_record(format!("session {}: fields are not numbers", format_id(id))))
-            }
+            Some(-2) => Err(self.unreadable(id)),
             Some(3) => Err(StoreError::Input(
                 crate::session::InputError::MetadataTooLarge {
                     size: items.get(1).and_then(as_u64).unwrap_or(0) as usize,
@@ -675,9 +685,7 @@ impl RedisStore {
         let items = as_array(&reply)?;
         match items.first().and_then(as_int) {
             Some(1) => Ok(Some(self.session_from(new_id, as_array(&items[1])?)?)),
-            Some(-2) => {
-                Err(self.bad_record(format!("session {}: fields are not numbers", format_id(id))))
-            }
+            Some(-2) => Err(self.unreadable(id)),
             _ => Ok(None),
         }
     }
@@ -760,7 +768,10 @@ impl RedisStore {
             .iter()
             .map(|op| match op {
                 Op::Create(s) => self.create_inv(s, true),
-                Op::Touch { id, at } => self.touch_inv(id, *at, true),
+                Op::Touch { id, at } => {
+                    let ids = format_id(id);
+                    self.touch_inv(&ids, &self.key("s:", &ids), *at, true)
+                }
                 Op::Patch { id, patch } => self.patch_inv(id, patch, None, 0, true),
                 Op::Rotate { old, new } => self.rotate_inv(old, new, 0, true),
                 Op::Delete { id } => self.delete_inv(id),
