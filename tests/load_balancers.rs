@@ -7,6 +7,7 @@ mod common;
 
 use common::*;
 use serde_json::Value;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -417,6 +418,259 @@ fn cluster_story(kind: Balancer) {
     println!("{name}: Redis outage: {} sessions created through the balancer, all nodes agree afterwards", during.len());
     drop(lb);
     drop(nodes);
+}
+
+/// A browser: keeps every cookie it was given (the node's `session_id`, the
+/// balancer's `edgenode_route`) and sends all of them back.
+struct Browser {
+    base: String,
+    agent: ureq::Agent,
+    cookies: BTreeMap<String, String>,
+}
+
+/// One answer as a browser sees it: status, JSON body, raw Set-Cookie lines.
+struct Page {
+    status: u16,
+    body: Value,
+    set_cookies: Vec<String>,
+}
+
+impl Browser {
+    fn new(base: impl Into<String>) -> Browser {
+        Browser {
+            base: base.into(),
+            agent: ureq::AgentBuilder::new()
+                .timeout(Duration::from_secs(10))
+                .build(),
+            cookies: BTreeMap::new(),
+        }
+    }
+
+    fn get(&mut self, path: &str) -> Page {
+        let mut req = self.agent.get(&format!("{}{}", self.base, path));
+        if !self.cookies.is_empty() {
+            let jar: Vec<String> = self
+                .cookies
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            req = req.set("Cookie", &jar.join("; "));
+        }
+        let resp = match req.call() {
+            Ok(r) | Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("GET {}{path}: {e}", self.base),
+        };
+        let status = resp.status();
+        let set_cookies: Vec<String> = resp
+            .all("set-cookie")
+            .into_iter()
+            .map(String::from)
+            .collect();
+        for line in &set_cookies {
+            let pair = line.split(';').next().unwrap_or("");
+            if let Some((name, value)) = pair.split_once('=') {
+                self.cookies
+                    .insert(name.trim().to_string(), value.trim().to_string());
+            }
+        }
+        let text = resp.into_string().unwrap_or_default();
+        Page {
+            status,
+            body: serde_json::from_str(&text).unwrap_or(Value::Null),
+            set_cookies,
+        }
+    }
+
+    fn cookie(&self, name: &str) -> Option<&str> {
+        self.cookies.get(name).map(String::as_str)
+    }
+
+    /// The node named by the routing cookie, as an index into the nodes.
+    fn routed_to(&self) -> usize {
+        match self.cookie(ROUTE_COOKIE) {
+            Some("node1") => 0,
+            Some("node2") => 1,
+            Some("node3") => 2,
+            other => panic!("routing cookie names no node: {other:?}"),
+        }
+    }
+}
+
+const ROUTE_COOKIE: &str = "edgenode_route";
+
+fn store_mode(n: &Node) -> String {
+    n.client()
+        .try_request("GET", "/api/health", &[], None)
+        .map(|a| {
+            a.json()["store"]["active"]
+                .as_str()
+                .unwrap_or("")
+                .to_string()
+        })
+        .unwrap_or_default()
+}
+
+/// The routing cookie: with Redis down a browser stays on the node that holds
+/// its session for as long as that node lives; with Redis up any node serves
+/// it, and a draining or dead node hands the browser to another one.
+fn route_cookie_story(kind: Balancer) {
+    let name = if kind == Balancer::Nginx {
+        "nginx"
+    } else {
+        "haproxy"
+    };
+    let started = Instant::now();
+    let mut redis = Redis::start(true);
+    let mut nodes: Vec<Node> = (1..=3)
+        .map(|i| cluster_node(&redis, &format!("node{i}")))
+        .collect();
+    for n in &nodes {
+        assert!(wait_until(Duration::from_secs(5), || in_redis_mode(n)));
+    }
+    let dir = tempdir();
+    let lb = start_balancer(kind, &nodes.iter().collect::<Vec<_>>(), dir.path());
+
+    // Redis up: a session created through one node is served by every node.
+    let mut direct = Browser::new(nodes[0].url());
+    let first = direct.get("/api/session");
+    assert_eq!(first.status, 200);
+    let shared = id_of(&first.body);
+    for (i, n) in nodes.iter().enumerate() {
+        assert_eq!(
+            n.client().get(&format!("/api/sessions/{shared}")).json()["session_id"],
+            shared.as_str(),
+            "{name}: node{} serves a session created on node1",
+            i + 1
+        );
+        direct.base = n.url();
+        let page = direct.get("/api/session");
+        assert_eq!(page.status, 200);
+        assert_eq!(
+            id_of(&page.body),
+            shared,
+            "{name}: node{} serves the browser's session",
+            i + 1
+        );
+    }
+    assert!(
+        direct.cookie(ROUTE_COOKIE).is_none(),
+        "the nodes themselves set no routing cookie"
+    );
+
+    // Redis down: every node falls back to its own disk.
+    redis.kill9();
+    for n in &nodes {
+        assert!(
+            wait_until(Duration::from_secs(10), || store_mode(n) == "sled"),
+            "{name}: node did not fall back to sled"
+        );
+    }
+    let outage_started = Instant::now();
+    let mut browser = Browser::new(lb.url.clone());
+    let page = browser.get("/api/session");
+    assert_eq!(page.status, 200, "{name}: first visit: {:?}", page.body);
+    let id = id_of(&page.body);
+    assert_eq!(page.body["request_count"], 1);
+    assert_eq!(browser.cookie("session_id"), Some(id.as_str()));
+    let route = browser.cookie(ROUTE_COOKIE).map(String::from);
+    for count in 2..=21 {
+        let page = browser.get("/api/session");
+        assert_eq!(
+            page.status, 200,
+            "{name}: visit {count} during the outage: {:?}",
+            page.body
+        );
+        assert_eq!(
+            id_of(&page.body),
+            id,
+            "{name}: visit {count} during the outage got another session"
+        );
+        assert_eq!(page.body["request_count"], count, "{name}: visit {count}");
+        assert_eq!(
+            browser.cookie(ROUTE_COOKIE),
+            route.as_deref(),
+            "{name}: routing cookie changed during the outage"
+        );
+    }
+    let outage_took = outage_started.elapsed();
+    let route = route.unwrap_or_else(|| panic!("{name}: no routing cookie"));
+    let route_line = page
+        .set_cookies
+        .iter()
+        .find(|l| l.starts_with(ROUTE_COOKIE))
+        .unwrap();
+    assert!(
+        route_line.to_ascii_lowercase().contains("httponly"),
+        "{name}: routing cookie is HttpOnly: {route_line}"
+    );
+    let home = browser.routed_to();
+
+    // Redis back: the outage session reaches Redis, and then any node serves
+    // it. The browser's node drains (SIGTERM): the browser moves to another
+    // node without a failed request; that node is killed: it moves again.
+    redis.restart();
+    for n in &nodes {
+        assert!(
+            wait_until(Duration::from_secs(15), || in_redis_mode(n)),
+            "{name}: node did not reconcile"
+        );
+    }
+    let mut count = 21;
+    let mut visit = |browser: &mut Browser, what: &str| {
+        count += 1;
+        let page = browser.get("/api/session");
+        assert_eq!(page.status, 200, "{name}: {what}: {:?}", page.body);
+        assert_eq!(id_of(&page.body), id, "{name}: {what}: another session");
+        assert_eq!(page.body["request_count"], count, "{name}: {what}");
+    };
+    let drain_started = Instant::now();
+    signal(nodes[home].pid(), libc::SIGTERM);
+    // one visit per 50 ms, under the balancer's rate limit
+    let moved = wait_until(Duration::from_secs(10), || {
+        std::thread::sleep(Duration::from_millis(50));
+        visit(&mut browser, "visit while its node drains");
+        browser.routed_to() != home
+    });
+    assert!(moved, "{name}: browser still routed to its draining node");
+    let drain_moved_in = drain_started.elapsed();
+    let second = browser.routed_to();
+    nodes[second].kill9();
+    visit(&mut browser, "first visit after its node died");
+    let third = browser.routed_to();
+    assert!(
+        third != second && third != home,
+        "{name}: routed to node{} after node{} drained and node{} died",
+        third + 1,
+        home + 1,
+        second + 1
+    );
+    visit(&mut browser, "second visit after its node died");
+    assert_eq!(browser.routed_to(), third);
+
+    // A routing cookie that names no node is ignored and replaced.
+    let mut stranger = Browser::new(lb.url.clone());
+    stranger.cookies.insert(ROUTE_COOKIE.into(), "node9".into());
+    assert_eq!(stranger.get("/api/session").status, 200);
+    assert_eq!(stranger.routed_to(), third, "{name}: the only live node");
+
+    println!(
+        "{name}: routing cookie: 21 visits on {route} during the Redis outage in {outage_took:?}; after Redis returned, moved off draining node{} in {drain_moved_in:?} ({count} visits in all, none failed), off killed node{} at once; whole story {:?}",
+        home + 1,
+        second + 1,
+        started.elapsed()
+    );
+    drop(lb);
+    drop(nodes);
+}
+
+#[test]
+fn nginx_route_cookie_keeps_a_browser_on_its_node_during_a_redis_outage() {
+    route_cookie_story(Balancer::Nginx);
+}
+
+#[test]
+fn haproxy_route_cookie_keeps_a_browser_on_its_node_during_a_redis_outage() {
+    route_cookie_story(Balancer::Haproxy);
 }
 
 #[test]
