@@ -30,8 +30,16 @@ struct Lb {
 
 impl Drop for Lb {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        // SIGTERM first: nginx's master then stops its workers. A SIGKILLed
+        // master leaves them running, still listening on the test's port.
+        signal(self.child.id(), libc::SIGTERM);
+        let exited = wait_until(Duration::from_secs(5), || {
+            matches!(self.child.try_wait(), Ok(Some(_)))
+        });
+        if !exited {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 
