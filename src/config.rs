@@ -130,6 +130,23 @@ pub struct Args {
     #[arg(long, env = "EDGENODE_CACHE_CAPACITY_MB", value_name = "MB")]
     pub cache_capacity_mb: Option<u64>,
 
+    /// Size of the outage journal above which creates, changes and rotations
+    /// made during a Redis outage are refused (507); logouts never are, and
+    /// touches stop being counted [default: 64]
+    #[arg(long, env = "EDGENODE_MAX_JOURNAL_MB", value_name = "MB")]
+    pub max_journal_mb: Option<u64>,
+
+    /// Free space kept on the data directory's file system: below it writes
+    /// are refused (507) and the node reports itself degraded and unready;
+    /// logouts may use half of it [default: 64]
+    #[arg(long, env = "EDGENODE_MIN_FREE_MB", value_name = "MB")]
+    pub min_free_mb: Option<u64>,
+
+    /// Journal entries sent to Redis in one pipelined round trip when
+    /// replaying after an outage [default: 256]
+    #[arg(long, env = "EDGENODE_REPLAY_BATCH", value_name = "N")]
+    pub replay_batch: Option<usize>,
+
     /// Time a client has to send a request's headers; also how long an idle
     /// keep-alive connection is kept open (hyper runs one timer for both) [default: 10000]
     #[arg(long, env = "EDGENODE_HEADER_TIMEOUT_MS", value_name = "MS")]
@@ -192,6 +209,9 @@ struct FileConfig {
     rate_limit_per_ip: Option<u32>,
     rate_limit_burst: Option<u32>,
     cache_capacity_mb: Option<u64>,
+    max_journal_mb: Option<u64>,
+    min_free_mb: Option<u64>,
+    replay_batch: Option<usize>,
     header_timeout_ms: Option<u64>,
     request_timeout_ms: Option<u64>,
     shutdown_grace_ms: Option<u64>,
@@ -227,6 +247,9 @@ pub struct Config {
     pub rate_limit_per_ip: u32,
     pub rate_limit_burst: u32,
     pub cache_capacity_bytes: u64,
+    pub max_journal_bytes: u64,
+    pub min_free_bytes: u64,
+    pub replay_batch: usize,
     pub header_timeout: Duration,
     pub request_timeout: Duration,
     pub shutdown_grace: Duration,
@@ -358,6 +381,17 @@ impl Config {
                 .unwrap_or(4)
                 * 1024
                 * 1024,
+            max_journal_bytes: args
+                .max_journal_mb
+                .or(file.max_journal_mb)
+                .unwrap_or(64)
+                .saturating_mul(1024 * 1024),
+            min_free_bytes: args
+                .min_free_mb
+                .or(file.min_free_mb)
+                .unwrap_or(64)
+                .saturating_mul(1024 * 1024),
+            replay_batch: args.replay_batch.or(file.replay_batch).unwrap_or(256),
             header_timeout: ms(args
                 .header_timeout_ms
                 .or(file.header_timeout_ms)
@@ -383,6 +417,9 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
+        if self.replay_batch == 0 {
+            return bad("replay_batch must be at least 1");
+        }
         if self.workers == 0 || self.blocking_threads == 0 {
             return bad("workers and blocking_threads must be at least 1");
         }

@@ -4,9 +4,12 @@
 //! them together. Start with [`server`] for the request path and
 //! [`store::failover`] for the failure model.
 
+#![recursion_limit = "256"]
+
 pub mod config;
 pub mod http;
 pub mod metrics;
+pub mod node;
 pub mod pool;
 pub mod server;
 pub mod session;

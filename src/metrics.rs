@@ -209,6 +209,30 @@ impl Collector for StateCollector {
             "Records at rest that failed to decode",
             st.corrupt_records,
         )?;
+        counter(
+            &mut enc,
+            "edgenode_replay_dropped",
+            "Journal operations Redis rejected for good, dropped after bounded tries",
+            st.replay_dropped,
+        )?;
+        gauge(
+            &mut enc,
+            "edgenode_journal_bytes",
+            "Bytes of the outage journal (budget: max_journal_mb)",
+            st.journal_bytes as i64,
+        )?;
+        counter(
+            &mut enc,
+            "edgenode_touches_unjournaled",
+            "Requests served while the journal or the disk was full, whose counts never reach Redis",
+            st.touches_unjournaled,
+        )?;
+        gauge(
+            &mut enc,
+            "edgenode_degraded",
+            "1 while the node refuses writes (disk at its reserve, a disk fault, an unset clock)",
+            i64::from(st.degraded.is_some()),
+        )?;
         gauge(
             &mut enc,
             "edgenode_pool_workers",

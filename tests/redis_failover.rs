@@ -239,7 +239,8 @@ fn outage_drill(how: &str, keep_data: bool) {
                         _ => match mine.pop() {
                             Some(id) => c
                                 .try_request("DELETE", &format!("/api/sessions/{id}"), &[], None)
-                                .map(|a| a.status == 204),
+                                // 202 during the outage: journaled, applied on return
+                                .map(|a| a.status == 204 || a.status == 202),
                             None => Ok(true),
                         },
                     };
@@ -287,7 +288,9 @@ fn outage_drill(how: &str, keep_data: bool) {
         let c = if i % 2 == 0 { &c1 } else { &c2 };
         let id = id_of(&c.create(&format!(r#"{{"user_id":"outage","metadata":{{"i":{i}}}}}"#)));
         if i % 5 == 0 {
-            assert_eq!(c.delete(&format!("/api/sessions/{id}")).status, 204);
+            let d = c.delete(&format!("/api/sessions/{id}"));
+            assert_eq!(d.status, 202, "a logout during the outage is accepted");
+            assert_eq!(d.json()["deleted"], 1, "{}", d.text);
             deleted.push(id);
         } else {
             assert_eq!(
@@ -826,8 +829,10 @@ fn a_redis_out_of_memory_during_replay_keeps_the_journal_and_counts_nothing_twic
         assert_eq!(c.get(&path).status, 200);
     }
     let offline = id_of(&c.create(r#"{"metadata":{"born":"offline"}}"#));
+    // The create at least; the three reads are coalesced into one entry
+    // within half a second.
     let pending = health(&c)["store"]["pending_sync"].as_u64().unwrap();
-    assert!(pending >= 4, "{pending}");
+    assert!(pending >= 1, "{pending}");
 
     // Redis comes back unable to take writes (maxmemory reached).
     signal(node.pid(), libc::SIGSTOP);

@@ -55,6 +55,7 @@ impl ApiError {
         let mut resp = json_response(self.status, body);
         if self.status == StatusCode::SERVICE_UNAVAILABLE
             || self.status == StatusCode::TOO_MANY_REQUESTS
+            || self.status == StatusCode::INSUFFICIENT_STORAGE
         {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
@@ -80,6 +81,33 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> ApiError {
         match e {
             StoreError::Input(i) => i.into(),
+            StoreError::NotHeld => ApiError::unavailable(
+                "store_unavailable",
+                "the session store is unreachable and this node does not hold the session; retry shortly",
+            ),
+            e @ StoreError::DiskFull { .. } => {
+                tracing::warn!(error = %e, "write refused");
+                ApiError::new(
+                    StatusCode::INSUFFICIENT_STORAGE,
+                    "insufficient_storage",
+                    "the node's disk is almost full; writes are refused until space is freed",
+                )
+            }
+            e @ StoreError::JournalFull(_) => {
+                tracing::warn!(error = %e, "write refused");
+                ApiError::new(
+                    StatusCode::INSUFFICIENT_STORAGE,
+                    "journal_full",
+                    "the node's outage journal is at its budget; changes are refused until redis returns",
+                )
+            }
+            e @ StoreError::DiskFault(_) => {
+                tracing::error!(error = %e, "store error");
+                ApiError::unavailable(
+                    "disk_fault",
+                    "the node could not write to its disk; retry shortly",
+                )
+            }
             other => {
                 tracing::error!(error = %other, "store error");
                 ApiError::unavailable(

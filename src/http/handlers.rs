@@ -3,6 +3,7 @@
 use super::error::ApiError;
 use super::{json_response, method_not_allowed, read_json_body, App, Body, Route};
 use crate::session::{encode_metadata, parse_session_id, validate_user_id, Patch};
+use crate::store::failover::Deleted;
 use crate::store::PatchOutcome;
 use hyper::body::Incoming;
 use hyper::{header, Method, Request, Response, StatusCode};
@@ -155,13 +156,27 @@ async fn patch(
 }
 
 async fn delete(app: &App, id: &[u8; 16]) -> Result<Response<Body>, ApiError> {
-    if app.store.delete(id).await? {
-        let mut resp = Response::new(Body::default());
-        *resp.status_mut() = StatusCode::NO_CONTENT;
-        Ok(resp)
-    } else {
-        Err(no_session())
+    match app.store.delete(id).await? {
+        Deleted::Now(0) => Err(no_session()),
+        Deleted::Now(_) => {
+            let mut resp = Response::new(Body::default());
+            *resp.status_mut() = StatusCode::NO_CONTENT;
+            Ok(resp)
+        }
+        Deleted::Accepted { held } => Ok(accepted(held)),
     }
+}
+
+/// 202 for a logout made during an outage: done here (`deleted` counts the
+/// sessions this node held), journaled, and applied everywhere once Redis
+/// is back.
+fn accepted(held: u64) -> Response<Body> {
+    json_response(
+        StatusCode::ACCEPTED,
+        serde_json::json!({ "deleted": held, "pending_sync": true })
+            .to_string()
+            .into_bytes(),
+    )
 }
 
 async fn rotate(app: &App, id: &[u8; 16]) -> Result<Response<Body>, ApiError> {
@@ -186,11 +201,13 @@ async fn list_user(app: &App, user: &str) -> Result<Response<Body>, ApiError> {
 }
 
 async fn delete_user(app: &App, user: &str) -> Result<Response<Body>, ApiError> {
-    let n = app.store.delete_user(user).await?;
-    Ok(json_response(
-        StatusCode::OK,
-        serde_json::json!({ "deleted": n }).to_string().into_bytes(),
-    ))
+    match app.store.delete_user(user).await? {
+        Deleted::Now(n) => Ok(json_response(
+            StatusCode::OK,
+            serde_json::json!({ "deleted": n }).to_string().into_bytes(),
+        )),
+        Deleted::Accepted { held } => Ok(accepted(held)),
+    }
 }
 
 /// `GET /api/session`: the caller's session by cookie or `X-Session-ID`; a
@@ -253,7 +270,8 @@ fn health(app: &App) -> Response<Body> {
     let st = app.store.status();
     let pool = app.admission.stats();
     let body = serde_json::json!({
-        "status": "ok",
+        "status": if st.degraded.is_some() { "degraded" } else { "ok" },
+        "degraded_reason": st.degraded,
         "instance_id": app.config.instance_id,
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_seconds": app.started.elapsed().as_secs(),
@@ -264,7 +282,10 @@ fn health(app: &App) -> Response<Body> {
             "pending_sync": st.pending_sync,
             "failovers": st.failovers,
             "reconciliations": st.reconciliations,
+            "replay_dropped": st.replay_dropped,
             "corrupt_records": st.corrupt_records,
+            "journal_bytes": st.journal_bytes,
+            "touches_unjournaled": st.touches_unjournaled,
         },
         "sessions": { "active": st.sessions_active },
         "pool": {
@@ -280,11 +301,13 @@ fn health(app: &App) -> Response<Body> {
 }
 
 fn ready(app: &App) -> Result<Response<Body>, ApiError> {
-    if app.is_ready() {
-        Ok(json_response(StatusCode::OK, br#"{"ready":true}"#.to_vec()))
-    } else {
-        Err(ApiError::unavailable("not_ready", "starting or draining"))
+    if !app.is_ready() {
+        return Err(ApiError::unavailable("not_ready", "starting or draining"));
     }
+    if let Some(reason) = app.store.status().degraded {
+        return Err(ApiError::unavailable("degraded", reason));
+    }
+    Ok(json_response(StatusCode::OK, br#"{"ready":true}"#.to_vec()))
 }
 
 fn metrics(app: &App) -> Response<Body> {

@@ -11,14 +11,31 @@
 //! In Redis mode the mirror is a copy for outages: creates, patches and
 //! touches reach it lazily (flushed every 500 ms, touches batched per
 //! session), while deletes and rotations are flushed before the answer, so a
-//! revoked session cannot reappear from the mirror after a crash.
+//! revoked session cannot reappear from the mirror after a crash. A mirror
+//! write that fails (disk at its reserve, say) is logged and counted, never
+//! turned into an error for a write Redis applied.
+//!
+//! The fault rules, in one place:
+//! - a record Redis holds that no node could have written is *absent* for
+//!   every operation (404, or a new session), counted and logged;
+//! - in fallback, a session this node does not hold and did not see deleted
+//!   is [`StoreError::NotHeld`] (503, and no new cookie): it may well live in
+//!   Redis, and a failover must not log anyone out;
+//! - deletes in fallback are journaled whether or not the mirror holds the
+//!   session, and answered "accepted";
+//! - every journaled operation carries an id that Redis records atomically
+//!   with it, so replay applies it exactly once (see `journal`).
 
+use super::journal::Op;
 use super::redis::RedisStore;
+use super::redis::Replayed;
+use super::sled::Journal;
 use super::sled::SledStore;
 use super::{Mode, PatchOutcome, StoreError, StoreStatus};
 use crate::session::{now_ms, Patch, Session};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::RwLock;
 
@@ -42,16 +59,52 @@ struct Inner {
     failovers: AtomicU64,
     reconciliations: AtomicU64,
     replayed: AtomicU64,
+    /// Journal entries Redis rejected for good and that were dropped.
+    replay_dropped: AtomicU64,
+    /// Failed tries per journal entry that Redis rejects (not for outages).
+    rejections: Mutex<HashMap<u64, u32>>,
+    /// Set when a touch found Redis emptied: the background task re-seeds.
+    reseed_wanted: AtomicBool,
+    /// Sessions are neither created nor slid with a clock before this (ms):
+    /// the build time, so a Pi that booted without its clock waits for NTP.
+    clock_floor: u64,
+    /// Journal entries per pipelined replay round trip.
+    replay_batch: usize,
 }
 
-/// Where one operation ran.
-enum Route {
-    Redis(RedisStore),
-    Sled,
+/// How many times a journal entry that Redis rejects (a script error, not an
+/// outage) is tried before it is dropped, logged and counted.
+const MAX_REJECTIONS: u32 = 5;
+
+/// What Redis said to one operation.
+enum Answer<T> {
+    /// Redis applied it (or answered it): this is the result.
+    Redis(T),
+    /// The record Redis holds is corrupt: the session is absent.
+    Corrupt,
+    /// Not in Redis mode, or Redis failed just now (then `sent`: it may have
+    /// applied the operation, whose id the journal entry must reuse).
+    Fallback { sent: bool },
+}
+
+/// What a DELETE did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deleted {
+    /// Done everywhere at once: how many sessions were deleted (for one
+    /// session, 0 means it was not found).
+    Now(u64),
+    /// Journaled in fallback, applied when Redis returns; `held`: whether
+    /// this node held the session (or, for a user, how many it held).
+    Accepted { held: u64 },
 }
 
 impl Store {
-    pub fn new(sled: SledStore, redis: Option<RedisStore>) -> Store {
+    pub fn new(
+        sled: SledStore,
+        redis: Option<RedisStore>,
+        clock_floor: u64,
+        replay_batch: usize,
+    ) -> Store {
         Store {
             inner: Arc::new(Inner {
                 sled,
@@ -64,6 +117,11 @@ impl Store {
                 failovers: AtomicU64::new(0),
                 reconciliations: AtomicU64::new(0),
                 replayed: AtomicU64::new(0),
+                replay_dropped: AtomicU64::new(0),
+                rejections: Mutex::new(HashMap::new()),
+                reseed_wanted: AtomicBool::new(false),
+                clock_floor,
+                replay_batch,
             }),
         }
     }
@@ -80,17 +138,100 @@ impl Store {
         }
     }
 
-    fn route(&self) -> Route {
-        match &self.inner.redis {
-            Some(r) if self.inner.redis_mode.load(Ordering::Acquire) => Route::Redis(r.clone()),
-            _ => Route::Sled,
+    /// Whether the clock is past the build time (see `clock_floor`).
+    pub fn clock_is_sane(&self) -> bool {
+        now_ms() >= self.inner.clock_floor
+    }
+
+    /// The time for an operation that writes times; refused while the clock
+    /// is not sane.
+    fn now(&self) -> Result<u64> {
+        let now = now_ms();
+        if now < self.inner.clock_floor {
+            return Err(StoreError::Unavailable(
+                "the system clock is behind this build's date; waiting for time sync".into(),
+            ));
+        }
+        Ok(now)
+    }
+
+    /// How a fallback write is journaled: not at all without Redis; under
+    /// the id the failed Redis call carried when it was sent; else anew.
+    fn journal(&self, sent: bool, seq: u64) -> Journal {
+        match (&self.inner.redis, sent) {
+            (None, _) => Journal::Off,
+            (Some(_), true) => Journal::At(seq),
+            (Some(_), false) => Journal::Next,
         }
     }
 
-    /// Whether writes to sled must be journaled: only when a Redis exists to
-    /// replay them into.
-    fn journaled(&self) -> bool {
-        self.inner.redis.is_some()
+    /// An operation id for a live Redis call, when one will be made.
+    fn seq_for_redis(&self) -> Result<u64> {
+        if self.mode() == Mode::Redis {
+            self.inner.sled.next_seq()
+        } else {
+            Ok(0)
+        }
+    }
+
+    /// The one "Redis first" path every operation takes: runs `op` on Redis
+    /// when in Redis mode; on an outage-like error, records it and switches
+    /// to fallback; on a corrupt record, forgets the session (`id`) locally.
+    async fn on_redis<T, Fut>(
+        &self,
+        what: &'static str,
+        id: Option<&[u8; 16]>,
+        op: impl FnOnce(RedisStore) -> Fut,
+    ) -> Result<Answer<T>>
+    where
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let redis = match &self.inner.redis {
+            Some(r) if self.inner.redis_mode.load(Ordering::Acquire) => r.clone(),
+            _ => return Ok(Answer::Fallback { sent: false }),
+        };
+        match op(redis).await {
+            Ok(v) => Ok(Answer::Redis(v)),
+            Err(e @ StoreError::Input(_)) => Err(e),
+            Err(e @ StoreError::CorruptRecord(_)) => {
+                tracing::error!(operation = what, error = %e, "corrupt session record in redis; treated as absent");
+                if let Some(id) = id {
+                    self.mirror(what, |m| m.mirror_forget(id).map(|_| ()));
+                }
+                Ok(Answer::Corrupt)
+            }
+            Err(e) => {
+                self.redis_failed(what, &e);
+                Ok(Answer::Fallback { sent: true })
+            }
+        }
+    }
+
+    /// Takes the fallback gate: `None` when the node went back to Redis mode
+    /// since the route was chosen (the caller starts over on Redis), so no
+    /// fallback write lands after the switch back.
+    async fn fallback_gate(&self) -> Option<tokio::sync::RwLockReadGuard<'_, ()>> {
+        let gate = self.inner.switch.read().await;
+        (self.mode() == Mode::Sled || self.inner.redis.is_none()).then_some(gate)
+    }
+
+    /// A mirror write in Redis mode: Redis holds the truth, so a failure is
+    /// logged, never the request's error.
+    fn mirror(&self, what: &str, write: impl FnOnce(&SledStore) -> Result<()>) {
+        if let Err(e) = write(&self.inner.sled) {
+            tracing::warn!(operation = what, error = %e, "mirror write failed; redis holds the change");
+        }
+    }
+
+    /// In fallback, the answer for a session the local store does not have:
+    /// absent if this node saw it deleted (or runs without Redis), else
+    /// unknown.
+    fn missing<T>(&self, id: &[u8; 16], absent: T) -> Result<T> {
+        if self.inner.redis.is_some() && !self.inner.sled.is_deleted(id) {
+            Err(StoreError::NotHeld)
+        } else {
+            Ok(absent)
+        }
     }
 
     /// Records that Redis failed an operation and switches to fallback.
@@ -106,16 +247,6 @@ impl Store {
         }
     }
 
-    /// A session record in Redis that no node could have written (counted by
-    /// the Redis store): logged, and the session is treated as absent, here
-    /// and in the mirror (a later outage must not bring it back). Redis
-    /// itself is fine, so the node stays in Redis mode.
-    fn corrupt_in_redis(&self, what: &str, id: &[u8; 16], err: &StoreError) -> Result<()> {
-        tracing::error!(operation = what, id = %crate::session::format_id(id), error = %err, "corrupt session record in redis; treated as absent");
-        self.inner.sled.mirror_remove(id)?;
-        Ok(())
-    }
-
     /// Creates a session; `counted` when the creating request itself uses it
     /// (`GET /api/session`), so its request_count starts at 1.
     pub async fn create(
@@ -124,50 +255,93 @@ impl Store {
         metadata: String,
         counted: bool,
     ) -> Result<Session> {
-        let now = now_ms();
+        let now = self.now()?;
         let mut session = Session::new(user_id, metadata, now, self.inner.sled.limits());
         session.request_count = u64::from(counted);
-        if let Route::Redis(r) = self.route() {
-            match r.create(&session).await {
-                Ok(()) => {
+        loop {
+            let sent = match self
+                .on_redis("create", None, |r| {
+                    let s = session.clone();
+                    async move { r.create(&s).await }
+                })
+                .await?
+            {
+                Answer::Redis(()) | Answer::Corrupt => {
                     // Redis holds it; the mirror copy is for outages and is
                     // flushed with the next lazy flush, sparing the SD card
                     // an fsync per create.
-                    self.inner.sled.mirror_put(&session)?;
+                    self.mirror("create", |m| m.mirror_put(&session));
                     return Ok(session);
                 }
-                Err(e) => self.redis_failed("create", &e),
-            }
+                Answer::Fallback { sent } => sent,
+            };
+            let Some(_gate) = self.fallback_gate().await else {
+                continue;
+            };
+            // A create replays idempotently: it needs no id of its own.
+            self.inner.sled.create(&session, self.journal(false, 0))?;
+            let _ = sent;
+            self.inner.sled.durable().await?;
+            return Ok(session);
         }
-        let _gate = self.inner.switch.read().await;
-        self.inner.sled.create(&session, self.journaled())?;
-        self.inner.sled.durable().await?;
-        Ok(session)
     }
 
     /// Counts one request and slides the expiry.
     pub async fn touch(&self, id: &[u8; 16]) -> Result<Option<Session>> {
-        let now = now_ms();
-        if let Route::Redis(r) = self.route() {
-            match r.touch(id, now).await {
-                Ok(found) => {
-                    match &found {
-                        Some(s) => self.inner.sled.mirror_touch(s.clone())?,
-                        None => {
-                            self.inner.sled.mirror_remove(id)?;
-                        }
+        let now = self.now()?;
+        loop {
+            let seq = self.seq_for_redis()?;
+            let sent = match self
+                .on_redis(
+                    "touch",
+                    Some(id),
+                    |r| async move { r.touch(id, now, seq).await },
+                )
+                .await?
+            {
+                Answer::Redis(Some(s)) => {
+                    self.mirror("touch", |m| m.mirror_touch(s.clone()));
+                    return Ok(Some(s));
+                }
+                Answer::Redis(None) => return self.redis_miss(id, now).await,
+                Answer::Corrupt => return Ok(None),
+                Answer::Fallback { sent } => sent,
+            };
+            let Some(_gate) = self.fallback_gate().await else {
+                continue;
+            };
+            return match self.inner.sled.touch(id, now, self.journal(sent, seq))? {
+                Some(s) => Ok(Some(s)),
+                None => self.missing(id, None),
+            };
+        }
+    }
+
+    /// Redis does not have a session. Usually it expired or was deleted; but
+    /// if the mirror holds a live copy and Redis lost its data (its epoch
+    /// changed), the copy is written back and the touch retried, and a
+    /// re-seed of the whole mirror is asked for.
+    async fn redis_miss(&self, id: &[u8; 16], now: u64) -> Result<Option<Session>> {
+        let sled = &self.inner.sled;
+        let copy = sled.get(id, now).filter(|_| !sled.is_deleted(id));
+        if let (Some(copy), Some(redis)) = (copy, &self.inner.redis) {
+            if let Ok(true) = self.redis_lost_data(redis).await {
+                self.inner.reseed_wanted.store(true, Ordering::Release);
+                if redis
+                    .restore_batch(std::slice::from_ref(&copy))
+                    .await
+                    .is_ok()
+                {
+                    let seq = sled.next_seq()?;
+                    if let Ok(Some(s)) = redis.touch(id, now, seq).await {
+                        self.mirror("touch", |m| m.mirror_touch(s.clone()));
+                        return Ok(Some(s));
                     }
-                    return Ok(found);
                 }
-                Err(e @ StoreError::CorruptRecord(_)) => {
-                    self.corrupt_in_redis("touch", id, &e)?;
-                    return Ok(None);
-                }
-                Err(e) => self.redis_failed("touch", &e),
             }
         }
-        let _gate = self.inner.switch.read().await;
-        self.inner.sled.touch(id, now, self.journaled())
+        self.mirror("touch", |m| m.mirror_forget(id).map(|_| ()));
+        Ok(None)
     }
 
     pub async fn patch(
@@ -176,168 +350,219 @@ impl Store {
         patch: &Patch,
         if_match: Option<u64>,
     ) -> Result<PatchOutcome> {
-        let now = now_ms();
-        if let Route::Redis(r) = self.route() {
-            match r.patch(id, patch, if_match, now).await {
-                Ok(outcome) => {
+        let now = self.now()?;
+        loop {
+            let seq = self.seq_for_redis()?;
+            let sent = match self
+                .on_redis("patch", Some(id), |r| async move {
+                    r.patch(id, patch, if_match, now, seq).await
+                })
+                .await?
+            {
+                Answer::Redis(outcome) => {
                     match &outcome {
-                        PatchOutcome::Updated(s) => self.inner.sled.mirror_put(s)?,
+                        PatchOutcome::Updated(s) => self.mirror("patch", |m| m.mirror_put(s)),
                         PatchOutcome::NotFound => {
-                            self.inner.sled.mirror_remove(id)?;
+                            self.mirror("patch", |m| m.mirror_forget(id).map(|_| ()))
                         }
                         PatchOutcome::VersionMismatch { .. } => {}
                     }
                     return Ok(outcome);
                 }
-                Err(StoreError::Input(e)) => return Err(StoreError::Input(e)),
-                Err(e @ StoreError::CorruptRecord(_)) => {
-                    self.corrupt_in_redis("patch", id, &e)?;
-                    return Ok(PatchOutcome::NotFound);
+                Answer::Corrupt => return Ok(PatchOutcome::NotFound),
+                Answer::Fallback { sent } => sent,
+            };
+            let Some(_gate) = self.fallback_gate().await else {
+                continue;
+            };
+            let outcome =
+                self.inner
+                    .sled
+                    .patch(id, patch, if_match, now, self.journal(sent, seq))?;
+            return match outcome {
+                PatchOutcome::Updated(_) => {
+                    self.inner.sled.durable().await?;
+                    Ok(outcome)
                 }
-                Err(e) => self.redis_failed("patch", &e),
-            }
+                PatchOutcome::NotFound => self.missing(id, PatchOutcome::NotFound),
+                PatchOutcome::VersionMismatch { .. } => Ok(outcome),
+            };
         }
-        let _gate = self.inner.switch.read().await;
-        let outcome = self
-            .inner
-            .sled
-            .patch(id, patch, if_match, now, self.journaled())?;
-        if matches!(outcome, PatchOutcome::Updated(_)) {
-            self.inner.sled.durable().await?;
-        }
-        Ok(outcome)
     }
 
-    pub async fn delete(&self, id: &[u8; 16]) -> Result<bool> {
+    /// Deletes a session: at once in Redis mode; in fallback journaled (held
+    /// here or not) and applied with a tombstone when Redis returns.
+    pub async fn delete(&self, id: &[u8; 16]) -> Result<Deleted> {
         let now = now_ms();
-        if let Route::Redis(r) = self.route() {
-            match r.delete(id).await {
-                Ok(existed) => {
-                    self.inner.sled.mirror_remove(id)?;
-                    self.inner.sled.durable().await?;
-                    return Ok(existed);
+        loop {
+            match self
+                .on_redis("delete", Some(id), |r| async move { r.delete(id).await })
+                .await?
+            {
+                Answer::Redis(existed) => {
+                    self.mirror("delete", |m| m.mirror_deleted(id).map(|_| ()));
+                    if let Err(e) = self.inner.sled.durable().await {
+                        tracing::warn!(error = %e, "flushing a deletion to the mirror failed; redis holds it");
+                    }
+                    return Ok(Deleted::Now(u64::from(existed)));
                 }
-                Err(e @ StoreError::CorruptRecord(_)) => {
-                    self.corrupt_in_redis("delete", id, &e)?;
-                    return Err(e);
-                }
-                Err(e) => self.redis_failed("delete", &e),
+                Answer::Corrupt => return Ok(Deleted::Now(1)),
+                Answer::Fallback { .. } => {}
             }
-        }
-        let _gate = self.inner.switch.read().await;
-        let existed = self.inner.sled.delete(id, now, self.journaled())?;
-        if existed {
+            let Some(_gate) = self.fallback_gate().await else {
+                continue;
+            };
+            let held = self.inner.sled.delete(id, now, self.journal(false, 0))?;
             self.inner.sled.durable().await?;
+            return Ok(match self.inner.redis {
+                Some(_) => Deleted::Accepted {
+                    held: u64::from(held),
+                },
+                None => Deleted::Now(u64::from(held)),
+            });
         }
-        Ok(existed)
     }
 
     /// New id, same data, old id gone.
     pub async fn rotate(&self, id: &[u8; 16]) -> Result<Option<Session>> {
-        let now = now_ms();
+        let now = self.now()?;
         // Chosen once, so that if Redis applied the rotation before timing
         // out, the fallback path and the later replay agree on the new id.
         let new_id = *uuid::Uuid::new_v4().as_bytes();
-        if let Route::Redis(r) = self.route() {
-            match r.rotate(id, &new_id).await {
-                Ok(found) => {
-                    self.inner.sled.mirror_remove(id)?;
-                    if let Some(s) = &found {
-                        self.inner.sled.mirror_put(s)?;
+        loop {
+            let new = &new_id;
+            match self
+                .on_redis(
+                    "rotate",
+                    Some(id),
+                    |r| async move { r.rotate(id, new).await },
+                )
+                .await?
+            {
+                Answer::Redis(found) => {
+                    self.mirror("rotate", |m| {
+                        m.mirror_deleted(id)?;
+                        match &found {
+                            Some(s) => m.mirror_put(s),
+                            None => Ok(()),
+                        }
+                    });
+                    if let Err(e) = self.inner.sled.durable().await {
+                        tracing::warn!(error = %e, "flushing a rotation to the mirror failed; redis holds it");
                     }
-                    self.inner.sled.durable().await?;
                     return Ok(found);
                 }
-                Err(e @ StoreError::CorruptRecord(_)) => {
-                    self.corrupt_in_redis("rotate", id, &e)?;
-                    return Ok(None);
-                }
-                Err(e) => self.redis_failed("rotate", &e),
+                Answer::Corrupt => return Ok(None),
+                Answer::Fallback { .. } => {}
             }
+            let Some(_gate) = self.fallback_gate().await else {
+                continue;
+            };
+            let moved = self
+                .inner
+                .sled
+                .rotate(id, new_id, now, self.journal(false, 0))?;
+            return match moved {
+                Some(s) => {
+                    self.inner.sled.durable().await?;
+                    Ok(Some(s))
+                }
+                None => self.missing(id, None),
+            };
         }
-        let _gate = self.inner.switch.read().await;
-        let moved = self.inner.sled.rotate(id, new_id, now, self.journaled())?;
-        if moved.is_some() {
-            self.inner.sled.durable().await?;
-        }
-        Ok(moved)
     }
 
+    /// A user's live sessions: all of them in Redis mode, this node's view
+    /// in fallback.
     pub async fn list_user(&self, user: &str) -> Result<Vec<Session>> {
         let now = now_ms();
-        if let Route::Redis(r) = self.route() {
-            match r.list_user(user, now).await {
-                Ok(list) => return Ok(list),
-                Err(e @ StoreError::CorruptRecord(_)) => return Err(e),
-                Err(e) => self.redis_failed("list_user", &e),
-            }
+        match self
+            .on_redis("list_user", None, |r| async move {
+                r.list_user(user, now).await
+            })
+            .await?
+        {
+            Answer::Redis(list) => Ok(list),
+            Answer::Corrupt | Answer::Fallback { .. } => Ok(self.inner.sled.list_user(user, now)),
         }
-        Ok(self.inner.sled.list_user(user, now))
     }
 
-    /// Logs a user out everywhere; returns how many sessions were deleted.
-    pub async fn delete_user(&self, user: &str) -> Result<u64> {
+    /// Logs a user out everywhere: at once in Redis mode; in fallback the
+    /// sessions held here at once and the rest, journaled, when Redis returns.
+    pub async fn delete_user(&self, user: &str) -> Result<Deleted> {
         let now = now_ms();
-        if let Route::Redis(r) = self.route() {
-            match r.delete_user(user).await {
-                Ok(ids) => {
-                    for id in self
-                        .inner
-                        .sled
-                        .user_session_ids(user)
-                        .iter()
-                        .chain(ids.iter())
-                    {
-                        self.inner.sled.mirror_remove(id)?;
+        loop {
+            match self
+                .on_redis("delete_user", None, |r| async move {
+                    r.delete_user(user, now).await
+                })
+                .await?
+            {
+                Answer::Redis(ids) => {
+                    let sled = &self.inner.sled;
+                    for id in sled.user_session_ids(user).iter().chain(ids.iter()) {
+                        self.mirror("delete_user", |m| m.mirror_deleted(id).map(|_| ()));
                     }
-                    self.inner.sled.durable().await?;
-                    return Ok(ids.len() as u64);
+                    if let Err(e) = sled.durable().await {
+                        tracing::warn!(error = %e, "flushing a logout to the mirror failed; redis holds it");
+                    }
+                    return Ok(Deleted::Now(ids.len() as u64));
                 }
-                Err(e @ StoreError::CorruptRecord(_)) => return Err(e),
-                Err(e) => self.redis_failed("delete_user", &e),
+                Answer::Corrupt | Answer::Fallback { .. } => {}
             }
-        }
-        let _gate = self.inner.switch.read().await;
-        let mut deleted = 0;
-        for s in self.inner.sled.list_user(user, now) {
-            if self.inner.sled.delete(&s.id, now, self.journaled())? {
-                deleted += 1;
-            }
-        }
-        if deleted > 0 {
+            let Some(_gate) = self.fallback_gate().await else {
+                continue;
+            };
+            let held = self
+                .inner
+                .sled
+                .delete_user(user, now, self.journal(false, 0))?;
             self.inner.sled.durable().await?;
+            return Ok(match self.inner.redis {
+                Some(_) => Deleted::Accepted { held },
+                None => Deleted::Now(held),
+            });
         }
-        Ok(deleted)
     }
 
     pub fn status(&self) -> StoreStatus {
         let redis_mode = self.mode() == Mode::Redis;
+        let sled = &self.inner.sled;
         StoreStatus {
             active: self.mode(),
             redis_configured: self.inner.redis.is_some(),
             redis_reachable: self.inner.redis_reachable.load(Ordering::Relaxed),
             pending_sync: if self.inner.redis.is_some() {
-                self.inner.sled.journal_len()
+                sled.journal_len()
             } else {
                 0
             },
             sessions_active: match (&self.inner.redis, redis_mode) {
                 (Some(r), true) => r.cached_active(),
-                _ => self.inner.sled.sessions_active(),
+                _ => sled.sessions_active(),
             },
             failovers: self.inner.failovers.load(Ordering::Relaxed),
             reconciliations: self.inner.reconciliations.load(Ordering::Relaxed),
             replayed_ops: self.inner.replayed.load(Ordering::Relaxed),
-            corrupt_records: self.inner.sled.corrupt_records()
+            replay_dropped: self.inner.replay_dropped.load(Ordering::Relaxed),
+            corrupt_records: sled.corrupt_records()
                 + self
                     .inner
                     .redis
                     .as_ref()
                     .map_or(0, RedisStore::corrupt_records),
+            journal_bytes: sled.journal_bytes(),
+            touches_unjournaled: sled.touches_unjournaled(),
+            degraded: sled.fault().or_else(|| {
+                (!self.clock_is_sane()).then(|| {
+                    "the system clock is behind this build's date; waiting for time sync".into()
+                })
+            }),
         }
     }
 
-    /// Background upkeep: the expiry sweep and the lazy flush of touches.
+    /// Background upkeep: the expiry sweeps, the journaling of coalesced
+    /// fallback touches and the lazy flush. Returns once `shutdown` fires.
     pub async fn run_housekeeping(self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -350,12 +575,18 @@ impl Store {
             rounds += 1;
             if rounds % 2 == 0 {
                 let sled = self.inner.sled.clone();
-                let removed = tokio::task::spawn_blocking(move || sled.sweep(now_ms(), 1_000))
-                    .await
-                    .unwrap_or(0);
+                let removed = tokio::task::spawn_blocking(move || {
+                    let now = now_ms();
+                    sled.sweep(now, 1_000) + sled.sweep_tombstones(now, 1_000)
+                })
+                .await
+                .unwrap_or(0);
                 if removed > 0 {
-                    tracing::debug!(removed, "swept expired sessions");
+                    tracing::debug!(removed, "swept expired sessions and deletion records");
                 }
+            }
+            if let Err(e) = self.inner.sled.flush_pending_touches() {
+                tracing::warn!(error = %e, "journaling fallback touches failed");
             }
             if let Err(e) = self.inner.sled.flush_lazy().await {
                 tracing::warn!(error = %e, "lazy flush failed");
@@ -364,24 +595,31 @@ impl Store {
     }
 
     /// Redis upkeep while the node runs: the probe that notices Redis coming
-    /// back, the journal replay, the deletion feed into the mirror, and the
-    /// cached active-session count.
+    /// back, the journal replay, the re-seed of an emptied Redis, the
+    /// deletion feed into the mirror, and the cached active-session count.
+    /// Returns once `shutdown` fires and everything it started has ended.
     pub async fn run_background(self, shutdown: tokio::sync::watch::Receiver<bool>) {
         let Some(redis) = self.inner.redis.clone() else {
             return;
         };
-        tokio::spawn(
+        tokio::join!(
             self.clone()
                 .follow_deletions(redis.clone(), shutdown.clone()),
+            self.probe_loop(redis, shutdown),
         );
+    }
+
+    async fn probe_loop(self, redis: RedisStore, mut shutdown: tokio::sync::watch::Receiver<bool>) {
         let (first_delay, max_delay) = redis.probe_delays();
         let mut delay = first_delay;
-        let mut shutdown = shutdown;
         let mut last_refresh = std::time::Instant::now() - Duration::from_secs(60);
         // The probe's last failure: a new reason (refused, timed out, wrong
         // password...) is logged once as a warning, repeats only at debug.
         let mut last_failure = String::new();
         loop {
+            if *shutdown.borrow() {
+                return;
+            }
             let redis_mode = self.inner.redis_mode.load(Ordering::Acquire);
             let pending = self.inner.sled.journal_len();
             if !redis_mode || pending > 0 {
@@ -390,7 +628,11 @@ impl Store {
                         self.inner.redis_reachable.store(true, Ordering::Release);
                         last_failure.clear();
                         delay = first_delay;
-                        if let Err(e) = self.reconcile(&redis).await {
+                        let synced = match self.reconcile(&redis, &shutdown).await {
+                            Ok(()) => self.sync_epoch(&redis, &shutdown).await,
+                            Err(e) => Err(e),
+                        };
+                        if let Err(e) = synced {
                             tracing::warn!(error = %e, "journal replay interrupted; will retry");
                             self.inner.redis_reachable.store(false, Ordering::Release);
                         }
@@ -409,11 +651,17 @@ impl Store {
                 }
             } else {
                 delay = first_delay;
-                if last_refresh.elapsed() >= Duration::from_secs(1) {
+                let reseed = self.inner.reseed_wanted.load(Ordering::Acquire);
+                if reseed || last_refresh.elapsed() >= Duration::from_secs(1) {
                     last_refresh = std::time::Instant::now();
                     // Doubles as the health check of an idle node: a node
-                    // that serves nothing still notices Redis going away.
-                    if let Err(e) = redis.refresh_active(now_ms()).await {
+                    // that serves nothing still notices Redis going away,
+                    // or coming back empty.
+                    let checked = match redis.refresh_active(now_ms()).await {
+                        Ok(()) => self.sync_epoch(&redis, &shutdown).await,
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = checked {
                         self.redis_failed("refresh", &e);
                     }
                 }
@@ -430,19 +678,88 @@ impl Store {
         }
     }
 
+    /// Whether Redis lost its data since this node last synchronised: its
+    /// epoch is not the one this node remembers (a fresh one is set when
+    /// Redis holds none).
+    async fn redis_lost_data(&self, redis: &RedisStore) -> Result<bool> {
+        let known = self.inner.sled.redis_epoch();
+        let fresh = uuid::Uuid::new_v4().simple().to_string();
+        let current = redis.epoch(&fresh).await?;
+        Ok(known.as_deref() != Some(current.as_str()))
+    }
+
+    /// Re-seeds Redis from the mirror when Redis lost its data (or this node
+    /// meets this Redis for the first time): every live session the mirror
+    /// holds that Redis lacks and that this node saw no deletion of. Redis
+    /// skips sessions it holds, has a tombstone of, or whose user logged out
+    /// everywhere after their creation.
+    async fn sync_epoch(
+        &self,
+        redis: &RedisStore,
+        shutdown: &tokio::sync::watch::Receiver<bool>,
+    ) -> Result<()> {
+        let sled = &self.inner.sled;
+        let fresh = uuid::Uuid::new_v4().simple().to_string();
+        let current = redis.epoch(&fresh).await?;
+        if sled.redis_epoch().as_deref() == Some(current.as_str()) {
+            self.inner.reseed_wanted.store(false, Ordering::Release);
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        let (mut after, mut written) = (None, 0u64);
+        loop {
+            if *shutdown.borrow() {
+                return Ok(());
+            }
+            let now = now_ms();
+            let batch: Vec<Session> = sled
+                .live_sessions_after(after, self.inner.replay_batch, now)
+                .into_iter()
+                .filter(|s| !sled.is_deleted(&s.id))
+                .collect();
+            let next = sled.session_key_after(after, self.inner.replay_batch);
+            if !batch.is_empty() {
+                written += redis.restore_batch(&batch).await?;
+            }
+            match next {
+                Some(n) => after = Some(n),
+                None => break,
+            }
+        }
+        sled.set_redis_epoch(&current)?;
+        sled.durable().await?;
+        self.inner.reseed_wanted.store(false, Ordering::Release);
+        if written > 0 {
+            tracing::warn!(
+                restored = written,
+                took_ms = started.elapsed().as_millis() as u64,
+                "redis had lost sessions this node holds; re-seeded them from the mirror"
+            );
+        }
+        Ok(())
+    }
+
     /// Replays the journal into Redis, oldest first, then returns to Redis
     /// mode once it is empty. Requests keep being served (from sled, and
-    /// journaled) while it runs.
-    async fn reconcile(&self, redis: &RedisStore) -> Result<()> {
-        use super::redis::Replayed;
+    /// journaled) while it runs; a shutdown stops it between batches.
+    ///
+    /// A batch is the journal's head, pipelined; Redis applies it as a chain
+    /// that stops at the first entry it cannot apply (see the Redis store),
+    /// and the next attempt starts again from there, so nothing lands out of
+    /// order. Every entry's id makes a repeated one a no-op.
+    async fn reconcile(
+        &self,
+        redis: &RedisStore,
+        shutdown: &tokio::sync::watch::Receiver<bool>,
+    ) -> Result<()> {
         let sled = &self.inner.sled;
         let started = std::time::Instant::now();
         let mut replayed = 0u64;
         // Sessions restored whole from the mirror, with the journal position
         // the copy already includes: their older entries are skipped.
-        let mut restored: std::collections::HashMap<[u8; 16], u64> =
-            std::collections::HashMap::new();
+        let mut restored: HashMap<[u8; 16], u64> = HashMap::new();
         sled.flush_touched()?;
+        sled.flush_pending_touches()?;
         let was_fallback = !self.inner.redis_mode.load(Ordering::Acquire);
         if was_fallback && sled.journal_len() > 0 {
             tracing::info!(
@@ -451,42 +768,62 @@ impl Store {
             );
         }
         loop {
-            let batch = sled.journal_head(256);
+            if *shutdown.borrow() {
+                return Ok(());
+            }
+            let batch = sled.journal_head(self.inner.replay_batch);
             if batch.is_empty() {
                 let _gate = self.inner.switch.write().await;
+                sled.flush_pending_touches()?;
                 if sled.journal_len() > 0 {
                     continue;
                 }
                 if !self.inner.redis_mode.swap(true, Ordering::AcqRel) {
-                    self.inner.reconciliations.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(
-                        replayed,
-                        took_ms = started.elapsed().as_millis() as u64,
-                        "journal drained; back on redis"
-                    );
+                    // Only a return from a real outage is a reconciliation;
+                    // a start with nothing to replay is just a start.
+                    if replayed > 0 || self.inner.failovers.load(Ordering::Relaxed) > 0 {
+                        self.inner.reconciliations.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(
+                            replayed,
+                            took_ms = started.elapsed().as_millis() as u64,
+                            "journal drained; back on redis"
+                        );
+                    } else {
+                        tracing::info!("redis reachable; serving from redis");
+                    }
                 }
                 return Ok(());
             }
             // Entries that do not decode were logged and counted; drop them.
             // Entries already contained in a restored mirror copy are skipped.
-            let mut todo: Vec<(u64, super::journal::Op)> = Vec::with_capacity(batch.len());
+            let mut todo: Vec<(u64, Op)> = Vec::with_capacity(batch.len());
             for (seq, op) in batch {
-                match op {
-                    Some(op) if !restored.get(&op.id()).is_some_and(|&upto| seq <= upto) => {
-                        todo.push((seq, op))
-                    }
-                    _ => sled.journal_remove(seq)?,
+                let Some(op) = op else {
+                    sled.journal_remove(seq)?;
+                    continue;
+                };
+                if op
+                    .id()
+                    .is_some_and(|id| restored.get(&id).is_some_and(|&upto| seq <= upto))
+                {
+                    sled.journal_remove(seq)?;
+                    continue;
                 }
+                todo.push((seq, op));
             }
-            let ops: Vec<&super::journal::Op> = todo.iter().map(|(_, op)| op).collect();
+            if todo.is_empty() {
+                continue;
+            }
+            let ops: Vec<(u64, &Op)> = todo.iter().map(|(seq, op)| (*seq, op)).collect();
             let outcomes = redis.replay_batch(&ops).await?;
             // Every entry Redis applied (or refused for good) leaves the
-            // journal, even when one before it failed: re-sending an applied
-            // touch or merge would count it twice. A failed entry stays, and
-            // this attempt ends once the batch is sorted.
+            // journal. A failed entry stays, and this attempt ends once the
+            // batch is sorted.
             let mut failed: Option<String> = None;
             for ((seq, op), outcome) in todo.iter().zip(outcomes) {
-                let covered = restored.get(&op.id()).is_some_and(|&upto| *seq <= upto);
+                let covered = op
+                    .id()
+                    .is_some_and(|id| restored.get(&id).is_some_and(|&upto| *seq <= upto));
                 match outcome {
                     Replayed::Applied | Replayed::Tombstoned => {}
                     Replayed::Refused(why) => {
@@ -495,6 +832,24 @@ impl Store {
                     Replayed::Failed(why) => {
                         failed.get_or_insert(why);
                         continue;
+                    }
+                    Replayed::Rejected(why) => {
+                        let tries = {
+                            let mut map = self
+                                .inner
+                                .rejections
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner());
+                            let n = map.entry(*seq).or_insert(0);
+                            *n += 1;
+                            *n
+                        };
+                        if tries < MAX_REJECTIONS {
+                            failed.get_or_insert(format!("entry {seq} rejected: {why}"));
+                            continue;
+                        }
+                        self.inner.replay_dropped.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(seq, tries, error = %why, "redis keeps rejecting a journal entry; dropped");
                     }
                     Replayed::Missing if covered => {}
                     Replayed::Missing => {
@@ -507,10 +862,17 @@ impl Store {
                         }
                     }
                 }
+                self.inner
+                    .rejections
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(seq);
                 sled.journal_remove(*seq)?;
                 replayed += 1;
                 self.inner.replayed.fetch_add(1, Ordering::Relaxed);
             }
+            // What left the journal stays gone across a crash.
+            sled.durable().await?;
             if let Some(why) = failed {
                 return Err(StoreError::Redis(format!("replay stopped: {why}")));
             }
@@ -522,13 +884,15 @@ impl Store {
     async fn restore_from_mirror(
         &self,
         redis: &RedisStore,
-        op: &super::journal::Op,
-        restored: &mut std::collections::HashMap<[u8; 16], u64>,
+        op: &Op,
+        restored: &mut HashMap<[u8; 16], u64>,
     ) -> Result<()> {
         let sled = &self.inner.sled;
-        let target = match op {
-            super::journal::Op::Rotate { new, .. } => *new,
+        let Some(target) = (match op {
+            Op::Rotate { new, .. } => Some(*new),
             other => other.id(),
+        }) else {
+            return Ok(());
         };
         let (copy, upto) = sled.with_lock(&target, || {
             (sled.get(&target, now_ms()), sled.journal_last_seq())
@@ -537,7 +901,7 @@ impl Store {
             redis.restore(&copy).await?;
             restored.insert(target, upto);
         }
-        if let super::journal::Op::Rotate { old, .. } = op {
+        if let Op::Rotate { old, .. } = op {
             redis.delete(old).await?;
             restored.insert(*old, upto);
         }
@@ -553,7 +917,7 @@ impl Store {
         let sled = self.inner.sled.clone();
         loop {
             let follow = redis.follow_deletions(|id| {
-                if let Err(e) = sled.mirror_remove(&id) {
+                if let Err(e) = sled.mirror_deleted(&id) {
                     tracing::warn!(error = %e, "dropping a deleted session from the mirror failed");
                 }
             });
@@ -572,7 +936,8 @@ impl Store {
         }
     }
 
-    /// Flushes everything; called on shutdown.
+    /// Flushes everything; called on shutdown, after every background task
+    /// has returned.
     pub async fn close(&self) -> Result<()> {
         self.inner.sled.close().await
     }

@@ -6,6 +6,18 @@
 //! whole record would overwrite it. Entries live in a sled tree keyed by a
 //! big-endian sequence number and are written under the same lock and flush as
 //! the mirror change they describe, so the two never disagree after a crash.
+//!
+//! The sequence number, with the node's [`origin`](super::sled::SledStore::origin),
+//! is the operation's id: Redis keeps, per session, the highest id of each
+//! node it has applied (a hash field written atomically with the change), so a
+//! replay that is interrupted and repeated, or a live request whose answer
+//! was lost to a timeout and is then journaled under the same id, is never
+//! applied twice.
+//!
+//! Touches are not journaled one entry per request: fallback touches are
+//! counted in memory and written as one [`Op::Touches`] per session per
+//! flush interval (and before any other entry of that session, so the order
+//! per session holds).
 
 use crate::session::{Patch, Session};
 use serde::{Deserialize, Serialize};
@@ -32,15 +44,40 @@ pub enum Op {
     Delete {
         id: [u8; 16],
     },
+    /// `count` requests that used the session, the last at `at` (coalesced).
+    Touches {
+        id: [u8; 16],
+        count: u64,
+        at: u64,
+    },
+    /// Log-out-everywhere: every session of `user` created at or before
+    /// `before` is deleted (sessions created later, by a new login, are not).
+    DeleteUser {
+        user: String,
+        before: u64,
+    },
 }
 
 impl Op {
-    /// The session ids whose Redis state this operation depends on.
-    pub fn id(&self) -> [u8; 16] {
+    /// The session whose Redis state this operation depends on (the old id
+    /// of a rotation); `None` for an operation on a whole user.
+    pub fn id(&self) -> Option<[u8; 16]> {
         match self {
-            Op::Create(s) => s.id,
-            Op::Patch { id, .. } | Op::Touch { id, .. } | Op::Delete { id } => *id,
-            Op::Rotate { old, .. } => *old,
+            Op::Create(s) => Some(s.id),
+            Op::Patch { id, .. }
+            | Op::Touch { id, .. }
+            | Op::Touches { id, .. }
+            | Op::Delete { id } => Some(*id),
+            Op::Rotate { old, .. } => Some(*old),
+            Op::DeleteUser { .. } => None,
+        }
+    }
+
+    /// Every session id the operation names (both ids of a rotation).
+    pub fn ids(&self) -> [Option<[u8; 16]>; 2] {
+        match self {
+            Op::Rotate { old, new } => [Some(*old), Some(*new)],
+            other => [other.id(), None],
         }
     }
 }
@@ -95,9 +132,28 @@ mod tests {
                 new: [7; 16],
             },
             Op::Delete { id: s.id },
+            Op::Touches {
+                id: s.id,
+                count: 7,
+                at: 9,
+            },
+            Op::DeleteUser {
+                user: "u".into(),
+                before: 11,
+            },
         ] {
             assert_eq!(decode(&encode(&op)).unwrap(), op);
         }
         assert!(decode(b"\x09garbage").is_err());
+    }
+
+    /// Entries written by 0.1.0 (the first five variants) still decode: new
+    /// variants are only ever appended.
+    #[test]
+    fn entries_of_the_first_release_still_decode() {
+        // Envelope::V1(Op::Delete { id: [1; 16] }) as 0.1.0 wrote it.
+        let mut old = vec![0u8, 4];
+        old.extend_from_slice(&[1; 16]);
+        assert_eq!(decode(&old).unwrap(), Op::Delete { id: [1; 16] });
     }
 }

@@ -42,6 +42,19 @@ pub enum StoreError {
     CorruptRecord(String),
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// In fallback, a session this node does not hold: it may live in Redis,
+    /// so it is neither "not found" nor replaced by a new one.
+    #[error("this node does not hold the session and redis is unreachable")]
+    NotHeld,
+    /// The data directory's free space is at the reserve.
+    #[error("disk almost full: {free} bytes free, {reserve} kept in reserve")]
+    DiskFull { free: u64, reserve: u64 },
+    /// Writing to the local disk failed (EIO, read-only file system...).
+    #[error("local disk fault: {0}")]
+    DiskFault(String),
+    /// The fallback journal is at `max_journal_mb`.
+    #[error("the fallback journal is at its budget of {0} bytes")]
+    JournalFull(u64),
 }
 
 /// What `/api/health` and `/metrics` report about the stores.
@@ -70,5 +83,11 @@ pub struct StoreStatus {
     pub failovers: u64,
     pub reconciliations: u64,
     pub replayed_ops: u64,
+    /// Journal entries Redis refused for good, dropped after bounded tries.
+    pub replay_dropped: u64,
     pub corrupt_records: u64,
+    pub journal_bytes: u64,
+    pub touches_unjournaled: u64,
+    /// Why the node should not take traffic now (disk fault), if it should not.
+    pub degraded: Option<String>,
 }

@@ -14,6 +14,14 @@
 //! - `u:<user_id>`: set of that user's session ids (stale ids pruned on read).
 //! - `t:<id>`: tombstone of a deleted or rotated-away session, kept for the
 //!   absolute lifetime so a replay never resurrects it.
+//! - `ut:<user_id>`: the time of the user's last log-out-everywhere, kept for
+//!   the absolute lifetime: a replayed or re-seeded session of that user
+//!   created no later than it is not brought back.
+//! - `epoch`: a random value set when Redis holds none. A node that finds
+//!   another value than the one it last saw knows Redis lost its data and
+//!   re-seeds it from its mirror.
+//! - in each session hash, `o:<origin>` → the highest operation id of that
+//!   node applied to the session (see `journal`): replays skip what it covers.
 //! - `active`: sorted set id → expiry, for a cheap active-session count.
 //! - channel `events`: `del:<id>` for every delete and rotation, so other nodes
 //!   drop the session from their local mirror.
@@ -46,6 +54,8 @@ struct Inner {
     pub(super) probe_interval: Duration,
     pub(super) probe_max: Duration,
     limits: Limits,
+    /// `o:<origin>`: this node's field in session hashes (see `journal`).
+    origin_field: String,
     conn: RwLock<Option<MultiplexedConnection>>,
     active: AtomicU64,
     /// Records found in Redis that no node could have written.
@@ -83,14 +93,20 @@ pub enum Replayed {
     /// Redis refused it for now (out of memory, read-only replica...): it was
     /// not applied and stays in the journal for the next attempt.
     Failed(String),
+    /// Redis answered it with an error that says nothing about Redis's own
+    /// state (a script error): retried a bounded number of times, then dropped.
+    Rejected(String),
 }
 
 const CREATE: &str = r#"
--- KEYS: session, tombstone, active, user set
+-- KEYS: session, tombstone, active, user set, user's log-out time
 -- ARGV: replay ('1' = skip if exists or tombstoned), id, max_lifetime_ms, u, c, a, e, n, v, then metadata field/value pairs
+-- Returns 1 created, 0 already there (replay), -1 deleted meanwhile (replay)
 if ARGV[1] == '1' then
   if redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
   if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+  local out = redis.call('GET', index(KEYS[5], 'string'))
+  if out and tonumber(ARGV[5]) <= (tonumber(out) or 0) then return -1 end
 end
 local args = {'u', ARGV[4], 'c', ARGV[5], 'a', ARGV[6], 'e', ARGV[7], 'n', ARGV[8], 'v', ARGV[9]}
 for i = 10, #ARGV do args[#args + 1] = ARGV[i] end
@@ -103,12 +119,14 @@ return 1
 "#;
 
 const TOUCH: &str = r#"
--- KEYS: session, active, tombstone; ARGV: at, ttl_ms, max_lifetime_ms, id, replay
+-- KEYS: session, active, tombstone
+-- ARGV: at, ttl_ms, max_lifetime_ms, id, replay, requests to count, origin field, operation id
 -- Returns the new request count, 0 when the session is gone, -1 when a
--- replayed touch meets a tombstone, -2 when the record is corrupt. The request path reads the record back
+-- replayed touch meets a tombstone, -2 when the record is corrupt, -3 when a
+-- replayed touch was already applied. The request path reads the record back
 -- with HGETALL in the same MULTI: a Lua HGETALL (turning every field into a
 -- Lua string and back) cost Redis more than the rest of the script.
-local cur = redis.call('HMGET', KEYS[1], 'c', 'e', 'a', 'n')
+local cur = redis.call('HMGET', KEYS[1], 'c', 'e', 'a', 'n', ARGV[7])
 if not cur[1] then
   if ARGV[5] == '1' and redis.call('EXISTS', KEYS[3]) == 1 then return -1 end
   return 0
@@ -117,14 +135,19 @@ local at, c, e, a = tonumber(ARGV[1]), tonumber(cur[1]), tonumber(cur[2]), tonum
 -- -2: not a record a node wrote (it must count with these; HINCRBY needs an
 -- integer string)
 if not (c and e and a and cur[4] and string.match(cur[4], '^%d+$')) then return -2 end
+local seq, mark = tonumber(ARGV[8]), tonumber(cur[5])
+if ARGV[5] == '1' and mark and mark >= seq then return -3 end
 if ARGV[5] ~= '1' and e <= at then
   redis.call('DEL', KEYS[1])
   redis.call('ZREM', index(KEYS[2], 'zset'), ARGV[4])
   return 0
 end
 local ne = math.min(at + tonumber(ARGV[2]), c + tonumber(ARGV[3]))
-local n = redis.call('HINCRBY', KEYS[1], 'n', 1)
-if at > a then redis.call('HSET', KEYS[1], 'a', ARGV[1]) end
+local n = redis.call('HINCRBY', KEYS[1], 'n', tonumber(ARGV[6]))
+local set = {}
+if at > a then set[1] = 'a'; set[2] = ARGV[1] end
+if not mark or seq > mark then set[#set + 1] = ARGV[7]; set[#set + 1] = ARGV[8] end
+if #set > 0 then redis.call('HSET', KEYS[1], unpack(set)) end
 -- the expiry slides in steps of at least a second: most touches then skip
 -- three writes (and the sorted-set update). '%.0f', not '%d': Lua's %d goes
 -- through a C long, 32 bits on a 32-bit Redis (a Pi on armv7).
@@ -139,8 +162,11 @@ return n
 const PATCH: &str = r#"
 -- KEYS: session, tombstone
 -- ARGV: now, if_match ('' = none), new user ('' = none), prefix, id, max_lifetime_ms, max_metadata_bytes, replay,
---       then pairs of metadata field, value ('null' deletes)
-local cur = redis.call('HMGET', KEYS[1], 'e', 'v', 'u')
+--       origin field, operation id, then pairs of metadata field, value ('null' deletes)
+-- Returns {1, record} applied, {0} gone, {-1} tombstoned (replay), {-2}
+-- corrupt, {2, version} If-Match failed, {3, size} too large, {4} a replayed
+-- patch that was already applied
+local cur = redis.call('HMGET', KEYS[1], 'e', 'v', 'u', ARGV[9])
 if not cur[1] then
   if ARGV[8] == '1' and redis.call('EXISTS', KEYS[2]) == 1 then return {-1} end
   return {0}
@@ -148,16 +174,18 @@ end
 if not (string.match(cur[1], '^%d+$') and cur[2] and string.match(cur[2], '^%d+$') and cur[3]) then
   return {-2}
 end
+local seq, mark = tonumber(ARGV[10]), tonumber(cur[4])
+if ARGV[8] == '1' and mark and mark >= seq then return {4} end
 if ARGV[8] ~= '1' and tonumber(cur[1]) <= tonumber(ARGV[1]) then return {0} end
 if ARGV[2] ~= '' and tonumber(ARGV[2]) ~= tonumber(cur[2]) then return {2, cur[2]} end
-if #ARGV > 8 then
+if #ARGV > 10 then
   -- the merged metadata must fit: compute its JSON size before writing
   local meta = {}
   local all = redis.call('HGETALL', KEYS[1])
   for i = 1, #all, 2 do
     if string.sub(all[i], 1, 2) == 'm:' then meta[all[i]] = all[i + 1] end
   end
-  for i = 9, #ARGV, 2 do
+  for i = 11, #ARGV, 2 do
     if ARGV[i + 1] == 'null' then meta[ARGV[i]] = nil else meta[ARGV[i]] = ARGV[i + 1] end
   end
   local size, count = 2, 0
@@ -167,7 +195,7 @@ if #ARGV > 8 then
   end
   if count > 1 then size = size + count - 1 end
   if size > tonumber(ARGV[7]) then return {3, tostring(size)} end
-  for i = 9, #ARGV, 2 do
+  for i = 11, #ARGV, 2 do
     if ARGV[i + 1] == 'null' then
       redis.call('HDEL', KEYS[1], ARGV[i])
     else
@@ -181,6 +209,7 @@ if ARGV[3] ~= '' and ARGV[3] ~= cur[3] then
   redis.call('PEXPIRE', ARGV[4] .. 'u:' .. ARGV[3], ARGV[6])
   redis.call('HSET', KEYS[1], 'u', ARGV[3])
 end
+if not mark or seq > mark then redis.call('HSET', KEYS[1], ARGV[9], ARGV[10]) end
 redis.call('HINCRBY', KEYS[1], 'v', 1)
 return {1, redis.call('HGETALL', KEYS[1])}
 "#;
@@ -243,22 +272,33 @@ return out
 "#;
 
 const DELETE_USER: &str = r#"
--- KEYS: user set, active; ARGV: prefix, user, max_lifetime_ms, channel, now
+-- KEYS: user set, active, user's log-out time
+-- ARGV: prefix, user, max_lifetime_ms, channel, now, before
+-- Deletes the user's sessions created at or before `before` and records the
+-- time, so sessions of the user created before it and replayed later (from
+-- another node's journal) are not brought back. Returns the ids that were live.
+local before = tonumber(ARGV[6])
+local last = tonumber(redis.call('GET', index(KEYS[3], 'string')))
+if not last or before > last then redis.call('SET', KEYS[3], ARGV[6], 'PX', ARGV[3]) end
 local out = {}
 for _, id in ipairs(redis.call('SMEMBERS', index(KEYS[1], 'set'))) do
   local key = ARGV[1] .. 's:' .. id
   local cur = {}
-  if redis.call('TYPE', key).ok == 'hash' then cur = redis.call('HMGET', key, 'e', 'u') end
+  if redis.call('TYPE', key).ok == 'hash' then cur = redis.call('HMGET', key, 'e', 'u', 'c') end
   if cur[1] and cur[2] == ARGV[2] then
-    redis.call('DEL', key)
-    redis.call('SET', ARGV[1] .. 't:' .. id, '1', 'PX', ARGV[3])
-    redis.call('ZREM', index(KEYS[2], 'zset'), id)
-    redis.call('PUBLISH', ARGV[4], 'del:' .. id)
-    local e = tonumber(cur[1])
-    if e and e > tonumber(ARGV[5]) then out[#out + 1] = id end
+    if (tonumber(cur[3]) or 0) <= before then
+      redis.call('DEL', key)
+      redis.call('SET', ARGV[1] .. 't:' .. id, '1', 'PX', ARGV[3])
+      redis.call('ZREM', index(KEYS[2], 'zset'), id)
+      redis.call('SREM', KEYS[1], id)
+      redis.call('PUBLISH', ARGV[4], 'del:' .. id)
+      local e = tonumber(cur[1])
+      if e and e > tonumber(ARGV[5]) then out[#out + 1] = id end
+    end
+  else
+    redis.call('SREM', KEYS[1], id)
   end
 end
-redis.call('DEL', KEYS[1])
 return out
 "#;
 
@@ -276,11 +316,36 @@ local function index(key, kind)
 end
 "#;
 
-/// A script's full source: the prelude, then its body.
+/// Put after every script's body (which [`source`] wraps in `body()`): the
+/// replay chain. A replayed entry carries, as its last two keys, this node's
+/// replay cursor and `chain:<previous entry's id>:<its own id>`; it runs only
+/// if the cursor holds the previous id, and then sets it to its own. A batch
+/// is pipelined in one round trip, yet when one entry fails (an error
+/// aborts its script before the cursor moves) every later entry of the batch
+/// is skipped (-9) instead of landing out of order. Live calls carry no
+/// chain.
+const EPILOGUE: &str = r#"
+local chain = KEYS[#KEYS]
+if #KEYS >= 2 and string.sub(chain, 1, 6) == 'chain:' then
+  local prev, own = string.match(chain, '^chain:([^:]*):(.*)$')
+  local cursor = KEYS[#KEYS - 1]
+  if redis.call('GET', cursor) ~= prev then return -9 end
+  local r = body()
+  redis.call('SET', cursor, own, 'PX', 600000)
+  return r
+end
+return body()
+"#;
+
+/// A script's full source: the prelude, its body as a function, then the
+/// replay chain that calls it.
 fn source(body: &str) -> String {
-    let mut s = String::with_capacity(PRELUDE.len() + body.len());
+    let mut s = String::with_capacity(PRELUDE.len() + body.len() + EPILOGUE.len() + 40);
     s.push_str(PRELUDE);
+    s.push_str("local function body()\n");
     s.push_str(body);
+    s.push_str("\nend\n");
+    s.push_str(EPILOGUE);
     s
 }
 
@@ -291,6 +356,7 @@ impl RedisStore {
         url: &str,
         config: &Config,
         limits: Limits,
+        origin: u64,
     ) -> std::result::Result<RedisStore, String> {
         let target = if let Some(rest) = url.strip_prefix("redis+sentinel://") {
             Target::Sentinel(tokio::sync::Mutex::new(sentinel_client(rest)?))
@@ -313,6 +379,7 @@ impl RedisStore {
                 probe_interval: config.redis_probe_interval,
                 probe_max: config.redis_probe_max,
                 limits,
+                origin_field: format!("o:{origin:016x}"),
                 conn: RwLock::new(None),
                 active: AtomicU64::new(0),
                 corrupt: AtomicU64::new(0),
@@ -529,6 +596,7 @@ impl RedisStore {
             .key(self.key("t:", &id))
             .key(self.key("active", ""))
             .key(self.key("u:", &s.user_id))
+            .key(self.key("ut:", &s.user_id))
             .arg(if replay { "1" } else { "0" })
             .arg(&id)
             .arg(self.inner.limits.max_lifetime_ms)
@@ -546,10 +614,12 @@ impl RedisStore {
 
     /// Counts a request on the session and returns it, in one round trip:
     /// `MULTI; EVALSHA touch; HGETALL; EXEC`, atomic like a single script.
-    pub async fn touch(&self, id: &[u8; 16], now: u64) -> Result<Option<Session>> {
+    /// `seq`: the operation id (see `journal`), which the node reuses if it
+    /// journals the touch after this call timed out.
+    pub async fn touch(&self, id: &[u8; 16], now: u64, seq: u64) -> Result<Option<Session>> {
         let ids = format_id(id);
         let session_key = self.key("s:", &ids);
-        let inv = self.touch_inv(&ids, &session_key, now, false);
+        let inv = self.touch_inv(&ids, &session_key, now, 1, seq, false);
         let mut pipe = redis::pipe();
         pipe.atomic()
             .invoke_script(&inv)
@@ -587,6 +657,8 @@ impl RedisStore {
         ids: &str,
         session_key: &str,
         at: u64,
+        count: u64,
+        seq: u64,
         replay: bool,
     ) -> redis::ScriptInvocation<'_> {
         let mut inv = self.inner.scripts.touch.prepare_invoke();
@@ -597,7 +669,10 @@ impl RedisStore {
             .arg(self.inner.limits.ttl_ms)
             .arg(self.inner.limits.max_lifetime_ms)
             .arg(ids)
-            .arg(if replay { "1" } else { "0" });
+            .arg(if replay { "1" } else { "0" })
+            .arg(count)
+            .arg(&self.inner.origin_field)
+            .arg(seq);
         inv
     }
 
@@ -607,9 +682,10 @@ impl RedisStore {
         patch: &Patch,
         if_match: Option<u64>,
         now: u64,
+        seq: u64,
     ) -> Result<PatchOutcome> {
         let reply = self
-            .run(self.patch_inv(id, patch, if_match, now, false))
+            .run(self.patch_inv(id, patch, if_match, now, seq, false))
             .await?;
         let items = as_array(&reply)?;
         match items.first().and_then(as_int) {
@@ -636,6 +712,7 @@ impl RedisStore {
         patch: &Patch,
         if_match: Option<u64>,
         now: u64,
+        seq: u64,
         replay: bool,
     ) -> redis::ScriptInvocation<'_> {
         let ids = format_id(id);
@@ -649,7 +726,9 @@ impl RedisStore {
             .arg(&ids)
             .arg(self.inner.limits.max_lifetime_ms)
             .arg(self.inner.limits.max_metadata_bytes)
-            .arg(if replay { "1" } else { "0" });
+            .arg(if replay { "1" } else { "0" })
+            .arg(&self.inner.origin_field)
+            .arg(seq);
         if let Some(meta) = &patch.metadata {
             for (k, v) in meta {
                 inv.arg(field_name(k)).arg(v.to_string());
@@ -739,22 +818,87 @@ impl RedisStore {
         Ok(out)
     }
 
-    /// Deletes all of a user's sessions; returns the ids that were live.
-    pub async fn delete_user(&self, user: &str) -> Result<Vec<[u8; 16]>> {
-        let mut inv = self.inner.scripts.delete_user.prepare_invoke();
-        inv.key(self.key("u:", user))
-            .key(self.key("active", ""))
-            .arg(&self.inner.prefix)
-            .arg(user)
-            .arg(self.inner.limits.max_lifetime_ms)
-            .arg(self.channel())
-            .arg(crate::session::now_ms());
-        let reply = self.run(inv).await?;
+    /// Deletes a user's sessions created up to `before`; returns the ids
+    /// that were live.
+    pub async fn delete_user(&self, user: &str, before: u64) -> Result<Vec<[u8; 16]>> {
+        let reply = self.run(self.delete_user_inv(user, before)).await?;
         Ok(as_array(&reply)?
             .iter()
             .filter_map(as_string)
             .filter_map(|s| crate::session::parse_session_id(&s))
             .collect())
+    }
+
+    fn delete_user_inv(&self, user: &str, before: u64) -> redis::ScriptInvocation<'_> {
+        let mut inv = self.inner.scripts.delete_user.prepare_invoke();
+        inv.key(self.key("u:", user))
+            .key(self.key("active", ""))
+            .key(self.key("ut:", user))
+            .arg(&self.inner.prefix)
+            .arg(user)
+            .arg(self.inner.limits.max_lifetime_ms)
+            .arg(self.channel())
+            .arg(crate::session::now_ms())
+            .arg(before);
+        inv
+    }
+
+    /// The cluster's Redis epoch: the value of `epoch`, set to `fresh` first
+    /// when Redis holds none (it is new, or lost its data).
+    pub async fn epoch(&self, fresh: &str) -> Result<String> {
+        let key = self.key("epoch", "");
+        let key = &key;
+        let (_, value): ((), String) = self
+            .call(self.inner.timeout, |mut c| async move {
+                redis::pipe()
+                    .cmd("SET")
+                    .arg(key)
+                    .arg(fresh)
+                    .arg("NX")
+                    .ignore()
+                    .cmd("GET")
+                    .arg(key)
+                    .query_async::<(String,)>(&mut c)
+                    .await
+                    .map(|(v,)| ((), v))
+            })
+            .await?;
+        Ok(value)
+    }
+
+    /// Writes mirror copies into Redis, each unless it exists, is
+    /// tombstoned or its user logged out everywhere after its creation; one
+    /// pipelined round trip. Returns how many were written.
+    pub async fn restore_batch(&self, sessions: &[Session]) -> Result<u64> {
+        let invocations: Vec<_> = sessions.iter().map(|s| self.create_inv(s, true)).collect();
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for inv in &invocations {
+            pipe.invoke_script(inv);
+        }
+        let pipe = &pipe;
+        let load = self.load_scripts_pipe();
+        let load = &load;
+        let replies: Vec<redis::RedisResult<Value>> = self
+            .call(self.inner.timeout * 8, |mut c| async move {
+                load.query_async::<()>(&mut c).await?;
+                pipe.query_async(&mut c).await
+            })
+            .await?;
+        Ok(replies
+            .iter()
+            .filter(|r| matches!(r, Ok(Value::Int(1))))
+            .count() as u64)
+    }
+
+    /// Loads every script (a pipelined EVALSHA does not load a missing one,
+    /// and a Redis that restarted empty has none).
+    fn load_scripts_pipe(&self) -> redis::Pipeline {
+        let mut load = redis::pipe();
+        for body in ALL_SCRIPTS {
+            load.cmd("SCRIPT").arg("LOAD").arg(source(body)).ignore();
+        }
+        load
     }
 
     // ---- replay ----------------------------------------------------------------
@@ -763,28 +907,44 @@ impl RedisStore {
     /// reporting for each whether the session was there, gone for good
     /// (tombstone) or lost (restore it from the mirror). Pipelining is what
     /// lets replay outpace the fallback traffic that keeps arriving meanwhile.
-    pub async fn replay_batch(&self, ops: &[&Op]) -> Result<Vec<Replayed>> {
+    pub async fn replay_batch(&self, ops: &[(u64, &Op)]) -> Result<Vec<Replayed>> {
         let invocations: Vec<_> = ops
             .iter()
-            .map(|op| match op {
+            .map(|&(seq, op)| match op {
                 Op::Create(s) => self.create_inv(s, true),
                 Op::Touch { id, at } => {
                     let ids = format_id(id);
-                    self.touch_inv(&ids, &self.key("s:", &ids), *at, true)
+                    self.touch_inv(&ids, &self.key("s:", &ids), *at, 1, seq, true)
                 }
-                Op::Patch { id, patch } => self.patch_inv(id, patch, None, 0, true),
+                Op::Touches { id, count, at } => {
+                    let ids = format_id(id);
+                    self.touch_inv(&ids, &self.key("s:", &ids), *at, *count, seq, true)
+                }
+                Op::Patch { id, patch } => self.patch_inv(id, patch, None, 0, seq, true),
                 Op::Rotate { old, new } => self.rotate_inv(old, new, 0, true),
                 Op::Delete { id } => self.delete_inv(id),
+                Op::DeleteUser { user, before } => self.delete_user_inv(user, *before),
             })
             .collect();
-        // Pipelined EVALSHA does not load missing scripts (a Redis that
-        // restarted empty has none): load them all first.
-        let mut load = redis::pipe();
-        for body in ALL_SCRIPTS {
-            load.cmd("SCRIPT").arg("LOAD").arg(source(body)).ignore();
-        }
+        let load = self.load_scripts_pipe();
+        // The chain (see EPILOGUE): the cursor starts at a fresh token.
+        let cursor = self.key("replay:", &self.inner.origin_field);
+        let token = uuid::Uuid::new_v4().simple().to_string();
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
+        pipe.cmd("SET")
+            .arg(&cursor)
+            .arg(&token)
+            .arg("PX")
+            .arg(600_000)
+            .ignore();
+        let mut prev = token;
+        let mut invocations = invocations;
+        for (inv, (seq, _)) in invocations.iter_mut().zip(ops) {
+            let own = seq.to_string();
+            inv.key(&cursor).key(format!("chain:{prev}:{own}"));
+            prev = own;
+        }
         for inv in &invocations {
             pipe.invoke_script(inv);
         }
@@ -797,7 +957,7 @@ impl RedisStore {
             })
             .await?;
         let mut out = Vec::with_capacity(ops.len());
-        for (op, reply) in ops.iter().zip(replies.iter()) {
+        for ((_, op), reply) in ops.iter().zip(replies.iter()) {
             let reply = match reply {
                 Ok(v) => v,
                 // One bad record must not hold the whole journal up.
@@ -806,10 +966,15 @@ impl RedisStore {
                     out.push(Replayed::Refused(format!("corrupt record in redis: {e}")));
                     continue;
                 }
-                // Not applied; the entries after it were (or failed) each on
-                // their own, so only this one stays in the journal.
-                Err(e) => {
+                // Not applied; the entries after it (none of the same
+                // session: see the batching in failover) were applied or
+                // failed each on their own, so only this one stays.
+                Err(e) if is_transient(e) => {
                     out.push(Replayed::Failed(e.to_string()));
+                    continue;
+                }
+                Err(e) => {
+                    out.push(Replayed::Rejected(e.to_string()));
                     continue;
                 }
             };
@@ -819,15 +984,24 @@ impl RedisStore {
                 _ => None,
             };
             let outcome = match (op, code) {
-                (Op::Delete { .. }, _) => Replayed::Applied,
+                (_, Some(-9)) => {
+                    Replayed::Failed("an earlier entry of the batch was not applied".into())
+                }
+                (Op::Delete { .. } | Op::DeleteUser { .. }, _) => Replayed::Applied,
                 (_, Some(-2)) => {
-                    let _ = self
-                        .bad_record(format!("journal entry for session {}", format_id(&op.id())));
+                    let _ = self.bad_record(format!(
+                        "journal entry for session {}",
+                        op.id().map(|id| format_id(&id)).unwrap_or_default()
+                    ));
                     Replayed::Refused("corrupt record in redis".into())
                 }
+                // Already applied: by an earlier attempt, or by the live
+                // request that carried the same id before it timed out.
+                (Op::Touch { .. } | Op::Touches { .. }, Some(-3)) => Replayed::Applied,
+                (Op::Patch { .. }, Some(4)) => Replayed::Applied,
                 (Op::Create(_), Some(-1)) => Replayed::Tombstoned,
                 (Op::Create(_), _) => Replayed::Applied,
-                (Op::Touch { .. }, Some(n)) if n > 0 => Replayed::Applied,
+                (Op::Touch { .. } | Op::Touches { .. }, Some(n)) if n > 0 => Replayed::Applied,
                 (_, Some(1)) | (Op::Rotate { .. }, Some(2)) => Replayed::Applied,
                 (Op::Patch { .. }, Some(3)) => {
                     Replayed::Refused("merged metadata would exceed the limit".into())
@@ -1015,6 +1189,32 @@ fn is_bad_record(e: &redis::RedisError) -> bool {
     e.clone()
         .into_server_errors()
         .is_some_and(|errs| errs.iter().any(|(_, err)| err.code() == "WRONGTYPE"))
+}
+
+/// Whether an error says Redis cannot take writes *now* (memory, a replica,
+/// loading, a busy script, the connection), as opposed to refusing this one
+/// operation whatever its state.
+fn is_transient(e: &redis::RedisError) -> bool {
+    const TRANSIENT: [&str; 10] = [
+        "OOM",
+        "READONLY",
+        "LOADING",
+        "BUSY",
+        "MASTERDOWN",
+        "TRYAGAIN",
+        "NOREPLICAS",
+        "MISCONF",
+        "CLUSTERDOWN",
+        "NOSCRIPT",
+    ];
+    if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() {
+        return true;
+    }
+    let text = e.to_string();
+    match e.code() {
+        Some(code) => TRANSIENT.contains(&code) || TRANSIENT.iter().any(|t| text.contains(t)),
+        None => true,
+    }
 }
 
 /// The hash field of a metadata key: `m:` + the key as a JSON string.

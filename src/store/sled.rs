@@ -8,6 +8,19 @@
 //!   rewriting the index (that would double the write cost of the hot path); the
 //!   sweep re-files entries it finds still alive.
 //! - `journal`: sequence (big-endian u64) → operation acknowledged in fallback.
+//! - `deleted`: id → deletion time (big-endian u64 ms): sessions this node
+//!   saw deleted or rotated away, here or (through Redis) anywhere, kept for
+//!   the absolute session lifetime. In fallback they tell "deleted" (404)
+//!   from "not held here" (503), and a re-seed of an emptied Redis skips them.
+//! - `meta`: the node's origin id, the Redis epoch last seen, the clean
+//!   shutdown's session count.
+//!
+//! The disk is never allowed to fill: every write first checks the free space
+//! of the data directory (statvfs, cached for a moment) against
+//! `min_free_bytes`, and is refused with [`StoreError::DiskFull`] below it;
+//! deletes may use half of that reserve, so a logout still lands when nothing
+//! else does. A failed flush is remembered as a fault (health says so) until
+//! a later flush succeeds.
 //!
 //! Every change of one session happens under one of a fixed set of striped
 //! locks, so concurrent touches are exact and a PATCH never interleaves with a
@@ -16,11 +29,11 @@
 //! that runs one `fsync` on the blocking pool for everyone waiting.
 
 use super::journal::{self, Op};
-use super::PatchOutcome;
+use super::{PatchOutcome, StoreError};
 use crate::session::{InputError, Limits, Patch, Session};
 use sled::{Db, Tree};
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::watch;
@@ -40,6 +53,7 @@ struct Inner {
     by_user: Tree,
     by_expiry: Tree,
     journal: Tree,
+    deleted: Tree,
     locks: Vec<Mutex<()>>,
     limits: Limits,
     /// Sessions present minus those known gone; a gauge, not an exact count
@@ -48,6 +62,20 @@ struct Inner {
     /// Journal entries, kept as a counter: `Tree::len` walks every key, and
     /// health, metrics and the probe loop ask often during a long outage.
     journal_entries: AtomicU64,
+    /// Encoded bytes of the journal's entries, against `max_journal_bytes`.
+    journal_bytes: AtomicU64,
+    /// Fallback touches not yet journaled, one map per lock stripe:
+    /// id → (requests, last request time). See [`Op::Touches`].
+    pending_touches: Vec<Mutex<HashMap<[u8; 16], PendingTouches>>>,
+    /// Touches that could not be journaled (journal at its budget, or the
+    /// disk at its reserve): served, but their counts never reach Redis.
+    touches_unjournaled: AtomicU64,
+    /// This data directory's id in operation ids (see `journal`).
+    origin: u64,
+    local: LocalLimits,
+    disk: DiskGuard,
+    /// Where the rolling sweep of `deleted` continues.
+    tombstone_cursor: Mutex<Vec<u8>>,
     corrupt: AtomicU64,
     commit: GroupCommit,
     /// Touch results from Redis not yet written to the mirror, one map per
@@ -57,18 +85,61 @@ struct Inner {
     meta: Tree,
 }
 
+/// Requests counted on one session since its last journal entry, and the
+/// time of the last one.
+type PendingTouches = (u64, u64);
+
 /// Most buffered touches per stripe; past it a touch is written through.
 const TOUCHED_PER_STRIPE: usize = 512;
 
 /// Where a clean shutdown leaves the session count, so the next start need
 /// not walk every key.
 const CLEAN_COUNT_KEY: &[u8] = b"clean_shutdown_session_count";
+/// A random id drawn when the data directory is first opened.
+const ORIGIN_KEY: &[u8] = b"origin";
+/// The Redis epoch this node last synchronised its mirror with.
+const EPOCH_KEY: &[u8] = b"redis_epoch";
+
+/// The node's own bounds on its disk.
+#[derive(Debug, Clone, Copy)]
+pub struct LocalLimits {
+    /// sled's page cache, the bulk of the node's memory.
+    pub cache_bytes: u64,
+    /// Journal size above which fallback creates, changes and rotations are
+    /// refused (deletes never are; touches stop being counted).
+    pub max_journal_bytes: u64,
+    /// Free space of the data directory's file system kept in reserve.
+    pub min_free_bytes: u64,
+}
+
+/// How a write uses the journal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Journal {
+    /// Not journaled (no Redis configured, or a mirror write).
+    Off,
+    /// Journaled under a new sequence number.
+    Next,
+    /// Journaled under this sequence number: the id a live Redis request
+    /// already carried before it timed out.
+    At(u64),
+}
+
+/// How much of the disk reserve a write may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Space {
+    /// Creates, changes, mirror copies: stop at the reserve.
+    Write,
+    /// Deletes: may use half of the reserve.
+    Release,
+}
 
 /// What a modification decided to do with the session it looked at.
 enum Change {
     Keep,
     Put(Session),
     Remove,
+    /// Remove it if held, and record the deletion either way.
+    Tombstone,
     /// Remove this id and store the session under its (new) id.
     Move(Session),
 }
@@ -76,23 +147,47 @@ enum Change {
 impl SledStore {
     /// Opens (or creates) the database in `dir`. `cache_bytes` bounds sled's
     /// page cache, the bulk of the node's memory.
-    pub fn open(dir: &Path, cache_bytes: u64, limits: Limits) -> Result<SledStore> {
+    pub fn open(dir: &Path, local: LocalLimits, limits: Limits) -> Result<SledStore> {
         let db = sled::Config::new()
             .path(dir)
-            .cache_capacity(cache_bytes)
+            .cache_capacity(local.cache_bytes)
             .segment_size(256 * 1024)
             // edgenode flushes on its own schedule, on its own bounded pool.
             .flush_every_ms(None)
             .mode(sled::Mode::LowSpace)
             .open()?;
+        let meta = db.open_tree("meta")?;
+        let origin = match meta.get(ORIGIN_KEY)? {
+            Some(v) if v.len() == 8 => u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8])),
+            _ => {
+                let o = u64::from_be_bytes(
+                    uuid::Uuid::new_v4().as_bytes()[..8]
+                        .try_into()
+                        .unwrap_or([1; 8]),
+                );
+                meta.insert(ORIGIN_KEY, &o.to_be_bytes())?;
+                db.flush()?;
+                o
+            }
+        };
         let store = SledStore {
             inner: Arc::new(Inner {
                 sessions: db.open_tree("sessions")?,
                 by_user: db.open_tree("by_user")?,
                 by_expiry: db.open_tree("by_expiry")?,
                 journal: db.open_tree("journal")?,
-                meta: db.open_tree("meta")?,
+                deleted: db.open_tree("deleted")?,
+                meta,
                 db,
+                journal_bytes: AtomicU64::new(0),
+                pending_touches: (0..LOCK_STRIPES)
+                    .map(|_| Mutex::new(HashMap::new()))
+                    .collect(),
+                touches_unjournaled: AtomicU64::new(0),
+                origin,
+                local,
+                disk: DiskGuard::new(dir.to_path_buf()),
+                tombstone_cursor: Mutex::new(Vec::new()),
                 locks: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
                 limits,
                 active: AtomicI64::new(0),
@@ -112,9 +207,71 @@ impl SledStore {
             _ => store.inner.sessions.len() as i64,
         };
         store.inner.active.store(n, Ordering::Relaxed);
-        let j = store.inner.journal.len() as u64;
-        store.inner.journal_entries.store(j, Ordering::Relaxed);
+        let (mut entries, mut bytes) = (0u64, 0u64);
+        for (_, v) in store.inner.journal.iter().flatten() {
+            entries += 1;
+            bytes += v.len() as u64;
+        }
+        store
+            .inner
+            .journal_entries
+            .store(entries, Ordering::Relaxed);
+        store.inner.journal_bytes.store(bytes, Ordering::Relaxed);
         Ok(store)
+    }
+
+    /// This data directory's id in the ids of its journal's operations.
+    pub fn origin(&self) -> u64 {
+        self.inner.origin
+    }
+
+    /// A new operation id, for a live Redis request that may end up
+    /// journaled (see [`Journal::At`]).
+    pub fn next_seq(&self) -> Result<u64> {
+        Ok(self.inner.db.generate_id()?)
+    }
+
+    /// The Redis epoch this node's mirror was last synchronised with.
+    pub fn redis_epoch(&self) -> Option<String> {
+        self.inner
+            .meta
+            .get(EPOCH_KEY)
+            .ok()
+            .flatten()
+            .and_then(|v| String::from_utf8(v.to_vec()).ok())
+    }
+
+    pub fn set_redis_epoch(&self, epoch: &str) -> Result<()> {
+        self.inner.meta.insert(EPOCH_KEY, epoch.as_bytes())?;
+        Ok(())
+    }
+
+    /// Why the local store cannot take writes now, if it cannot: the disk at
+    /// its reserve, or a write to it that failed.
+    pub fn fault(&self) -> Option<String> {
+        self.inner.disk.fault(self.inner.local.min_free_bytes)
+    }
+
+    pub fn journal_bytes(&self) -> u64 {
+        self.inner.journal_bytes.load(Ordering::Relaxed)
+    }
+
+    pub fn touches_unjournaled(&self) -> u64 {
+        self.inner.touches_unjournaled.load(Ordering::Relaxed)
+    }
+
+    /// Whether this node saw the session deleted (or rotated away).
+    pub fn is_deleted(&self, id: &[u8; 16]) -> bool {
+        matches!(self.inner.deleted.get(id), Ok(Some(_)))
+    }
+
+    /// Refuses a write that would take the disk into its reserve.
+    fn check_space(&self, space: Space) -> Result<()> {
+        let reserve = match space {
+            Space::Write => self.inner.local.min_free_bytes,
+            Space::Release => self.inner.local.min_free_bytes / 2,
+        };
+        self.inner.disk.check(reserve)
     }
 
     pub fn limits(&self) -> &Limits {
@@ -141,26 +298,80 @@ impl SledStore {
     // ---- session operations ------------------------------------------------
 
     /// Stores a new session. Durable after [`durable`](Self::durable).
-    pub fn create(&self, session: &Session, journaled: bool) -> Result<()> {
-        self.modify(&session.id, session.created_at, |_| {
-            let op = journaled.then(|| Op::Create(session.clone()));
+    pub fn create(&self, session: &Session, journal: Journal) -> Result<()> {
+        self.check_space(Space::Write)?;
+        self.modify(&session.id, session.created_at, journal, |_| {
+            let op = Some(Op::Create(session.clone()));
             Ok((Change::Put(session.clone()), (), op))
         })
     }
 
     /// Counts one request, slides the expiry and returns the session. Not
     /// flushed: a touch lost to a crash costs one count, not a session.
-    pub fn touch(&self, id: &[u8; 16], now: u64, journaled: bool) -> Result<Option<Session>> {
+    /// With [`Journal::Next`] the count is coalesced in memory and journaled
+    /// by [`flush_pending_touches`](Self::flush_pending_touches). With the
+    /// disk at its reserve the session is served as it is, uncounted.
+    pub fn touch(&self, id: &[u8; 16], now: u64, journal: Journal) -> Result<Option<Session>> {
         let limits = self.inner.limits;
-        self.modify(id, now, |current| match current {
+        if self.check_space(Space::Write).is_err() {
+            self.inner
+                .touches_unjournaled
+                .fetch_add(1, Ordering::Relaxed);
+            return Ok(self.get(id, now));
+        }
+        let coalesce = journal == Journal::Next;
+        let touched = self.modify(id, now, journal, |current| match current {
             None => Ok((Change::Keep, None, None)),
             Some(s) => {
                 let mut s = s.clone();
                 s.touch(now, &limits);
-                let op = journaled.then_some(Op::Touch { id: *id, at: now });
+                let op = (!coalesce).then_some(Op::Touch { id: *id, at: now });
                 Ok((Change::Put(s.clone()), Some(s), op))
             }
-        })
+        })?;
+        if coalesce && touched.is_some() {
+            let mut map = self.inner.pending_touches[stripe(id)]
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let entry = map.entry(*id).or_insert((0, now));
+            entry.0 += 1;
+            entry.1 = entry.1.max(now);
+        }
+        Ok(touched)
+    }
+
+    /// Journals the coalesced fallback touches: one entry per session.
+    pub fn flush_pending_touches(&self) -> Result<()> {
+        for shard in &self.inner.pending_touches {
+            let ids: Vec<[u8; 16]> = shard
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .keys()
+                .copied()
+                .collect();
+            for id in ids {
+                let _guard = self.lock(&id);
+                self.journal_pending_touches_locked(&id)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Journals the pending touches of one session; its stripe lock is held.
+    fn journal_pending_touches_locked(&self, id: &[u8; 16]) -> Result<()> {
+        let taken = self.inner.pending_touches[stripe(id)]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        if let Some((count, at)) = taken {
+            let op = Op::Touches { id: *id, count, at };
+            if !self.journal_append(&op, None)? {
+                self.inner
+                    .touches_unjournaled
+                    .fetch_add(count, Ordering::Relaxed);
+            }
+        }
+        Ok(())
     }
 
     /// Reads without counting (used for mirror restores and tests).
@@ -174,10 +385,11 @@ impl SledStore {
         patch: &Patch,
         if_match: Option<u64>,
         now: u64,
-        journaled: bool,
+        journal: Journal,
     ) -> Result<PatchOutcome> {
         let limits = self.inner.limits;
-        self.modify(id, now, |current| {
+        self.check_space(Space::Write)?;
+        self.modify(id, now, journal, |current| {
             let Some(s) = current else {
                 return Ok((Change::Keep, PatchOutcome::NotFound, None));
             };
@@ -192,7 +404,7 @@ impl SledStore {
             }
             let mut s = s.clone();
             s.apply_patch(patch, &limits)?;
-            let op = journaled.then(|| Op::Patch {
+            let op = Some(Op::Patch {
                 id: *id,
                 patch: patch.clone(),
             });
@@ -200,15 +412,37 @@ impl SledStore {
         })
     }
 
-    pub fn delete(&self, id: &[u8; 16], now: u64, journaled: bool) -> Result<bool> {
-        self.modify(id, now, |current| match current {
-            None => Ok((Change::Keep, false, None)),
-            Some(_) => Ok((
-                Change::Remove,
-                true,
-                journaled.then_some(Op::Delete { id: *id }),
-            )),
+    /// Deletes a session and remembers the deletion. Journaled whether or
+    /// not this node holds the session: another node may, and the logout
+    /// must reach Redis all the same. Returns whether it was held here.
+    pub fn delete(&self, id: &[u8; 16], now: u64, journal: Journal) -> Result<bool> {
+        self.check_space(Space::Release)?;
+        let op = (journal != Journal::Off).then_some(Op::Delete { id: *id });
+        self.modify(id, now, journal, |current| match current {
+            None => Ok((Change::Tombstone, false, op)),
+            Some(_) => Ok((Change::Remove, true, op)),
         })
+    }
+
+    /// Log-out-everywhere in fallback: deletes the user's sessions held here
+    /// and journals one entry that deletes, in Redis, every session of the
+    /// user created up to `now`. Returns how many were held here.
+    pub fn delete_user(&self, user: &str, now: u64, journal: Journal) -> Result<u64> {
+        self.check_space(Space::Release)?;
+        let mut deleted = 0;
+        for s in self.list_user(user, now) {
+            if self.delete(&s.id, now, Journal::Off)? {
+                deleted += 1;
+            }
+        }
+        if journal != Journal::Off {
+            let op = Op::DeleteUser {
+                user: user.to_string(),
+                before: now,
+            };
+            self.journal_append(&op, None)?;
+        }
+        Ok(deleted)
     }
 
     /// Moves the session to `new_id` (chosen by the caller so a retry in
@@ -218,15 +452,16 @@ impl SledStore {
         id: &[u8; 16],
         new_id: [u8; 16],
         now: u64,
-        journaled: bool,
+        journal: Journal,
     ) -> Result<Option<Session>> {
-        self.modify(id, now, |current| match current {
+        self.check_space(Space::Write)?;
+        self.modify(id, now, journal, |current| match current {
             None => Ok((Change::Keep, None, None)),
             Some(s) => {
                 let mut moved = s.clone();
                 moved.id = new_id;
                 moved.version += 1;
-                let op = journaled.then_some(Op::Rotate {
+                let op = Some(Op::Rotate {
                     old: *id,
                     new: new_id,
                 });
@@ -264,7 +499,8 @@ impl SledStore {
     /// Stores a session as Redis returned it (newest wins against what the
     /// mirror and the touch buffer hold). Not flushed by itself.
     pub fn mirror_put(&self, session: &Session) -> Result<()> {
-        self.modify(&session.id, 0, |current| {
+        self.check_space(Space::Write)?;
+        self.modify(&session.id, 0, Journal::Off, |current| {
             let mut merged = session.clone();
             if let Some(b) = self.take_touched(&session.id) {
                 merged = newest(&merged, &b);
@@ -295,6 +531,14 @@ impl SledStore {
 
     /// Writes every buffered touch into the mirror.
     pub fn flush_touched(&self) -> Result<()> {
+        if self.check_space(Space::Write).is_err() {
+            // The buffered copies are dropped, not written: the mirror is a
+            // copy for outages, and the reserve is for what was acknowledged.
+            for shard in &self.inner.touched {
+                shard.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            }
+            return Ok(());
+        }
         for shard in &self.inner.touched {
             let ids: Vec<[u8; 16]> = shard
                 .lock()
@@ -303,7 +547,7 @@ impl SledStore {
                 .copied()
                 .collect();
             for id in ids {
-                self.modify(&id, 0, |current| {
+                self.modify(&id, 0, Journal::Off, |current| {
                     Ok(match (self.take_touched(&id), current) {
                         (Some(b), Some(c)) => (Change::Put(newest(&b, c)), (), None),
                         (Some(b), None) => (Change::Put(b), (), None),
@@ -324,20 +568,64 @@ impl SledStore {
             .remove(id)
     }
 
-    /// Drops a session another node deleted or rotated away.
-    pub fn mirror_remove(&self, id: &[u8; 16]) -> Result<bool> {
-        self.modify(id, 0, |current| {
+    /// Drops a session deleted or rotated away (here, or on another node as
+    /// Redis reported) and remembers the deletion.
+    pub fn mirror_deleted(&self, id: &[u8; 16]) -> Result<bool> {
+        self.modify(id, 0, Journal::Off, |current| {
             self.take_touched(id);
-            Ok((
-                if current.is_some() {
-                    Change::Remove
-                } else {
-                    Change::Keep
-                },
-                current.is_some(),
-                None,
-            ))
+            let held = current.is_some();
+            Ok((Change::Tombstone, held, None))
         })
+    }
+
+    /// Drops a session Redis no longer holds (expired, or a corrupt record)
+    /// without recording a deletion.
+    pub fn mirror_forget(&self, id: &[u8; 16]) -> Result<bool> {
+        self.modify(id, 0, Journal::Off, |current| {
+            self.take_touched(id);
+            let held = current.is_some();
+            Ok((if held { Change::Remove } else { Change::Keep }, held, None))
+        })
+    }
+
+    /// Every live session of the mirror that was not deleted, `batch` at a
+    /// time after `after` (for the re-seed of an emptied Redis).
+    pub fn live_sessions_after(
+        &self,
+        after: Option<[u8; 16]>,
+        batch: usize,
+        now: u64,
+    ) -> Vec<Session> {
+        let iter = match after {
+            Some(a) => self.inner.sessions.range((
+                std::ops::Bound::Excluded(a.to_vec()),
+                std::ops::Bound::Unbounded,
+            )),
+            None => self.inner.sessions.iter(),
+        };
+        iter.keys()
+            .filter_map(|k| k.ok())
+            .take(batch)
+            .filter_map(|k| <[u8; 16]>::try_from(k.as_ref()).ok())
+            .filter_map(|id| self.get(&id, now))
+            .collect()
+    }
+
+    /// The next key after which [`live_sessions_after`] continues, or
+    /// `None` at the end: the last key of this batch, live or not.
+    pub fn session_key_after(&self, after: Option<[u8; 16]>, skip: usize) -> Option<[u8; 16]> {
+        let iter = match after {
+            Some(a) => self.inner.sessions.range((
+                std::ops::Bound::Excluded(a.to_vec()),
+                std::ops::Bound::Unbounded,
+            )),
+            None => self.inner.sessions.iter(),
+        };
+        iter.keys()
+            .filter_map(|k| k.ok())
+            .take(skip)
+            .last()
+            .and_then(|k| <[u8; 16]>::try_from(k.as_ref()).ok())
     }
 
     // ---- journal -------------------------------------------------------------
@@ -368,10 +656,39 @@ impl SledStore {
     }
 
     pub fn journal_remove(&self, seq: u64) -> Result<()> {
-        if self.inner.journal.remove(seq.to_be_bytes())?.is_some() {
+        if let Some(old) = self.inner.journal.remove(seq.to_be_bytes())? {
             self.inner.journal_entries.fetch_sub(1, Ordering::Relaxed);
+            self.inner
+                .journal_bytes
+                .fetch_sub(old.len() as u64, Ordering::Relaxed);
         }
         Ok(())
+    }
+
+    /// Appends an operation to the journal (under `seq` when given). Within
+    /// the byte budget always; beyond it only a delete, which is never
+    /// refused: returns whether it was written.
+    fn journal_append(&self, op: &Op, seq: Option<u64>) -> Result<bool> {
+        let bytes = journal::encode(op);
+        let over = self.journal_bytes() + bytes.len() as u64 > self.inner.local.max_journal_bytes;
+        if over && !matches!(op, Op::Delete { .. } | Op::DeleteUser { .. }) {
+            return Ok(false);
+        }
+        let seq = match seq {
+            Some(s) => s,
+            None => self.inner.db.generate_id()?,
+        };
+        let len = bytes.len() as u64;
+        if self
+            .inner
+            .journal
+            .insert(seq.to_be_bytes(), bytes)?
+            .is_none()
+        {
+            self.inner.journal_entries.fetch_add(1, Ordering::Relaxed);
+        }
+        self.inner.journal_bytes.fetch_add(len, Ordering::Relaxed);
+        Ok(true)
     }
 
     /// The newest journal sequence number, or 0 when empty.
@@ -429,6 +746,40 @@ impl SledStore {
         removed
     }
 
+    /// Drops up to `budget` deletion records older than the absolute session
+    /// lifetime (nothing they name can still be alive), continuing where the
+    /// last call stopped.
+    pub fn sweep_tombstones(&self, now: u64, budget: usize) -> usize {
+        let mut cursor = self
+            .inner
+            .tombstone_cursor
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let horizon = now.saturating_sub(self.inner.limits.max_lifetime_ms);
+        let batch: Vec<_> = self
+            .inner
+            .deleted
+            .range((
+                std::ops::Bound::Excluded(cursor.clone()),
+                std::ops::Bound::Unbounded,
+            ))
+            .take(budget)
+            .filter_map(|r| r.ok())
+            .collect();
+        let mut removed = 0;
+        for (k, v) in &batch {
+            let at = v.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0);
+            if at < horizon && self.inner.deleted.remove(k).is_ok() {
+                removed += 1;
+            }
+        }
+        *cursor = match batch.last() {
+            Some((k, _)) if batch.len() == budget => k.to_vec(),
+            _ => Vec::new(),
+        };
+        removed
+    }
+
     /// Flushes lazily-written data (touches, mirror updates, sweeps).
     pub async fn flush_lazy(&self) -> Result<()> {
         self.flush_touched()?;
@@ -439,6 +790,7 @@ impl SledStore {
     /// next start skips the recount.
     pub async fn close(&self) -> Result<()> {
         self.flush_touched()?;
+        self.flush_pending_touches()?;
         let n = self.inner.active.load(Ordering::Relaxed);
         self.inner.meta.insert(CLEAN_COUNT_KEY, &n.to_be_bytes())?;
         self.durable().await
@@ -476,10 +828,14 @@ impl SledStore {
 
     /// The one place sessions change: lock, load (expired counts as absent and
     /// is removed), decide, apply with index upkeep, journal.
+    /// `op` is journaled as `journal` says: its coalesced touches first, so
+    /// the order per session holds. Creates, changes and rotations beyond the
+    /// journal's budget are refused before anything changes.
     fn modify<R>(
         &self,
         id: &[u8; 16],
         now: u64,
+        journal: Journal,
         decide: impl FnOnce(
             Option<&Session>,
         ) -> std::result::Result<(Change, R, Option<Op>), InputError>,
@@ -493,8 +849,26 @@ impl SledStore {
             }
         }
         let (change, reply, op) = decide(current.as_ref())?;
+        let op = op.filter(|_| journal != Journal::Off);
+        if let Some(op) = &op {
+            let size = journal::encode(op).len() as u64;
+            if !matches!(op, Op::Delete { .. } | Op::Touch { .. })
+                && self.journal_bytes() + size > self.inner.local.max_journal_bytes
+            {
+                return Err(StoreError::JournalFull(self.inner.local.max_journal_bytes));
+            }
+            self.journal_pending_touches_locked(id)?;
+        }
         match change {
             Change::Keep => {}
+            Change::Tombstone => {
+                if let Some(old) = &current {
+                    self.remove_locked(old)?;
+                }
+                self.inner
+                    .deleted
+                    .insert(id, &now_or_clock(now).to_be_bytes())?;
+            }
             Change::Put(new) => self.put_locked(current.as_ref(), &new)?,
             Change::Remove => {
                 if let Some(old) = &current {
@@ -509,14 +883,21 @@ impl SledStore {
                 if let Some(old) = &current {
                     self.remove_locked(old)?;
                 }
+                self.inner
+                    .deleted
+                    .insert(id, &now_or_clock(now).to_be_bytes())?;
             }
         }
         if let Some(op) = op {
-            let seq = self.inner.db.generate_id()?;
-            self.inner
-                .journal
-                .insert(seq.to_be_bytes(), journal::encode(&op))?;
-            self.inner.journal_entries.fetch_add(1, Ordering::Relaxed);
+            let seq = match journal {
+                Journal::At(seq) => Some(seq),
+                _ => None,
+            };
+            if !self.journal_append(&op, seq)? {
+                self.inner
+                    .touches_unjournaled
+                    .fetch_add(1, Ordering::Relaxed);
+            }
         }
         Ok(reply)
     }
@@ -641,7 +1022,7 @@ impl SledStore {
                 return if ok {
                     Ok(())
                 } else {
-                    Err(super::StoreError::Unavailable(
+                    Err(StoreError::DiskFault(
                         "flushing the local store to disk failed".into(),
                     ))
                 };
@@ -653,8 +1034,20 @@ impl SledStore {
                     let db = inner.db.clone();
                     let res = tokio::task::spawn_blocking(move || db.flush()).await;
                     let ok = matches!(res, Ok(Ok(_)));
-                    if !ok {
-                        tracing::error!(result = ?res, "flushing the local store failed");
+                    match &res {
+                        Ok(Ok(_)) => inner.disk.flushed(None),
+                        Ok(Err(e)) => {
+                            tracing::error!(error = %e, "flushing the local store failed");
+                            inner
+                                .disk
+                                .flushed(Some(format!("writing to disk failed: {e}")));
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "flushing the local store failed");
+                            inner
+                                .disk
+                                .flushed(Some(format!("writing to disk failed: {e}")));
+                        }
                     }
                     inner.commit.running.store(false, Ordering::SeqCst);
                     inner.commit.done.send_replace((target, ok));
@@ -672,5 +1065,97 @@ struct DecrementOnDrop<'a>(&'a AtomicU64);
 impl Drop for DecrementOnDrop<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The time to record a deletion at: the request's, or the clock's for
+/// mirror maintenance (which passes 0).
+fn now_or_clock(now: u64) -> u64 {
+    if now == 0 {
+        crate::session::now_ms()
+    } else {
+        now
+    }
+}
+
+/// Watches the data directory's free space and remembers failed flushes.
+///
+/// `statvfs` is cheap but not free, so its answer is kept for
+/// [`DiskGuard::FRESH_MS`]; the reserve is checked against that.
+struct DiskGuard {
+    dir: PathBuf,
+    /// When the free space was last read, and what it was.
+    last: Mutex<Option<(std::time::Instant, u64)>>,
+    /// The last flush's failure, until a flush succeeds.
+    flush_error: Mutex<Option<String>>,
+}
+
+impl DiskGuard {
+    const FRESH_MS: u64 = 100;
+
+    fn new(dir: PathBuf) -> DiskGuard {
+        DiskGuard {
+            dir,
+            last: Mutex::new(None),
+            flush_error: Mutex::new(None),
+        }
+    }
+
+    /// Available bytes for an unprivileged writer (`f_bavail`); `u64::MAX`
+    /// when the file system cannot say.
+    fn available(&self) -> u64 {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        match *last {
+            Some((at, free)) if at.elapsed().as_millis() as u64 <= Self::FRESH_MS => free,
+            _ => {
+                let free = statvfs_available(&self.dir).unwrap_or(u64::MAX);
+                *last = Some((std::time::Instant::now(), free));
+                free
+            }
+        }
+    }
+
+    fn check(&self, reserve: u64) -> Result<()> {
+        let free = self.available();
+        if free < reserve {
+            return Err(StoreError::DiskFull { free, reserve });
+        }
+        Ok(())
+    }
+
+    fn flushed(&self, error: Option<String>) {
+        *self.flush_error.lock().unwrap_or_else(|p| p.into_inner()) = error;
+    }
+
+    fn fault(&self, reserve: u64) -> Option<String> {
+        if let Some(e) = self
+            .flush_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        {
+            return Some(e);
+        }
+        let free = self.available();
+        (free < reserve).then(|| {
+            format!(
+                "disk almost full: {} KiB free, {} KiB kept in reserve; writes refused",
+                free / 1024,
+                reserve / 1024
+            )
+        })
+    }
+}
+
+fn statvfs_available(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs fills the zeroed struct we own from a valid C string.
+    unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(path.as_ptr(), &mut st) != 0 {
+            return None;
+        }
+        Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
     }
 }
