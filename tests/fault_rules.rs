@@ -377,6 +377,85 @@ fn a_full_disk_refuses_writes_in_time_loses_nothing_and_recovers_by_itself() {
 }
 
 #[test]
+fn a_disk_filled_by_someone_else_is_a_fault_the_node_reopens_its_store_after() {
+    // No reserve: the disk fills under sled itself (another program filled
+    // it faster than the node could look), and sled refuses every write
+    // from then on until the database is reopened.
+    let mnt = tempdir();
+    let Some(_mount) = tmpfs(mnt.path(), 8) else {
+        return;
+    };
+    let data = mnt.path().join("node");
+    std::fs::create_dir_all(&data).unwrap();
+    let ballast_file = mnt.path().join("ballast");
+    ballast(&ballast_file, mnt.path(), 2 * 1024);
+    let mut node = Node::builder()
+        .data_dir(&data)
+        .args(["--min-free-mb", "0", "--request-timeout-ms", "2000"])
+        .start();
+    let c = node.client();
+    let meta = "x".repeat(900);
+    let mut acked: Vec<String> = Vec::new();
+    let mut failed = None;
+    for i in 0..20_000 {
+        let t = Instant::now();
+        let a = c.post(
+            "/api/sessions",
+            &format!(r#"{{"user_id":"u{i}","metadata":{{"pad":"{meta}"}}}}"#),
+        );
+        assert!(t.elapsed() < Duration::from_millis(2_500), "a write hung");
+        if a.status == 201 {
+            acked.push(id_of(&a.json()));
+        } else {
+            failed = Some(a);
+            break;
+        }
+    }
+    let failed = failed.expect("the disk never filled");
+    assert!(
+        [503, 507].contains(&failed.status),
+        "{} {}",
+        failed.status,
+        failed.text
+    );
+    assert!(failed.header("retry-after").is_some());
+    assert!(wait_until(Duration::from_secs(3), || {
+        c.get("/api/ready").status == 503 && health(&c)["status"] == "degraded"
+    }));
+    println!("degraded: {}", health(&c)["degraded_reason"]);
+
+    std::fs::remove_file(&ballast_file).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || c.get("/api/ready").status
+            == 200),
+        "not ready after space came back: {}\n{}",
+        health(&c),
+        node.log_text()
+    );
+    assert!(node.log_text().contains("reopened after a disk fault"));
+    let after = c.post("/api/sessions", r#"{"user_id":"after"}"#);
+    assert_eq!(after.status, 201, "{}", after.text);
+    acked.push(id_of(&after.json()));
+    for id in &acked {
+        assert_eq!(
+            c.get(&format!("/api/sessions/{id}")).status,
+            200,
+            "{id} lost"
+        );
+    }
+    assert!(node.terminate().success(), "{}", node.log_text());
+    node.restart();
+    let c = node.client();
+    for id in &acked {
+        assert_eq!(
+            c.get(&format!("/api/sessions/{id}")).status,
+            200,
+            "{id} lost after restart"
+        );
+    }
+}
+
+#[test]
 fn the_journal_coalesces_touches_and_keeps_logouts_at_its_budget() {
     let mut redis = Redis::start(true);
     let node = node_on(&redis, "n1");

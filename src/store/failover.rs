@@ -573,6 +573,17 @@ impl Store {
                 _ = shutdown.changed() => return,
             }
             rounds += 1;
+            if self.inner.sled.needs_reopen() {
+                // A failed flush: sled refuses writes until reopened. Try
+                // once a tick; it succeeds once the disk takes writes again.
+                let sled = self.inner.sled.clone();
+                match tokio::task::spawn_blocking(move || sled.reopen()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::debug!(error = %e, "local store not reopened yet"),
+                    Err(e) => tracing::error!(error = %e, "reopening the local store panicked"),
+                }
+                continue;
+            }
             if rounds % 2 == 0 {
                 let sled = self.inner.sled.clone();
                 let removed = tokio::task::spawn_blocking(move || {

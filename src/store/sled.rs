@@ -48,12 +48,11 @@ pub struct SledStore {
 }
 
 struct Inner {
-    db: Db,
-    sessions: Tree,
-    by_user: Tree,
-    by_expiry: Tree,
-    journal: Tree,
-    deleted: Tree,
+    /// The open database. Swapped for a fresh one by [`SledStore::reopen`]
+    /// after a write error, which sled keeps (sticky) until then.
+    /// `None` only while [`SledStore::reopen`] holds the lock for writing.
+    trees: std::sync::RwLock<Option<Arc<Trees>>>,
+    dir: PathBuf,
     locks: Vec<Mutex<()>>,
     limits: Limits,
     /// Sessions present minus those known gone; a gauge, not an exact count
@@ -82,7 +81,55 @@ struct Inner {
     /// lock stripe. Written by the housekeeping flush (and at once on a
     /// failover), so the Redis-mode hot path does no sled write at all.
     touched: Vec<Mutex<HashMap<[u8; 16], Session>>>,
+}
+
+impl Inner {
+    fn t(&self) -> Arc<Trees> {
+        match self
+            .trees
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            Some(t) => t.clone(),
+            // Empty only under `reopen`'s write lock, which it never
+            // releases empty (it exits instead).
+            None => unreachable!("the local store is reopened under its lock"),
+        }
+    }
+}
+
+/// The database and its trees (see the module doc).
+struct Trees {
+    db: Db,
+    sessions: Tree,
+    by_user: Tree,
+    by_expiry: Tree,
+    journal: Tree,
+    deleted: Tree,
     meta: Tree,
+}
+
+impl Trees {
+    fn open(dir: &Path, local: &LocalLimits) -> Result<Trees> {
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(local.cache_bytes)
+            .segment_size(256 * 1024)
+            // edgenode flushes on its own schedule, on its own bounded pool.
+            .flush_every_ms(None)
+            .mode(sled::Mode::LowSpace)
+            .open()?;
+        Ok(Trees {
+            sessions: db.open_tree("sessions")?,
+            by_user: db.open_tree("by_user")?,
+            by_expiry: db.open_tree("by_expiry")?,
+            journal: db.open_tree("journal")?,
+            deleted: db.open_tree("deleted")?,
+            meta: db.open_tree("meta")?,
+            db,
+        })
+    }
 }
 
 /// Requests counted on one session since its last journal entry, and the
@@ -148,16 +195,8 @@ impl SledStore {
     /// Opens (or creates) the database in `dir`. `cache_bytes` bounds sled's
     /// page cache, the bulk of the node's memory.
     pub fn open(dir: &Path, local: LocalLimits, limits: Limits) -> Result<SledStore> {
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(local.cache_bytes)
-            .segment_size(256 * 1024)
-            // edgenode flushes on its own schedule, on its own bounded pool.
-            .flush_every_ms(None)
-            .mode(sled::Mode::LowSpace)
-            .open()?;
-        let meta = db.open_tree("meta")?;
-        let origin = match meta.get(ORIGIN_KEY)? {
+        let trees = Trees::open(dir, &local)?;
+        let origin = match trees.meta.get(ORIGIN_KEY)? {
             Some(v) if v.len() == 8 => u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8])),
             _ => {
                 let o = u64::from_be_bytes(
@@ -165,20 +204,15 @@ impl SledStore {
                         .try_into()
                         .unwrap_or([1; 8]),
                 );
-                meta.insert(ORIGIN_KEY, &o.to_be_bytes())?;
-                db.flush()?;
+                trees.meta.insert(ORIGIN_KEY, &o.to_be_bytes())?;
+                trees.db.flush()?;
                 o
             }
         };
         let store = SledStore {
             inner: Arc::new(Inner {
-                sessions: db.open_tree("sessions")?,
-                by_user: db.open_tree("by_user")?,
-                by_expiry: db.open_tree("by_expiry")?,
-                journal: db.open_tree("journal")?,
-                deleted: db.open_tree("deleted")?,
-                meta,
-                db,
+                trees: std::sync::RwLock::new(Some(Arc::new(trees))),
+                dir: dir.to_path_buf(),
                 journal_bytes: AtomicU64::new(0),
                 pending_touches: (0..LOCK_STRIPES)
                     .map(|_| Mutex::new(HashMap::new()))
@@ -199,25 +233,90 @@ impl SledStore {
                     .collect(),
             }),
         };
-        // The gauge starts from the count a clean shutdown left (consumed, so
-        // a crash after this start forces a recount) or, after a crash, from
-        // one walk of the keys before anything can change them.
-        let n = match store.inner.meta.remove(CLEAN_COUNT_KEY)? {
+        store.count()?;
+        Ok(store)
+    }
+
+    /// The open trees.
+    fn t(&self) -> Arc<Trees> {
+        self.inner.t()
+    }
+
+    /// Sets the gauges from what is on disk: the session count a clean
+    /// shutdown left (consumed, so a crash after this start forces a
+    /// recount) or one walk of the keys; the journal's entries and bytes.
+    fn count(&self) -> Result<()> {
+        let t = self.t();
+        let n = match t.meta.remove(CLEAN_COUNT_KEY)? {
             Some(v) if v.len() == 8 => i64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8])),
-            _ => store.inner.sessions.len() as i64,
+            _ => t.sessions.len() as i64,
         };
-        store.inner.active.store(n, Ordering::Relaxed);
+        self.inner.active.store(n, Ordering::Relaxed);
         let (mut entries, mut bytes) = (0u64, 0u64);
-        for (_, v) in store.inner.journal.iter().flatten() {
+        for (_, v) in t.journal.iter().flatten() {
             entries += 1;
             bytes += v.len() as u64;
         }
-        store
-            .inner
-            .journal_entries
-            .store(entries, Ordering::Relaxed);
-        store.inner.journal_bytes.store(bytes, Ordering::Relaxed);
-        Ok(store)
+        self.inner.journal_entries.store(entries, Ordering::Relaxed);
+        self.inner.journal_bytes.store(bytes, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Whether a write to disk failed (sled then refuses every write until
+    /// the database is reopened).
+    pub fn needs_reopen(&self) -> bool {
+        self.inner.disk.flush_failed()
+    }
+
+    /// Reopens the database after a write error, once the data directory
+    /// takes writes again (a probe file is written and synced first). What
+    /// was acknowledged had been flushed before it was acknowledged, so it
+    /// is all there; what was not (lazy mirror copies, touches) may be lost.
+    /// Blocking: run it on the blocking pool. Requests wait on the swap for
+    /// as long as the open takes.
+    pub fn reopen(&self) -> Result<()> {
+        let probe = self.inner.dir.join(".edgenode-write-probe");
+        let probed = std::fs::write(&probe, b"ok")
+            .and_then(|_| std::fs::File::open(&probe)?.sync_all())
+            .and_then(|_| std::fs::remove_file(&probe));
+        if let Err(e) = probed {
+            return Err(StoreError::DiskFault(format!(
+                "the data directory still refuses writes: {e}"
+            )));
+        }
+        let mut slot = self.inner.trees.write().unwrap_or_else(|p| p.into_inner());
+        // sled holds an exclusive lock on its file until every handle of the
+        // old database is gone; in-flight users drop theirs within moments
+        // (nobody takes a new one while the slot is locked).
+        if let Some(old) = slot.take() {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while Arc::strong_count(&old) > 1 && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            drop(old);
+        }
+        let mut last_error = None;
+        for _ in 0..50 {
+            match Trees::open(&self.inner.dir, &self.inner.local) {
+                Ok(t) => {
+                    *slot = Some(Arc::new(t));
+                    drop(slot);
+                    self.count()?;
+                    self.inner.disk.flushed(None);
+                    tracing::warn!("the local store was reopened after a disk fault");
+                    return Ok(());
+                }
+                Err(e) => {
+                    last_error = Some(e);
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+            }
+        }
+        // The slot stays empty while it is locked, so nothing was written
+        // or acknowledged meanwhile; a restart by the service manager is the
+        // honest way on.
+        tracing::error!(error = ?last_error, "cannot reopen the local store; exiting so that the service manager restarts the node");
+        std::process::exit(1);
     }
 
     /// This data directory's id in the ids of its journal's operations.
@@ -228,12 +327,12 @@ impl SledStore {
     /// A new operation id, for a live Redis request that may end up
     /// journaled (see [`Journal::At`]).
     pub fn next_seq(&self) -> Result<u64> {
-        Ok(self.inner.db.generate_id()?)
+        Ok(self.t().db.generate_id()?)
     }
 
     /// The Redis epoch this node's mirror was last synchronised with.
     pub fn redis_epoch(&self) -> Option<String> {
-        self.inner
+        self.t()
             .meta
             .get(EPOCH_KEY)
             .ok()
@@ -242,7 +341,7 @@ impl SledStore {
     }
 
     pub fn set_redis_epoch(&self, epoch: &str) -> Result<()> {
-        self.inner.meta.insert(EPOCH_KEY, epoch.as_bytes())?;
+        self.t().meta.insert(EPOCH_KEY, epoch.as_bytes())?;
         Ok(())
     }
 
@@ -262,7 +361,7 @@ impl SledStore {
 
     /// Whether this node saw the session deleted (or rotated away).
     pub fn is_deleted(&self, id: &[u8; 16]) -> bool {
-        matches!(self.inner.deleted.get(id), Ok(Some(_)))
+        matches!(self.t().deleted.get(id), Ok(Some(_)))
     }
 
     /// Refuses a write that would take the disk into its reserve.
@@ -482,7 +581,7 @@ impl SledStore {
     /// Ids filed under a user; may include stale entries, callers re-check.
     pub fn user_session_ids(&self, user: &str) -> Vec<[u8; 16]> {
         let prefix = user_prefix(user);
-        self.inner
+        self.t()
             .by_user
             .scan_prefix(&prefix)
             .keys()
@@ -597,11 +696,11 @@ impl SledStore {
         now: u64,
     ) -> Vec<Session> {
         let iter = match after {
-            Some(a) => self.inner.sessions.range((
+            Some(a) => self.t().sessions.range((
                 std::ops::Bound::Excluded(a.to_vec()),
                 std::ops::Bound::Unbounded,
             )),
-            None => self.inner.sessions.iter(),
+            None => self.t().sessions.iter(),
         };
         iter.keys()
             .filter_map(|k| k.ok())
@@ -615,11 +714,11 @@ impl SledStore {
     /// `None` at the end: the last key of this batch, live or not.
     pub fn session_key_after(&self, after: Option<[u8; 16]>, skip: usize) -> Option<[u8; 16]> {
         let iter = match after {
-            Some(a) => self.inner.sessions.range((
+            Some(a) => self.t().sessions.range((
                 std::ops::Bound::Excluded(a.to_vec()),
                 std::ops::Bound::Unbounded,
             )),
-            None => self.inner.sessions.iter(),
+            None => self.t().sessions.iter(),
         };
         iter.keys()
             .filter_map(|k| k.ok())
@@ -637,8 +736,7 @@ impl SledStore {
     /// The oldest `n` journal entries, in order. An entry that does not decode
     /// is counted, logged and skipped (returned as `None` so it can be dropped).
     pub fn journal_head(&self, n: usize) -> Vec<(u64, Option<Op>)> {
-        self.inner
-            .journal
+        self.t().journal
             .iter()
             .take(n)
             .filter_map(|r| r.ok())
@@ -656,7 +754,7 @@ impl SledStore {
     }
 
     pub fn journal_remove(&self, seq: u64) -> Result<()> {
-        if let Some(old) = self.inner.journal.remove(seq.to_be_bytes())? {
+        if let Some(old) = self.t().journal.remove(seq.to_be_bytes())? {
             self.inner.journal_entries.fetch_sub(1, Ordering::Relaxed);
             self.inner
                 .journal_bytes
@@ -676,15 +774,10 @@ impl SledStore {
         }
         let seq = match seq {
             Some(s) => s,
-            None => self.inner.db.generate_id()?,
+            None => self.t().db.generate_id()?,
         };
         let len = bytes.len() as u64;
-        if self
-            .inner
-            .journal
-            .insert(seq.to_be_bytes(), bytes)?
-            .is_none()
-        {
+        if self.t().journal.insert(seq.to_be_bytes(), bytes)?.is_none() {
             self.inner.journal_entries.fetch_add(1, Ordering::Relaxed);
         }
         self.inner.journal_bytes.fetch_add(len, Ordering::Relaxed);
@@ -693,7 +786,7 @@ impl SledStore {
 
     /// The newest journal sequence number, or 0 when empty.
     pub fn journal_last_seq(&self) -> u64 {
-        self.inner
+        self.t()
             .journal
             .last()
             .ok()
@@ -716,7 +809,7 @@ impl SledStore {
     pub fn sweep(&self, now: u64, budget: usize) -> usize {
         let mut removed = 0;
         let due: Vec<_> = self
-            .inner
+            .t()
             .by_expiry
             .range(..now.to_be_bytes().to_vec())
             .keys()
@@ -725,7 +818,7 @@ impl SledStore {
             .collect();
         for key in due {
             let Some(id) = key.get(8..24).and_then(|b| <[u8; 16]>::try_from(b).ok()) else {
-                let _ = self.inner.by_expiry.remove(&key);
+                let _ = self.t().by_expiry.remove(&key);
                 continue;
             };
             let _guard = self.lock(&id);
@@ -735,13 +828,13 @@ impl SledStore {
                 Some(s) => {
                     // Still alive: re-file at its real expiry.
                     let _ = self
-                        .inner
+                        .t()
                         .by_expiry
                         .insert(expiry_key(s.expires_at, &id), &[]);
                 }
                 None => {}
             }
-            let _ = self.inner.by_expiry.remove(&key);
+            let _ = self.t().by_expiry.remove(&key);
         }
         removed
     }
@@ -757,7 +850,7 @@ impl SledStore {
             .unwrap_or_else(|p| p.into_inner());
         let horizon = now.saturating_sub(self.inner.limits.max_lifetime_ms);
         let batch: Vec<_> = self
-            .inner
+            .t()
             .deleted
             .range((
                 std::ops::Bound::Excluded(cursor.clone()),
@@ -769,7 +862,7 @@ impl SledStore {
         let mut removed = 0;
         for (k, v) in &batch {
             let at = v.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0);
-            if at < horizon && self.inner.deleted.remove(k).is_ok() {
+            if at < horizon && self.t().deleted.remove(k).is_ok() {
                 removed += 1;
             }
         }
@@ -792,7 +885,7 @@ impl SledStore {
         self.flush_touched()?;
         self.flush_pending_touches()?;
         let n = self.inner.active.load(Ordering::Relaxed);
-        self.inner.meta.insert(CLEAN_COUNT_KEY, &n.to_be_bytes())?;
+        self.t().meta.insert(CLEAN_COUNT_KEY, &n.to_be_bytes())?;
         self.durable().await
     }
 
@@ -809,7 +902,7 @@ impl SledStore {
     /// Reads and decodes a record; a corrupt one is logged, counted and
     /// treated as absent.
     fn load(&self, id: &[u8; 16]) -> Option<Session> {
-        let bytes = match self.inner.sessions.get(id) {
+        let bytes = match self.t().sessions.get(id) {
             Ok(b) => b?,
             Err(e) => {
                 tracing::error!(error = %e, "reading session failed");
@@ -865,7 +958,7 @@ impl SledStore {
                 if let Some(old) = &current {
                     self.remove_locked(old)?;
                 }
-                self.inner
+                self.t()
                     .deleted
                     .insert(id, &now_or_clock(now).to_be_bytes())?;
             }
@@ -883,7 +976,7 @@ impl SledStore {
                 if let Some(old) = &current {
                     self.remove_locked(old)?;
                 }
-                self.inner
+                self.t()
                     .deleted
                     .insert(id, &now_or_clock(now).to_be_bytes())?;
             }
@@ -904,21 +997,21 @@ impl SledStore {
 
     fn put_locked(&self, old: Option<&Session>, new: &Session) -> Result<()> {
         let inner = &self.inner;
+        let t = self.t();
         if old.map(|o| o.user_id != new.user_id).unwrap_or(true) {
-            inner.by_user.insert(user_key(&new.user_id, &new.id), &[])?;
+            t.by_user.insert(user_key(&new.user_id, &new.id), &[])?;
         }
         if old.map(|o| new.expires_at < o.expires_at).unwrap_or(true) {
-            inner
-                .by_expiry
+            t.by_expiry
                 .insert(expiry_key(new.expires_at, &new.id), &[])?;
         }
-        inner.sessions.insert(new.id, new.encode())?;
+        t.sessions.insert(new.id, new.encode())?;
         match old {
             None => {
                 inner.active.fetch_add(1, Ordering::Relaxed);
             }
             Some(o) if o.user_id != new.user_id => {
-                inner.by_user.remove(user_key(&o.user_id, &o.id))?;
+                t.by_user.remove(user_key(&o.user_id, &o.id))?;
             }
             Some(_) => {}
         }
@@ -928,8 +1021,8 @@ impl SledStore {
     /// Removes a record and its user index entry. Its expiry entry is left for
     /// the sweep, which drops entries whose record is gone.
     fn remove_locked(&self, old: &Session) -> Result<()> {
-        self.inner.sessions.remove(old.id)?;
-        self.inner.by_user.remove(user_key(&old.user_id, &old.id))?;
+        self.t().sessions.remove(old.id)?;
+        self.t().by_user.remove(user_key(&old.user_id, &old.id))?;
         self.inner.active.fetch_sub(1, Ordering::Relaxed);
         Ok(())
     }
@@ -938,8 +1031,8 @@ impl SledStore {
     /// data at rest).
     #[doc(hidden)]
     pub fn put_raw_for_test(&self, id: &[u8; 16], bytes: &[u8]) -> Result<()> {
-        self.inner.sessions.insert(id, bytes)?;
-        self.inner.db.flush()?;
+        self.t().sessions.insert(id, bytes)?;
+        self.t().db.flush()?;
         Ok(())
     }
 }
@@ -1031,7 +1124,7 @@ impl SledStore {
                 let inner = self.inner.clone();
                 tokio::spawn(async move {
                     let target = inner.commit.requested.load(Ordering::SeqCst);
-                    let db = inner.db.clone();
+                    let db = inner.t().db.clone();
                     let res = tokio::task::spawn_blocking(move || db.flush()).await;
                     let ok = matches!(res, Ok(Ok(_)));
                     match &res {
@@ -1121,6 +1214,13 @@ impl DiskGuard {
             return Err(StoreError::DiskFull { free, reserve });
         }
         Ok(())
+    }
+
+    fn flush_failed(&self) -> bool {
+        self.flush_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
     }
 
     fn flushed(&self, error: Option<String>) {
