@@ -782,3 +782,50 @@ fn a_data_directory_of_release_0_1_0_opens_and_its_journal_replays_once() {
     wait_mode(&node.client(), "redis", Duration::from_secs(10));
     check(&node.client(), 2);
 }
+
+#[test]
+fn a_journal_entry_redis_keeps_rejecting_is_dropped_after_bounded_tries() {
+    let mut redis = Redis::start(true);
+    let node = node_on(&redis, "n1");
+    let c = node.client();
+    wait_mode(&c, "redis", Duration::from_secs(5));
+    let poisoned = id_of(&c.create("{}"));
+    let fine = id_of(&c.create("{}"));
+    redis.kill9();
+    push_into_fallback(&c);
+    for _ in 0..3 {
+        assert_eq!(c.get(&format!("/api/sessions/{poisoned}")).status, 200);
+    }
+    // The touches are journaled (coalesced) before the patch that follows.
+    assert!(wait_until(Duration::from_secs(2), || health(&c)["store"]
+        ["pending_sync"]
+        .as_u64()
+        .unwrap_or(0)
+        >= 1));
+    let p = c.patch(&format!("/api/sessions/{fine}"), r#"{"metadata":{"a":1}}"#);
+    assert_eq!(p.status, 200);
+
+    // Redis returns holding a counter no script can add to (another tool
+    // wrote it): every replay of the touches fails with a script error.
+    signal(node.pid(), libc::SIGSTOP);
+    redis.restart();
+    let key = format!("edgenode:s:{poisoned}");
+    assert_eq!(
+        redis.cmd(&["HSET", &key, "n", "99999999999999999999"]),
+        ":0\r\n"
+    );
+    signal(node.pid(), libc::SIGCONT);
+
+    wait_mode(&c, "redis", Duration::from_secs(15));
+    let h = health(&c);
+    assert_eq!(h["store"]["replay_dropped"], 1, "{h}");
+    assert!(c
+        .get("/metrics")
+        .text
+        .contains("edgenode_replay_dropped_total 1"));
+    assert!(node.log_text().contains("keeps rejecting a journal entry"));
+    // What came after it in the journal was applied all the same.
+    let f = c.get(&format!("/api/sessions/{fine}")).json();
+    assert_eq!(f["metadata"]["a"], 1, "{f}");
+    assert_eq!(f["version"], 2, "{f}");
+}
