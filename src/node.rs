@@ -76,6 +76,7 @@ pub async fn run(
         None => None,
     };
     let store = Store::new(sled, redis, clock_floor(), config.replay_batch);
+    store.start_on_redis().await;
     return_free_memory();
 
     let admission = Admission::new(config.workers, config.max_connections, config.max_in_flight);

@@ -561,6 +561,23 @@ impl Store {
         }
     }
 
+    /// At start: Redis mode at once when Redis answers (within the store
+    /// timeout) and nothing waits in the journal, so a node does not begin by
+    /// answering like one in an outage (503 for sessions it does not hold).
+    /// Otherwise the probe takes over, as after any outage.
+    pub async fn start_on_redis(&self) {
+        let Some(redis) = &self.inner.redis else {
+            return;
+        };
+        if self.inner.sled.journal_len() > 0 {
+            return;
+        }
+        if redis.ping().await.is_ok() {
+            self.inner.redis_reachable.store(true, Ordering::Release);
+            self.inner.redis_mode.store(true, Ordering::Release);
+        }
+    }
+
     /// Background upkeep: the expiry sweeps, the journaling of coalesced
     /// fallback touches and the lazy flush. Returns once `shutdown` fires.
     pub async fn run_housekeeping(self, mut shutdown: tokio::sync::watch::Receiver<bool>) {

@@ -142,7 +142,8 @@ const TOUCHED_PER_STRIPE: usize = 512;
 /// Where a clean shutdown leaves the session count, so the next start need
 /// not walk every key.
 const CLEAN_COUNT_KEY: &[u8] = b"clean_shutdown_session_count";
-/// A random id drawn when the data directory is first opened.
+/// This data directory's random origin (see `journal`), drawn anew at every
+/// start whose journal is empty.
 const ORIGIN_KEY: &[u8] = b"origin";
 /// The Redis epoch this node last synchronised its mirror with.
 const EPOCH_KEY: &[u8] = b"redis_epoch";
@@ -196,16 +197,23 @@ impl SledStore {
     /// page cache, the bulk of the node's memory.
     pub fn open(dir: &Path, local: LocalLimits, limits: Limits) -> Result<SledStore> {
         let trees = Trees::open(dir, &local)?;
-        let origin = match trees.meta.get(ORIGIN_KEY)? {
-            Some(v) if v.len() == 8 => u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8])),
-            _ => {
+        // A fresh origin whenever nothing journaled depends on the old one:
+        // two boards started from one cloned SD card must not share one.
+        let kept = match trees.meta.get(ORIGIN_KEY)? {
+            Some(v) if v.len() == 8 && !trees.journal.is_empty() => {
+                Some(u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8])))
+            }
+            _ => None,
+        };
+        let origin = match kept {
+            Some(o) => o,
+            None => {
                 let o = u64::from_be_bytes(
                     uuid::Uuid::new_v4().as_bytes()[..8]
                         .try_into()
                         .unwrap_or([1; 8]),
                 );
                 trees.meta.insert(ORIGIN_KEY, &o.to_be_bytes())?;
-                trees.db.flush()?;
                 o
             }
         };
@@ -1257,5 +1265,62 @@ fn statvfs_available(dir: &Path) -> Option<u64> {
             return None;
         }
         Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(version: u64, count: u64, accessed: u64, expires: u64, meta: &str) -> Session {
+        Session {
+            id: [1; 16],
+            user_id: "u".into(),
+            created_at: 1,
+            last_accessed: accessed,
+            expires_at: expires,
+            request_count: count,
+            version,
+            metadata: meta.into(),
+        }
+    }
+
+    /// The mirror's merge rule: data (user, metadata) from the higher version,
+    /// counters and times from whichever copy is further along, whichever
+    /// order the copies arrive in.
+    #[test]
+    fn the_mirror_merges_data_by_version_and_counters_by_maximum() {
+        let patched = session(3, 5, 100, 1_000, r#"{"new":1}"#);
+        let touched = session(2, 9, 200, 2_000, r#"{"old":1}"#);
+        for merged in [newest(&patched, &touched), newest(&touched, &patched)] {
+            assert_eq!(merged.version, 3);
+            assert_eq!(merged.metadata, r#"{"new":1}"#);
+            assert_eq!(merged.request_count, 9);
+            assert_eq!(merged.last_accessed, 200);
+            assert_eq!(merged.expires_at, 2_000);
+        }
+    }
+
+    /// The vendored sled starts a reverse scan (`last()`, `iter().rev()`) at
+    /// a key of 1 KiB of 0xFF bytes instead of upstream's 1 MiB (see
+    /// vendor/sled/EDGENODE-PATCH.md). That is only right while every key the
+    /// store writes sorts below it, which any key shorter than 1 KiB does.
+    #[test]
+    fn every_key_the_store_writes_is_shorter_than_sleds_1_kib_upper_bound() {
+        let longest_user = "\u{10FFFF}".repeat(crate::session::MAX_USER_ID_LEN / 4);
+        assert!(longest_user.len() <= crate::session::MAX_USER_ID_LEN);
+        let lengths = [
+            user_key(&"x".repeat(crate::session::MAX_USER_ID_LEN), &[0xff; 16]).len(),
+            user_key(&longest_user, &[0xff; 16]).len(),
+            expiry_key(u64::MAX, &[0xff; 16]).len(),
+            16, // sessions and deleted: a session id
+            8,  // journal: a sequence number
+            CLEAN_COUNT_KEY.len(),
+            ORIGIN_KEY.len(),
+            EPOCH_KEY.len(),
+        ];
+        for len in lengths {
+            assert!(len < 1024, "a key of {len} bytes");
+        }
     }
 }

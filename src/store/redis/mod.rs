@@ -1,0 +1,239 @@
+//! Redis as the cluster's shared session store.
+//!
+//! Every request-path operation is one Lua script (a touch: the script and an
+//! HGETALL inside one MULTI): one round trip, atomic with respect to every
+//! other node, bounded by the store timeout.
+//!
+//! Keys (all under `key_prefix`):
+//! - `s:<id>`: the session, a hash: `u` user, `c` created, `a` last accessed,
+//!   `e` expires (unix ms), `n` request count, `v` version, and one field per
+//!   metadata key, `m:<key as JSON>` → value as JSON. Merging metadata is then
+//!   HSET/HDEL in the script, no JSON handling in Lua (whose cjson would turn
+//!   `[]` into `{}`). The key expires at `e` (PEXPIREAT), so Redis drops
+//!   idle sessions by itself.
+//! - `u:<user_id>`: set of that user's session ids (stale ids pruned on read).
+//! - `t:<id>`: tombstone of a deleted or rotated-away session, kept for the
+//!   absolute lifetime so a replay never resurrects it.
+//! - `ut:<user_id>`: the time of the user's last log-out-everywhere, kept for
+//!   the absolute lifetime: a replayed or re-seeded session of that user
+//!   created no later than it is not brought back.
+//! - `epoch`: a random value set when Redis holds none. A node that finds
+//!   another value than the one it last saw knows Redis lost its data and
+//!   re-seeds it from its mirror.
+//! - in each session hash, `o:<origin>` → the highest operation id of that
+//!   node applied to the session (see `journal`): replays skip what it covers.
+//! - `active`: sorted set id → expiry, for a cheap active-session count.
+//! - channel `events`: `del:<id>` for every delete and rotation, so other nodes
+//!   drop the session from their local mirror.
+//!
+//! The keys a script touches beyond `KEYS` (the user set) are built from the
+//! prefix inside the script; that is fine for a single Redis or Sentinel, not
+//! for Redis Cluster.
+//!
+//! The module's rooms: [`conn`] (finding Redis, the one timed call path,
+//! which errors mean what), [`scripts`] (the Lua and its typed replies),
+//! [`ops`] (the request-path operations), [`replay`] (the journal replay),
+//! [`record`] (a hash reply into a session).
+
+mod conn;
+mod ops;
+mod record;
+mod replay;
+mod scripts;
+
+pub use replay::Replayed;
+
+use super::StoreError;
+use crate::config::Config;
+use crate::session::{format_id, Limits};
+use conn::{sentinel_client, Target};
+use redis::aio::MultiplexedConnection;
+use redis::Client;
+use scripts::Scripts;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+#[derive(Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    target: Target,
+    prefix: String,
+    timeout: Duration,
+    probe_interval: Duration,
+    probe_max: Duration,
+    limits: Limits,
+    /// `o:<origin>`: this node's field in session hashes (see `journal`).
+    origin_field: String,
+    conn: RwLock<Option<MultiplexedConnection>>,
+    active: AtomicU64,
+    /// Records found in Redis that no node could have written.
+    corrupt: AtomicU64,
+    scripts: Scripts,
+}
+
+impl RedisStore {
+    /// Prepares the store; connecting happens on first use and in the probe,
+    /// so a node starts (in fallback) even when Redis is down.
+    pub fn new(
+        url: &str,
+        config: &Config,
+        limits: Limits,
+        origin: u64,
+    ) -> std::result::Result<RedisStore, String> {
+        let target = if let Some(rest) = url.strip_prefix("redis+sentinel://") {
+            Target::Sentinel(tokio::sync::Mutex::new(sentinel_client(rest)?))
+        } else {
+            let info = redis::IntoConnectionInfo::into_connection_info(url)
+                .map_err(|e| format!("redis_url: {e}"))?;
+            // RESP2 whatever the URL says: replies are read as RESP2 arrays.
+            let settings = info
+                .redis_settings()
+                .clone()
+                .set_protocol(redis::ProtocolVersion::RESP2);
+            let info = info.set_redis_settings(settings);
+            Target::Direct(Client::open(info).map_err(|e| format!("redis_url: {e}"))?)
+        };
+        Ok(RedisStore {
+            inner: Arc::new(Inner {
+                target,
+                prefix: config.key_prefix.clone(),
+                timeout: config.store_timeout,
+                probe_interval: config.redis_probe_interval,
+                probe_max: config.redis_probe_max,
+                limits,
+                origin_field: format!("o:{origin:016x}"),
+                conn: RwLock::new(None),
+                active: AtomicU64::new(0),
+                corrupt: AtomicU64::new(0),
+                scripts: Scripts::new(),
+            }),
+        })
+    }
+
+    pub fn probe_delays(&self) -> (Duration, Duration) {
+        (self.inner.probe_interval, self.inner.probe_max)
+    }
+
+    pub fn cached_active(&self) -> u64 {
+        self.inner.active.load(Ordering::Relaxed)
+    }
+
+    pub fn corrupt_records(&self) -> u64 {
+        self.inner.corrupt.load(Ordering::Relaxed)
+    }
+
+    /// The scripts' -2: a record whose counters are not numbers.
+    fn unreadable(&self, id: &[u8; 16]) -> StoreError {
+        self.bad_record(format!("session {}: fields are not numbers", format_id(id)))
+    }
+
+    /// Counts a bad record and names it in the error the caller gets.
+    fn bad_record(&self, why: String) -> StoreError {
+        self.inner.corrupt.fetch_add(1, Ordering::Relaxed);
+        StoreError::CorruptRecord(why)
+    }
+
+    fn key(&self, kind: &str, id: &str) -> String {
+        let mut k = String::with_capacity(self.inner.prefix.len() + kind.len() + id.len());
+        k.push_str(&self.inner.prefix);
+        k.push_str(kind);
+        k.push_str(id);
+        k
+    }
+
+    fn channel(&self) -> String {
+        self.key("events", "")
+    }
+
+    /// Refreshes the cached active-session count (and prunes the index).
+    pub async fn refresh_active(&self, now: u64) -> Result<()> {
+        let key = self.key("active", "");
+        let key = &key;
+        let counted: Result<(u64, u64)> = self
+            .call(self.inner.timeout, |mut c| async move {
+                redis::pipe()
+                    .cmd("ZREMRANGEBYSCORE")
+                    .arg(key)
+                    .arg("-inf")
+                    .arg(now)
+                    .cmd("ZCARD")
+                    .arg(key)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await;
+        let n = match counted {
+            Ok((_, n)) => n,
+            // Overwritten by another tool: derived data, so it is dropped and
+            // refills as sessions are created and touched.
+            Err(StoreError::CorruptRecord(why)) => {
+                tracing::warn!(error = %why, "the active-session index was not a sorted set; dropped");
+                self.call(self.inner.timeout, |mut c| async move {
+                    redis::cmd("DEL").arg(key).query_async::<()>(&mut c).await
+                })
+                .await?;
+                0
+            }
+            Err(e) => return Err(e),
+        };
+        self.inner.active.store(n, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The cluster's Redis epoch: the value of `epoch`, set to `fresh` first
+    /// when Redis holds none (it is new, or lost its data).
+    pub async fn epoch(&self, fresh: &str) -> Result<String> {
+        let key = self.key("epoch", "");
+        let key = &key;
+        let (_, value): ((), String) = self
+            .call(self.inner.timeout, |mut c| async move {
+                redis::pipe()
+                    .cmd("SET")
+                    .arg(key)
+                    .arg(fresh)
+                    .arg("NX")
+                    .ignore()
+                    .cmd("GET")
+                    .arg(key)
+                    .query_async::<(String,)>(&mut c)
+                    .await
+                    .map(|(v,)| ((), v))
+            })
+            .await?;
+        Ok(value)
+    }
+
+    // ---- mirror events -----------------------------------------------------------
+
+    /// Subscribes to deletion events and hands each deleted id to `on_delete`
+    /// until the subscription breaks.
+    pub async fn follow_deletions(&self, mut on_delete: impl FnMut([u8; 16])) -> Result<()> {
+        use futures_util::StreamExt;
+        let client = self.client().await?;
+        let mut pubsub = tokio::time::timeout(self.inner.timeout, client.get_async_pubsub())
+            .await
+            .map_err(|_| StoreError::Redis("pubsub connect timed out".into()))?
+            .map_err(|e| StoreError::Redis(e.to_string()))?;
+        pubsub
+            .subscribe(self.channel())
+            .await
+            .map_err(|e| StoreError::Redis(e.to_string()))?;
+        let mut stream = pubsub.on_message();
+        while let Some(msg) = stream.next().await {
+            let payload: String = msg.get_payload().unwrap_or_default();
+            if let Some(id) = payload
+                .strip_prefix("del:")
+                .and_then(crate::session::parse_session_id)
+            {
+                on_delete(id);
+            }
+        }
+        Err(StoreError::Redis("pubsub connection closed".into()))
+    }
+}

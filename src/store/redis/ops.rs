@@ -1,0 +1,326 @@
+//! The request-path operations: one script call (one round trip) each,
+//! atomic with respect to every other node.
+
+use super::record::{as_array, as_string, field_name, metadata_fields, unexpected};
+use super::scripts::{self, CreateReply, PatchReply, RotateReply, TouchReply};
+use super::{RedisStore, Replayed, Result};
+use crate::session::{format_id, Patch, Session};
+use crate::store::{PatchOutcome, StoreError};
+use redis::Value;
+
+impl RedisStore {
+    pub async fn create(&self, s: &Session) -> Result<()> {
+        self.create_inner(s, false).await.map(|_| ())
+    }
+
+    async fn create_inner(&self, s: &Session, replay: bool) -> Result<CreateReply> {
+        let reply = self.run(self.create_inv(s, replay)).await?;
+        CreateReply::decode(&reply).ok_or_else(|| unexpected(&reply))
+    }
+
+    pub(super) fn create_inv(&self, s: &Session, replay: bool) -> redis::ScriptInvocation<'_> {
+        let id = format_id(&s.id);
+        let mut inv = self.inner.scripts.create.prepare_invoke();
+        inv.key(self.key("s:", &id))
+            .key(self.key("t:", &id))
+            .key(self.key("active", ""))
+            .key(self.key("u:", &s.user_id))
+            .key(self.key("ut:", &s.user_id))
+            .arg(if replay { "1" } else { "0" })
+            .arg(&id)
+            .arg(self.inner.limits.max_lifetime_ms)
+            .arg(&s.user_id)
+            .arg(s.created_at)
+            .arg(s.last_accessed)
+            .arg(s.expires_at)
+            .arg(s.request_count)
+            .arg(s.version);
+        for (k, v) in metadata_fields(&s.metadata) {
+            inv.arg(k).arg(v);
+        }
+        inv
+    }
+
+    /// Counts a request on the session and returns it, in one round trip:
+    /// `MULTI; EVALSHA touch; HGETALL; EXEC`, atomic like a single script.
+    /// `seq`: the operation id (see `journal`), which the node reuses if it
+    /// journals the touch after this call timed out.
+    pub async fn touch(&self, id: &[u8; 16], now: u64, seq: u64) -> Result<Option<Session>> {
+        let ids = format_id(id);
+        let session_key = self.key("s:", &ids);
+        let inv = self.touch_inv(&ids, &session_key, now, 1, seq, false);
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .invoke_script(&inv)
+            .cmd("HGETALL")
+            .arg(&session_key);
+        let (pipe, inv) = (&pipe, &inv);
+        let (reply, fields): (Value, Vec<Value>) = self
+            .call(self.inner.timeout, |mut c| async move {
+                match pipe.query_async(&mut c).await {
+                    // A Redis that restarted has no scripts: load, then retry.
+                    Err(e)
+                        if e.kind()
+                            == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                    {
+                        inv.load_async(&mut c).await?;
+                        pipe.query_async(&mut c).await
+                    }
+                    other => other,
+                }
+            })
+            .await?;
+        match TouchReply::decode(&reply) {
+            Some(TouchReply::Counted(_)) => self.session_from(id, &fields).map(Some),
+            Some(TouchReply::Corrupt) => Err(self.unreadable(id)),
+            Some(TouchReply::Gone | TouchReply::Deleted | TouchReply::AlreadyApplied) => Ok(None),
+            None => Err(unexpected(&reply)),
+        }
+    }
+
+    /// `ids`: the formatted id; `session_key`: its `s:` key (the request
+    /// path reads it back too, so it is built once).
+    pub(super) fn touch_inv(
+        &self,
+        ids: &str,
+        session_key: &str,
+        at: u64,
+        count: u64,
+        seq: u64,
+        replay: bool,
+    ) -> redis::ScriptInvocation<'_> {
+        let mut inv = self.inner.scripts.touch.prepare_invoke();
+        inv.key(session_key)
+            .key(self.key("active", ""))
+            .key(self.key("t:", ids))
+            .arg(at)
+            .arg(self.inner.limits.ttl_ms)
+            .arg(self.inner.limits.max_lifetime_ms)
+            .arg(ids)
+            .arg(if replay { "1" } else { "0" })
+            .arg(count)
+            .arg(&self.inner.origin_field)
+            .arg(seq);
+        inv
+    }
+
+    pub async fn patch(
+        &self,
+        id: &[u8; 16],
+        patch: &Patch,
+        if_match: Option<u64>,
+        now: u64,
+        seq: u64,
+    ) -> Result<PatchOutcome> {
+        let reply = self
+            .run(self.patch_inv(id, patch, if_match, now, seq, false))
+            .await?;
+        match PatchReply::decode(&reply) {
+            Some(PatchReply::Applied(fields)) => {
+                Ok(PatchOutcome::Updated(self.session_from(id, fields)?))
+            }
+            Some(PatchReply::VersionMismatch(current)) => {
+                Ok(PatchOutcome::VersionMismatch { current })
+            }
+            Some(PatchReply::Corrupt) => Err(self.unreadable(id)),
+            Some(PatchReply::TooLarge(size)) => Err(StoreError::Input(
+                crate::session::InputError::MetadataTooLarge {
+                    size: size as usize,
+                    limit: self.inner.limits.max_metadata_bytes,
+                },
+            )),
+            Some(PatchReply::Gone | PatchReply::Deleted | PatchReply::AlreadyApplied) => {
+                Ok(PatchOutcome::NotFound)
+            }
+            None => Err(unexpected(&reply)),
+        }
+    }
+
+    pub(super) fn patch_inv(
+        &self,
+        id: &[u8; 16],
+        patch: &Patch,
+        if_match: Option<u64>,
+        now: u64,
+        seq: u64,
+        replay: bool,
+    ) -> redis::ScriptInvocation<'_> {
+        let ids = format_id(id);
+        let mut inv = self.inner.scripts.patch.prepare_invoke();
+        inv.key(self.key("s:", &ids))
+            .key(self.key("t:", &ids))
+            .arg(now)
+            .arg(if_match.map(|v| v.to_string()).unwrap_or_default())
+            .arg(patch.user_id.as_deref().unwrap_or(""))
+            .arg(&self.inner.prefix)
+            .arg(&ids)
+            .arg(self.inner.limits.max_lifetime_ms)
+            .arg(self.inner.limits.max_metadata_bytes)
+            .arg(if replay { "1" } else { "0" })
+            .arg(&self.inner.origin_field)
+            .arg(seq);
+        if let Some(meta) = &patch.metadata {
+            for (k, v) in meta {
+                inv.arg(field_name(k)).arg(v.to_string());
+            }
+        }
+        inv
+    }
+
+    pub async fn delete(&self, id: &[u8; 16]) -> Result<bool> {
+        match self.run(self.delete_inv(id)).await? {
+            Value::Int(n) => Ok(n > 0),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    pub(super) fn delete_inv(&self, id: &[u8; 16]) -> redis::ScriptInvocation<'_> {
+        let ids = format_id(id);
+        let mut inv = self.inner.scripts.delete.prepare_invoke();
+        inv.key(self.key("s:", &ids))
+            .key(self.key("t:", &ids))
+            .key(self.key("active", ""))
+            .arg(&ids)
+            .arg(&self.inner.prefix)
+            .arg(self.inner.limits.max_lifetime_ms)
+            .arg(self.channel());
+        inv
+    }
+
+    pub async fn rotate(&self, id: &[u8; 16], new_id: &[u8; 16]) -> Result<Option<Session>> {
+        let reply = self
+            .run(self.rotate_inv(id, new_id, crate::session::now_ms(), false))
+            .await?;
+        match RotateReply::decode(&reply) {
+            Some(RotateReply::Moved(fields)) => Ok(Some(self.session_from(new_id, fields)?)),
+            Some(RotateReply::Corrupt) => Err(self.unreadable(id)),
+            Some(RotateReply::Gone | RotateReply::AlreadyMoved | RotateReply::Deleted) => Ok(None),
+            None => Err(unexpected(&reply)),
+        }
+    }
+
+    pub(super) fn rotate_inv(
+        &self,
+        id: &[u8; 16],
+        new_id: &[u8; 16],
+        now: u64,
+        replay: bool,
+    ) -> redis::ScriptInvocation<'_> {
+        let (old, new) = (format_id(id), format_id(new_id));
+        let mut inv = self.inner.scripts.rotate.prepare_invoke();
+        inv.key(self.key("s:", &old))
+            .key(self.key("s:", &new))
+            .key(self.key("t:", &old))
+            .key(self.key("active", ""))
+            .key(self.key("t:", &new))
+            .arg(&old)
+            .arg(&new)
+            .arg(&self.inner.prefix)
+            .arg(self.inner.limits.max_lifetime_ms)
+            .arg(self.channel())
+            .arg(now)
+            .arg(if replay { "1" } else { "0" });
+        inv
+    }
+
+    pub async fn list_user(&self, user: &str, now: u64) -> Result<Vec<Session>> {
+        let mut inv = self.inner.scripts.list_user.prepare_invoke();
+        inv.key(self.key("u:", user))
+            .arg(now)
+            .arg(&self.inner.prefix)
+            .arg(user);
+        let reply = self.run(inv).await?;
+        let items = as_array(&reply)?;
+        let mut out = Vec::with_capacity(items.len() / 2);
+        for pair in items.chunks(2) {
+            let (Some(fields), Some(id)) = (pair.first(), pair.get(1).and_then(as_string)) else {
+                continue;
+            };
+            if let Some(id) = crate::session::parse_session_id(&id) {
+                match self.session_from(&id, as_array(fields)?) {
+                    Ok(s) => out.push(s),
+                    // Listed without it; the rest of the user's sessions stand.
+                    Err(e) => tracing::error!(error = %e, "skipped in a user listing"),
+                }
+            }
+        }
+        out.sort_by_key(|s| s.created_at);
+        Ok(out)
+    }
+
+    /// Deletes a user's sessions created up to `before`; returns the ids
+    /// that were live.
+    pub async fn delete_user(&self, user: &str, before: u64) -> Result<Vec<[u8; 16]>> {
+        let reply = self.run(self.delete_user_inv(user, before)).await?;
+        Ok(as_array(&reply)?
+            .iter()
+            .filter_map(as_string)
+            .filter_map(|s| crate::session::parse_session_id(&s))
+            .collect())
+    }
+
+    pub(super) fn delete_user_inv(&self, user: &str, before: u64) -> redis::ScriptInvocation<'_> {
+        let mut inv = self.inner.scripts.delete_user.prepare_invoke();
+        inv.key(self.key("u:", user))
+            .key(self.key("active", ""))
+            .key(self.key("ut:", user))
+            .arg(&self.inner.prefix)
+            .arg(user)
+            .arg(self.inner.limits.max_lifetime_ms)
+            .arg(self.channel())
+            .arg(crate::session::now_ms())
+            .arg(before);
+        inv
+    }
+
+    /// Writes mirror copies into Redis, each unless it exists, is
+    /// tombstoned or its user logged out everywhere after its creation; one
+    /// pipelined round trip. Returns how many were written.
+    pub async fn restore_batch(&self, sessions: &[Session]) -> Result<u64> {
+        let invocations: Vec<_> = sessions.iter().map(|s| self.create_inv(s, true)).collect();
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for inv in &invocations {
+            pipe.invoke_script(inv);
+        }
+        let pipe = &pipe;
+        let load = self.load_scripts_pipe();
+        let load = &load;
+        let replies: Vec<redis::RedisResult<Value>> = self
+            .call(self.inner.timeout * 8, |mut c| async move {
+                load.query_async::<()>(&mut c).await?;
+                pipe.query_async(&mut c).await
+            })
+            .await?;
+        Ok(replies
+            .iter()
+            .filter(|r| {
+                matches!(
+                    r.as_ref().map(CreateReply::decode),
+                    Ok(Some(CreateReply::Created))
+                )
+            })
+            .count() as u64)
+    }
+
+    /// Loads every script (a pipelined EVALSHA does not load a missing one,
+    /// and a Redis that restarted empty has none).
+    pub(super) fn load_scripts_pipe(&self) -> redis::Pipeline {
+        let mut load = redis::pipe();
+        for body in scripts::ALL {
+            load.cmd("SCRIPT")
+                .arg("LOAD")
+                .arg(scripts::source(body))
+                .ignore();
+        }
+        load
+    }
+
+    /// Writes a mirror copy into Redis unless it exists or is tombstoned.
+    pub async fn restore(&self, s: &Session) -> Result<Replayed> {
+        match self.create_inner(s, true).await? {
+            CreateReply::Deleted => Ok(Replayed::Tombstoned),
+            CreateReply::Created | CreateReply::Exists => Ok(Replayed::Applied),
+        }
+    }
+}
