@@ -3,7 +3,9 @@
 # packs one tarball per target:
 #
 #   dist/edgenode-<version>-<target>.tar.gz    binary, systemd units, example
-#                                              config, install.sh, README
+#                                              config, install.sh, README,
+#                                              LICENSE and licenses/ (the
+#                                              vendored sled's)
 #   dist/SHA256SUMS
 #
 # Usage: scripts/release.sh [--no-package] [TARGET...]
@@ -189,6 +191,9 @@ Contents
   systemd/edgenode.socket  optional socket activation
   edgenode.toml.example    every setting, with its default, commented out
   install.sh               installs all of the above (when present)
+  LICENSE                  edgenode's licence (MIT)
+  licenses/sled/           the licences of the sled database compiled into the
+                           binary (MIT or Apache-2.0, at your option)
 
 Install (on the board)
   sha256sum -c SHA256SUMS --ignore-missing     # next to the downloaded tarball
@@ -231,6 +236,9 @@ for t in "${targets[@]}"; do
   [ ! -f deploy/install.sh ] || install -m 0755 deploy/install.sh "$dir/install.sh"
   readme "$t" "$name" >"$dir/README"
   chmod 0644 "$dir/README"
+  # The licences: edgenode's, and those of the sled fork linked into the binary.
+  install -m 0644 LICENSE "$dir/LICENSE"
+  install -D -m 0644 -t "$dir/licenses/sled" vendor/sled/LICENSE-MIT vendor/sled/LICENSE-APACHE
   tar -C "$stage_root/pkg" --sort=name --owner=0 --group=0 --numeric-owner \
       --mtime="@$mtime" -cf - "$name" | gzip -9n >"dist/$name.tar.gz"
   echo "release.sh: dist/$name.tar.gz"
