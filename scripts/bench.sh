@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Measures what DESIGN.md's performance targets talk about, in one run:
+# Measures what the performance targets (docs/performance.md) talk about, in one run:
 #
 #   - session touch (GET /api/session with a cookie) req/s and p99 with wrk at
 #     $CONNS connections, in sled mode and in Redis mode;

@@ -5,7 +5,7 @@
 #   1. `systemd-analyze verify` on both units, exactly as shipped;
 #   2. `systemd-analyze security --offline=true` on the service: the overall
 #      exposure level must be <= MAX_EXPOSURE (default 2.5);
-#   3. the directives DESIGN.md promises are present.
+#   3. the directives docs/operations.md promises are present.
 #
 # Usage: scripts/check-systemd.sh [EDGENODE_BINARY]
 #   EDGENODE_BINARY: an executable to stand in for /usr/local/bin/edgenode
@@ -153,7 +153,7 @@ else
     fail "systemd-analyze security: exposure level $exposure > $MAX_EXPOSURE"
 fi
 
-# --- 3. directives DESIGN.md ("Operations") relies on ----------------------------------
+# --- 3. directives the operations guide (docs/operations.md) relies on ----------------------------------
 # A directive deleted or misspelt still verifies (see above) or only adds a little
 # exposure; these are the ones the design names, so check them by text.
 # Each entry: file|extended regex that one line must match.

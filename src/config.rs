@@ -40,7 +40,12 @@ pub struct Args {
     pub data_dir: Option<PathBuf>,
 
     /// Redis URL (redis://[:password@]host:port/db, or redis+sentinel://host:port[,host:port]/master_name[/db]); unset: sled only
-    #[arg(long, env = "EDGENODE_REDIS_URL", value_name = "URL")]
+    #[arg(
+        long,
+        env = "EDGENODE_REDIS_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
     pub redis_url: Option<String>,
 
     /// Prefix of every Redis key [default: edgenode:]

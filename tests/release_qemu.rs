@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 const AARCH64: &str = "aarch64-unknown-linux-musl";
 const ARMV7: &str = "armv7-unknown-linux-gnueabihf";
-/// DESIGN.md: the primary release, stripped, stays under 4 MB.
+/// docs/performance.md: the primary release, stripped, stays under 4 MB.
 const AARCH64_MAX_BYTES: u64 = 4_000_000;
 /// qemu-user translates every instruction: be generous, but poll, never sleep.
 const QEMU_TIMEOUT: Duration = Duration::from_secs(60);
@@ -338,7 +338,7 @@ fn aarch64_musl_release_is_static_small_and_serves_under_qemu() {
     println!("{AARCH64}: {size} bytes stripped");
     assert!(
         size < AARCH64_MAX_BYTES,
-        "{AARCH64} is {size} bytes stripped; DESIGN.md's budget is under {AARCH64_MAX_BYTES}"
+        "{AARCH64} is {size} bytes stripped; the documented budget is under {AARCH64_MAX_BYTES}"
     );
     smoke(AARCH64);
 }

@@ -607,3 +607,18 @@ fn a_corrupt_record_on_disk_is_logged_and_counted_not_fatal() {
         "node keeps serving"
     );
 }
+
+#[test]
+fn help_never_prints_a_secret_from_the_environment() {
+    let out = std::process::Command::new(BIN)
+        .arg("--help")
+        .env("EDGENODE_REDIS_URL", "redis://:hunter2@10.0.0.9:6379/0")
+        .env("EDGENODE_API_TOKEN", "s3cret-token")
+        .output()
+        .expect("run --help");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(text.contains("--redis-url"));
+    assert!(!text.contains("hunter2"), "{text}");
+    assert!(!text.contains("s3cret-token"), "{text}");
+}

@@ -1,4 +1,4 @@
-//! One function per endpoint of DESIGN.md's API tables.
+//! One function per endpoint of the API (docs/api.md).
 
 use super::error::ApiError;
 use super::{json_response, method_not_allowed, read_json_body, App, Body, Route};

@@ -6,7 +6,7 @@
 //! operations go to sled, are acknowledged once durable there, and are journaled.
 //! A background probe watches for Redis to come back; the journal is then
 //! replayed in order and only when it is empty does the node return to Redis
-//! mode. See DESIGN.md, "Stores and the failure model".
+//! mode. See docs/failure-model.md.
 //!
 //! In Redis mode the mirror is a copy for outages: creates, patches and
 //! touches reach it lazily (flushed every 500 ms, touches batched per
