@@ -147,6 +147,34 @@ pub struct Args {
     #[arg(long, env = "EDGENODE_MIN_FREE_MB", value_name = "MB")]
     pub min_free_mb: Option<u64>,
 
+    /// Sessions one user may hold; creating one more deletes the oldest
+    /// [default: 64]
+    #[arg(long, env = "EDGENODE_MAX_SESSIONS_PER_USER", value_name = "N")]
+    pub max_sessions_per_user: Option<u64>,
+
+    /// Stored sessions (all users, the cluster's count in Redis mode) above
+    /// which new sessions are refused with 503, before Redis runs out of
+    /// memory [default: 500000]
+    #[arg(long, env = "EDGENODE_MAX_SESSIONS", value_name = "N")]
+    pub max_sessions: Option<u64>,
+
+    /// New sessions per second that GET /api/session may create for one
+    /// client address (an IPv6 client by its /64), with bursts of three
+    /// times that; above it: 429. 0 = no limit [default: 10]
+    #[arg(long, env = "EDGENODE_CREATE_RATE_PER_IP", value_name = "N")]
+    pub create_rate_per_ip: Option<u32>,
+
+    /// Unready (503 on /api/ready) whenever the node is not serving from
+    /// Redis (Redis unreachable, or refusing the node's credentials), instead
+    /// of serving from the local store [default: false]
+    #[arg(long, env = "EDGENODE_REQUIRE_REDIS", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub require_redis: Option<bool>,
+
+    /// Max-Age of the session cookie; 0 makes it a browser-session cookie
+    /// [default: session_ttl_secs]
+    #[arg(long, env = "EDGENODE_COOKIE_MAX_AGE_SECS", value_name = "SECS")]
+    pub cookie_max_age_secs: Option<u64>,
+
     /// Journal entries sent to Redis in one pipelined round trip when
     /// replaying after an outage [default: 256]
     #[arg(long, env = "EDGENODE_REPLAY_BATCH", value_name = "N")]
@@ -217,6 +245,11 @@ struct FileConfig {
     max_journal_mb: Option<u64>,
     min_free_mb: Option<u64>,
     replay_batch: Option<usize>,
+    max_sessions_per_user: Option<u64>,
+    max_sessions: Option<u64>,
+    create_rate_per_ip: Option<u32>,
+    require_redis: Option<bool>,
+    cookie_max_age_secs: Option<u64>,
     header_timeout_ms: Option<u64>,
     request_timeout_ms: Option<u64>,
     shutdown_grace_ms: Option<u64>,
@@ -255,6 +288,13 @@ pub struct Config {
     pub max_journal_bytes: u64,
     pub min_free_bytes: u64,
     pub replay_batch: usize,
+    pub max_sessions_per_user: u64,
+    pub max_sessions: u64,
+    /// 0 = no limit.
+    pub create_rate_per_ip: u32,
+    pub require_redis: bool,
+    /// 0 = a browser-session cookie.
+    pub cookie_max_age_secs: u64,
     pub header_timeout: Duration,
     pub request_timeout: Duration,
     pub shutdown_grace: Duration,
@@ -312,6 +352,10 @@ impl Config {
             })?,
             (None, None) => tracing::Level::INFO,
         };
+        let session_ttl_secs = args
+            .session_ttl_secs
+            .or(file.session_ttl_secs)
+            .unwrap_or(86_400);
         let cores = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1);
@@ -352,10 +396,7 @@ impl Config {
                 .unwrap_or_else(hostname),
             workers: args.workers.or(file.workers).unwrap_or(cores),
             blocking_threads: args.blocking_threads.or(file.blocking_threads).unwrap_or(2),
-            session_ttl_secs: args
-                .session_ttl_secs
-                .or(file.session_ttl_secs)
-                .unwrap_or(86_400),
+            session_ttl_secs,
             session_max_lifetime_secs: args
                 .session_max_lifetime_secs
                 .or(file.session_max_lifetime_secs)
@@ -397,6 +438,20 @@ impl Config {
                 .unwrap_or(64)
                 .saturating_mul(1024 * 1024),
             replay_batch: args.replay_batch.or(file.replay_batch).unwrap_or(256),
+            max_sessions_per_user: args
+                .max_sessions_per_user
+                .or(file.max_sessions_per_user)
+                .unwrap_or(64),
+            max_sessions: args.max_sessions.or(file.max_sessions).unwrap_or(500_000),
+            create_rate_per_ip: args
+                .create_rate_per_ip
+                .or(file.create_rate_per_ip)
+                .unwrap_or(10),
+            require_redis: args.require_redis.or(file.require_redis).unwrap_or(false),
+            cookie_max_age_secs: args
+                .cookie_max_age_secs
+                .or(file.cookie_max_age_secs)
+                .unwrap_or(session_ttl_secs),
             header_timeout: ms(args
                 .header_timeout_ms
                 .or(file.header_timeout_ms)
@@ -431,6 +486,15 @@ impl Config {
         if self.session_ttl_secs == 0 || self.session_max_lifetime_secs == 0 {
             return bad("session_ttl_secs and session_max_lifetime_secs must be at least 1");
         }
+        // A thousand years: every stored time stays far inside RFC 3339.
+        const MAX_LIFETIME_SECS: u64 = 1_000 * 365 * 86_400;
+        if self.session_ttl_secs > MAX_LIFETIME_SECS
+            || self.session_max_lifetime_secs > MAX_LIFETIME_SECS
+        {
+            return bad(
+                "session_ttl_secs and session_max_lifetime_secs must be at most 1000 years",
+            );
+        }
         if self.max_connections == 0 || self.max_in_flight == 0 {
             return bad("max_connections and max_in_flight must be at least 1");
         }
@@ -457,7 +521,10 @@ impl Config {
         Ok(())
     }
 
+    /// Whether `ip` is a configured trusted proxy; an IPv4 peer seen on a
+    /// dual-stack socket (`::ffff:a.b.c.d`) counts as its IPv4 address.
     pub fn is_trusted_proxy(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
         self.trusted_proxies.iter().any(|n| n.contains(&ip))
     }
 }

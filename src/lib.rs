@@ -6,11 +6,11 @@
 
 #![recursion_limit = "256"]
 
+pub mod admission;
 pub mod config;
 pub mod http;
 pub mod metrics;
 pub mod node;
-pub mod pool;
 pub mod server;
 pub mod session;
 pub mod store;

@@ -6,7 +6,7 @@
 //! at scrape time by a collector, so they are never stale and cost nothing
 //! between scrapes.
 
-use crate::pool::Admission;
+use crate::admission::Admission;
 use crate::store::{Mode, Store};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
@@ -226,6 +226,12 @@ impl Collector for StateCollector {
             "edgenode_touches_unjournaled",
             "Requests served while the journal or the disk was full, whose counts never reach Redis",
             st.touches_unjournaled,
+        )?;
+        gauge(
+            &mut enc,
+            "edgenode_redis_config_error",
+            "1 while Redis refuses this node's credentials or database (fix redis_url)",
+            i64::from(st.redis_config_error),
         )?;
         gauge(
             &mut enc,

@@ -3,11 +3,12 @@
 //! the store. `main.rs` only parses the configuration, sets up logging and
 //! the runtime, and passes the signals in as the shutdown future.
 
+use crate::admission::{Admission, RateLimiter};
 use crate::config::Config;
 use crate::http::App;
 use crate::metrics::Metrics;
-use crate::pool::{Admission, RateLimiter};
 use crate::session::Limits;
+use crate::store::failover::StoreLimits;
 use crate::store::sled::LocalLimits;
 use crate::store::{redis::RedisStore, sled::SledStore, Store};
 use crate::{server, systemd};
@@ -75,7 +76,17 @@ pub async fn run(
         Some(url) => Some(RedisStore::new(url, &config, limits, sled.origin())?),
         None => None,
     };
-    let store = Store::new(sled, redis, clock_floor(), config.replay_batch);
+    let store = Store::new(
+        sled,
+        redis,
+        StoreLimits {
+            clock_floor: clock_floor(),
+            replay_batch: config.replay_batch,
+            max_sessions_per_user: config.max_sessions_per_user,
+            max_sessions: config.max_sessions,
+            require_redis: config.require_redis,
+        },
+    );
     store.start_on_redis().await;
     return_free_memory();
 
@@ -86,6 +97,11 @@ pub async fn run(
         store: store.clone(),
         admission,
         rate_limiter: RateLimiter::new(config.rate_limit_per_ip, config.rate_limit_burst),
+        create_limiter: RateLimiter::new(
+            config.create_rate_per_ip,
+            config.create_rate_per_ip.saturating_mul(3),
+        ),
+        warned_proxy_without_token: false.into(),
         metrics,
         started,
         ready: false.into(),

@@ -3,8 +3,8 @@
 //! finish its current request and close, and `run` returns once they have (or
 //! once the grace period is over).
 
+use crate::admission::ConnectionSlot;
 use crate::http::{self, App};
-use crate::pool::ConnectionSlot;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -18,6 +18,9 @@ use tokio::sync::watch;
 /// What an over-limit connection gets before it is closed.
 const CONNECTION_REFUSED: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\nConnection: close\r\nContent-Length: 84\r\n\r\n{\"error\":{\"code\":\"overloaded\",\"message\":\"too many open connections; retry shortly\"}}";
 
+/// Largest request head (request line and headers) accepted.
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+
 pub async fn run(app: Arc<App>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
     let graceful = GracefulShutdown::new();
     let mut builder = http1::Builder::new();
@@ -25,7 +28,10 @@ pub async fn run(app: Arc<App>, listener: TcpListener, mut shutdown: watch::Rece
         .timer(TokioTimer::new())
         .header_read_timeout(app.config.header_timeout)
         .keep_alive(true)
-        .max_buf_size(64 * 1024 + 16 * 1024);
+        // The read buffer bounds what one connection can hold: request
+        // headers beyond it get 431 (bodies stream through it in frames), so
+        // max_connections x this stays within the memory budget.
+        .max_buf_size(MAX_HEADER_BYTES);
 
     loop {
         let (stream, peer) = tokio::select! {

@@ -10,6 +10,10 @@ use serde_json::{Map, Value};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use uuid::Uuid;
 
+/// The user of a session nobody logged into. Such sessions are not indexed
+/// per user (nobody lists or logs out "anonymous").
+pub const ANONYMOUS: &str = "anonymous";
+
 /// Longest accepted `user_id`, in bytes.
 pub const MAX_USER_ID_LEN: usize = 128;
 
@@ -69,7 +73,7 @@ impl Session {
 
     /// Records one request that used the session: counts it and slides the expiry.
     pub fn touch(&mut self, now: u64, limits: &Limits) {
-        self.request_count += 1;
+        self.request_count = self.request_count.saturating_add(1);
         self.last_accessed = self.last_accessed.max(now);
         self.expires_at = self.expires_at.max(self.expiry_after_touch(now, limits));
     }
@@ -223,8 +227,15 @@ pub fn now_ms() -> u64 {
 
 /// `2026-11-26T21:24:45.123Z`
 pub fn rfc3339_millis(ms: u64) -> String {
-    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+    // RFC 3339 has four-digit years; the formatter panics beyond them.
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms.min(MAX_TIME_MS)))
+        .to_string()
 }
+
+/// 9999-12-31T23:59:59.999Z: the last instant RFC 3339 can write. A stored
+/// record with a time beyond it was not written by a node (the configured
+/// lifetimes are bounded far below it): it is corrupt.
+pub const MAX_TIME_MS: u64 = 253_402_300_799_999;
 
 /// The at-rest form. Variants are only ever appended: a later release still
 /// decodes what an earlier one wrote.
@@ -242,8 +253,12 @@ enum EnvelopeRef<'a> {
 
 /// A record at rest that does not decode.
 #[derive(Debug, thiserror::Error)]
-#[error("undecodable session record: {0}")]
-pub struct DecodeError(#[from] postcard::Error);
+pub enum DecodeError {
+    #[error("undecodable session record: {0}")]
+    Format(#[from] postcard::Error),
+    #[error("session record with a time beyond the year 9999")]
+    TimeOutOfRange,
+}
 
 impl Session {
     pub fn encode(&self) -> Vec<u8> {
@@ -252,9 +267,18 @@ impl Session {
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Session, DecodeError> {
-        match postcard::from_bytes::<Envelope>(bytes)? {
-            Envelope::V1(s) => Ok(s),
+        // One variant so far; a second one makes this a match.
+        let Envelope::V1(s) = postcard::from_bytes::<Envelope>(bytes)?;
+        if s.times_in_range() {
+            Ok(s)
+        } else {
+            Err(DecodeError::TimeOutOfRange)
         }
+    }
+
+    /// Whether every time of the record can be written as RFC 3339.
+    pub fn times_in_range(&self) -> bool {
+        self.created_at.max(self.last_accessed).max(self.expires_at) <= MAX_TIME_MS
     }
 }
 

@@ -124,16 +124,24 @@ fn a_client_over_its_rate_limit_gets_429_and_others_are_unaffected() {
     // Behind a balancer on 127.0.0.1 that names the client in X-Forwarded-For.
     let node = Node::builder()
         .args(["--rate-limit-per-ip", "1", "--rate-limit-burst", "5"])
-        .args(["--trusted-proxies", "127.0.0.1"])
+        .args(["--trusted-proxies", "127.0.0.1", "--api-token", "t"])
         .start();
     let c = node.client();
     let from = |ip: &'static str| [("X-Forwarded-For", ip)];
-    let path = "/api/sessions/00000000-0000-4000-8000-000000000000";
+    // A browser's session, used by its id (the browser-facing route).
+    let id = c
+        .request("GET", "/api/session", &from("203.0.113.1"), None)
+        .json()["session_id"]
+        .as_str()
+        .expect("session")
+        .to_string();
+    let path = "/api/session";
+    let with = |ip: &'static str| [("X-Forwarded-For", ip), ("X-Session-ID", id.as_str())];
 
     let answers: Vec<Answer> = (0..12)
-        .map(|_| c.request("GET", path, &from("203.0.113.7"), None))
+        .map(|_| c.request("GET", path, &with("203.0.113.7"), None))
         .collect();
-    let served = answers.iter().filter(|a| a.status == 404).count();
+    let served = answers.iter().filter(|a| a.status == 200).count();
     // The burst of 5, plus at most one token refilled while asking.
     assert!((5..=6).contains(&served), "served {served} of 12");
     let limited: Vec<&Answer> = answers.iter().filter(|a| a.status == 429).collect();
@@ -150,8 +158,8 @@ fn a_client_over_its_rate_limit_gets_429_and_others_are_unaffected() {
     // Another client has its own allowance; health and readiness are never
     // limited (balancers poll them).
     assert_eq!(
-        c.request("GET", path, &from("203.0.113.8"), None).status,
-        404
+        c.request("GET", path, &with("203.0.113.8"), None).status,
+        200
     );
     for _ in 0..10 {
         assert_eq!(
@@ -167,9 +175,10 @@ fn a_client_over_its_rate_limit_gets_429_and_others_are_unaffected() {
     }
     // The limited client is served again once a token has refilled.
     assert!(wait_until(Duration::from_secs(3), || {
-        c.request("GET", path, &from("203.0.113.7"), None).status == 404
+        c.request("GET", path, &with("203.0.113.7"), None).status == 200
     }));
-    let metrics = c.get("/metrics").text;
+    // Metrics from a trusted proxy's address need the token.
+    let metrics = c.clone().with_token("t").get("/metrics").text;
     assert!(
         metrics
             .lines()

@@ -152,7 +152,7 @@ fn browser_session_is_found_by_cookie_or_header_and_replaced_when_unusable() {
     let cookie = first.header("set-cookie").expect("Set-Cookie");
     assert_eq!(
         cookie,
-        format!("session_id={id}; HttpOnly; SameSite=Lax; Path=/; Secure")
+        format!("session_id={id}; HttpOnly; SameSite=Lax; Path=/; Max-Age=86400; Secure")
     );
     assert_eq!(first.header("x-session-id"), Some(id.as_str()));
 

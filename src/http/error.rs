@@ -93,6 +93,13 @@ impl From<StoreError> for ApiError {
                     "the node's disk is almost full; writes are refused until space is freed",
                 )
             }
+            e @ StoreError::Full { .. } => {
+                tracing::warn!(error = %e, "create refused");
+                ApiError::unavailable(
+                    "too_many_sessions",
+                    "the session store is at its ceiling (max_sessions); retry later",
+                )
+            }
             e @ StoreError::JournalFull(_) => {
                 tracing::warn!(error = %e, "write refused");
                 ApiError::new(

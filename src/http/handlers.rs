@@ -51,7 +51,7 @@ pub async fn dispatch(
         Route::UserSessions(user) => {
             validate_user_id(user)?;
             match method {
-                Method::GET => list_user(app, user).await,
+                Method::GET => list_user(app, user, req.uri().query()).await,
                 Method::DELETE => delete_user(app, user).await,
                 _ => Err(method_not_allowed("GET, DELETE")),
             }
@@ -97,7 +97,7 @@ async fn create(app: &App, req: Request<Incoming>) -> Result<Response<Body>, Api
             validate_user_id(&u)?;
             u
         }
-        None => "anonymous".to_string(),
+        None => crate::session::ANONYMOUS.to_string(),
     };
     let metadata = encode_metadata(&body.metadata.unwrap_or_default(), &app.limits)?;
     let session = app.store.create(user_id, metadata, false).await?;
@@ -186,9 +186,43 @@ async fn rotate(app: &App, id: &[u8; 16]) -> Result<Response<Body>, ApiError> {
     }
 }
 
-async fn list_user(app: &App, user: &str) -> Result<Response<Body>, ApiError> {
-    let sessions = app.store.list_user(user).await?;
-    let mut out = Vec::with_capacity(16 + sessions.len() * 300);
+/// Largest page of a user listing.
+const MAX_PAGE: u64 = 100;
+
+/// `GET /api/users/{user}/sessions?cursor=&limit=`: one page, oldest first,
+/// and the cursor of the next page (`null` at the end).
+async fn list_user(app: &App, user: &str, query: Option<&str>) -> Result<Response<Body>, ApiError> {
+    let (mut offset, mut limit) = (0u64, MAX_PAGE);
+    for (k, v) in query
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| p.split_once('=').unwrap_or((p, "")))
+    {
+        match k {
+            "cursor" if v.is_empty() => {}
+            "cursor" => {
+                offset = v.parse().map_err(|_| {
+                    ApiError::bad_request("invalid_cursor", "cursor must come from next_cursor")
+                })?
+            }
+            "limit" => {
+                limit = v
+                    .parse()
+                    .ok()
+                    .filter(|l| (1..=MAX_PAGE).contains(l))
+                    .ok_or_else(|| {
+                        ApiError::bad_request(
+                            "invalid_limit",
+                            format!("limit must be 1-{MAX_PAGE}"),
+                        )
+                    })?
+            }
+            _ => {}
+        }
+    }
+    let (sessions, next) = app.store.list_user(user, offset, limit).await?;
+    let mut out = Vec::with_capacity(48 + sessions.len() * 300);
     out.extend_from_slice(b"{\"sessions\":[");
     for (i, s) in sessions.iter().enumerate() {
         if i > 0 {
@@ -196,7 +230,12 @@ async fn list_user(app: &App, user: &str) -> Result<Response<Body>, ApiError> {
         }
         out.extend_from_slice(&s.to_json());
     }
-    out.extend_from_slice(b"]}");
+    out.extend_from_slice(b"],\"next_cursor\":");
+    match next {
+        Some(n) => out.extend_from_slice(format!("\"{n}\"").as_bytes()),
+        None => out.extend_from_slice(b"null"),
+    }
+    out.push(b'}');
     Ok(json_response(StatusCode::OK, out))
 }
 
@@ -215,7 +254,7 @@ async fn delete_user(app: &App, user: &str) -> Result<Response<Body>, ApiError> 
 async fn browser_session(
     app: &App,
     req: &Request<Incoming>,
-    _peer: SocketAddr,
+    peer: SocketAddr,
 ) -> Result<Response<Body>, ApiError> {
     let presented = cookie_session_id(req).or_else(|| {
         req.headers()
@@ -230,15 +269,33 @@ async fn browser_session(
     let session = match existing {
         Some(s) => s,
         None => {
+            if let Some(limiter) = &app.create_limiter {
+                let client = super::client_ip(&app.config, peer, req.headers());
+                if let Err(wait) = limiter.check(client, std::time::Instant::now()) {
+                    let mut resp = ApiError::new(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "too_many_new_sessions",
+                        "too many new sessions from this address; retry shortly",
+                    )
+                    .into_response();
+                    resp.headers_mut()
+                        .insert(header::RETRY_AFTER, header::HeaderValue::from(wait));
+                    return Ok(resp);
+                }
+            }
             app.store
-                .create("anonymous".into(), "{}".into(), true)
+                .create(crate::session::ANONYMOUS.into(), "{}".into(), true)
                 .await?
         }
     };
     let id = crate::session::format_id(&session.id);
     let mut resp = session_response(StatusCode::OK, &session);
+    let max_age = match app.config.cookie_max_age_secs {
+        0 => String::new(),
+        secs => format!("; Max-Age={secs}"),
+    };
     let cookie = format!(
-        "session_id={id}; HttpOnly; SameSite=Lax; Path=/{}",
+        "session_id={id}; HttpOnly; SameSite=Lax; Path=/{max_age}{}",
         if app.config.cookie_secure {
             "; Secure"
         } else {
@@ -282,6 +339,7 @@ fn health(app: &App) -> Response<Body> {
             "pending_sync": st.pending_sync,
             "failovers": st.failovers,
             "reconciliations": st.reconciliations,
+            "redis_config_error": st.redis_config_error,
             "replay_dropped": st.replay_dropped,
             "corrupt_records": st.corrupt_records,
             "journal_bytes": st.journal_bytes,
@@ -304,7 +362,7 @@ fn ready(app: &App) -> Result<Response<Body>, ApiError> {
     if !app.is_ready() {
         return Err(ApiError::unavailable("not_ready", "starting or draining"));
     }
-    if let Some(reason) = app.store.status().degraded {
+    if let Some(reason) = app.store.status().unready {
         return Err(ApiError::unavailable("degraded", reason));
     }
     Ok(json_response(StatusCode::OK, br#"{"ready":true}"#.to_vec()))

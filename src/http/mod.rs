@@ -4,9 +4,9 @@
 pub mod error;
 pub mod handlers;
 
+use crate::admission::Admission;
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::pool::Admission;
 use crate::session::Limits;
 use crate::store::Store;
 use bytes::Bytes;
@@ -29,7 +29,13 @@ pub struct App {
     pub store: Store,
     pub admission: Arc<Admission>,
     /// Per-client-IP limit (429), when configured.
-    pub rate_limiter: Option<crate::pool::RateLimiter>,
+    pub rate_limiter: Option<crate::admission::RateLimiter>,
+    /// Per-client-address limit on the sessions `GET /api/session` creates
+    /// (429), when configured (on by default).
+    pub create_limiter: Option<crate::admission::RateLimiter>,
+    /// Set once the node has logged that it refuses management requests
+    /// through a proxy for want of a token.
+    pub warned_proxy_without_token: AtomicBool,
     pub metrics: Metrics,
     pub started: Instant,
     /// Up and not draining: what `/api/ready` reports.
@@ -162,6 +168,18 @@ pub async fn serve(
             "unauthorized",
             "missing or invalid bearer token",
         ))
+    } else if route.needs_token() && app.config.api_token.is_none() && via_proxy(&app, &req, peer) {
+        if !app.warned_proxy_without_token.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                route = template,
+                "refusing management requests that come through a proxy: no api_token is set"
+            );
+        }
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "the management API is not served through a proxy without an api_token",
+        ))
     } else {
         match tokio::time::timeout(
             app.config.request_timeout,
@@ -190,6 +208,18 @@ pub async fn serve(
         tracing::debug!(%client, route = template, status, "request refused");
     }
     Ok(resp)
+}
+
+/// Whether a request came through a proxy (a balancer): its peer is a
+/// trusted proxy, or it carries a forwarding header. Without a token, the
+/// management API is only for callers on the node's own address space, never
+/// for whoever reaches a balancer.
+fn via_proxy(app: &App, req: &Request<Incoming>, peer: SocketAddr) -> bool {
+    let h = req.headers();
+    app.config.is_trusted_proxy(peer.ip())
+        || h.contains_key("x-forwarded-for")
+        || h.contains_key("forwarded")
+        || h.contains_key("x-real-ip")
 }
 
 fn authorized(config: &Config, req: &Request<Incoming>) -> bool {

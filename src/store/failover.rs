@@ -70,6 +70,14 @@ struct Inner {
     clock_floor: u64,
     /// Journal entries per pipelined replay round trip.
     replay_batch: usize,
+    /// Sessions a user may hold; the oldest beyond it are deleted.
+    max_per_user: u64,
+    /// Stored sessions above which creates are refused (503).
+    max_sessions: u64,
+    /// Unready whenever not serving from Redis.
+    require_redis: bool,
+    /// Why Redis refuses this node (credentials, database), until it stops.
+    redis_config_error: Mutex<Option<String>>,
 }
 
 /// How many times a journal entry that Redis rejects (a script error, not an
@@ -87,6 +95,17 @@ enum Answer<T> {
     Fallback { sent: bool },
 }
 
+/// The store's bounds, from the configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct StoreLimits {
+    /// No session is created or slid with a clock before this (unix ms).
+    pub clock_floor: u64,
+    pub replay_batch: usize,
+    pub max_sessions_per_user: u64,
+    pub max_sessions: u64,
+    pub require_redis: bool,
+}
+
 /// What a DELETE did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Deleted {
@@ -99,12 +118,7 @@ pub enum Deleted {
 }
 
 impl Store {
-    pub fn new(
-        sled: SledStore,
-        redis: Option<RedisStore>,
-        clock_floor: u64,
-        replay_batch: usize,
-    ) -> Store {
+    pub fn new(sled: SledStore, redis: Option<RedisStore>, limits: StoreLimits) -> Store {
         Store {
             inner: Arc::new(Inner {
                 sled,
@@ -120,8 +134,12 @@ impl Store {
                 replay_dropped: AtomicU64::new(0),
                 rejections: Mutex::new(HashMap::new()),
                 reseed_wanted: AtomicBool::new(false),
-                clock_floor,
-                replay_batch,
+                clock_floor: limits.clock_floor,
+                replay_batch: limits.replay_batch,
+                max_per_user: limits.max_sessions_per_user,
+                max_sessions: limits.max_sessions,
+                require_redis: limits.require_redis,
+                redis_config_error: Mutex::new(None),
             }),
         }
     }
@@ -256,6 +274,13 @@ impl Store {
         counted: bool,
     ) -> Result<Session> {
         let now = self.now()?;
+        let stored = self.status_sessions();
+        if stored >= self.inner.max_sessions {
+            return Err(StoreError::Full {
+                stored,
+                max: self.inner.max_sessions,
+            });
+        }
         let mut session = Session::new(user_id, metadata, now, self.inner.sled.limits());
         session.request_count = u64::from(counted);
         loop {
@@ -279,8 +304,10 @@ impl Store {
                 continue;
             };
             // A create replays idempotently: it needs no id of its own.
-            self.inner.sled.create(&session, self.journal(false, 0))?;
             let _ = sent;
+            let journal = self.journal(false, 0);
+            self.inner.sled.create(&session, journal)?;
+            self.keep_user_bounded(&session.user_id, now, journal)?;
             self.inner.sled.durable().await?;
             return Ok(session);
         }
@@ -380,7 +407,10 @@ impl Store {
                     .sled
                     .patch(id, patch, if_match, now, self.journal(sent, seq))?;
             return match outcome {
-                PatchOutcome::Updated(_) => {
+                PatchOutcome::Updated(ref s) => {
+                    if patch.user_id.is_some() {
+                        self.keep_user_bounded(&s.user_id, now, self.journal(false, 0))?;
+                    }
                     self.inner.sled.durable().await?;
                     Ok(outcome)
                 }
@@ -388,6 +418,17 @@ impl Store {
                 PatchOutcome::VersionMismatch { .. } => Ok(outcome),
             };
         }
+    }
+
+    /// Keeps a user at `max_sessions_per_user` in the local store (Redis
+    /// does the same in its scripts).
+    fn keep_user_bounded(&self, user: &str, now: u64, journal: Journal) -> Result<()> {
+        if user != crate::session::ANONYMOUS {
+            self.inner
+                .sled
+                .evict_oldest(user, self.inner.max_per_user, now, journal)?;
+        }
+        Ok(())
     }
 
     /// Deletes a session: at once in Redis mode; in fallback journaled (held
@@ -472,18 +513,28 @@ impl Store {
         }
     }
 
-    /// A user's live sessions: all of them in Redis mode, this node's view
-    /// in fallback.
-    pub async fn list_user(&self, user: &str) -> Result<Vec<Session>> {
+    /// One page of a user's live sessions, oldest first, and the offset of
+    /// the next page: everyone's in Redis mode, this node's view in fallback.
+    pub async fn list_user(
+        &self,
+        user: &str,
+        offset: u64,
+        limit: u64,
+    ) -> Result<(Vec<Session>, Option<u64>)> {
         let now = now_ms();
+        if user == crate::session::ANONYMOUS {
+            return Ok((Vec::new(), None));
+        }
         match self
             .on_redis("list_user", None, |r| async move {
-                r.list_user(user, now).await
+                r.list_user(user, now, offset, limit).await
             })
             .await?
         {
-            Answer::Redis(list) => Ok(list),
-            Answer::Corrupt | Answer::Fallback { .. } => Ok(self.inner.sled.list_user(user, now)),
+            Answer::Redis(page) => Ok(page),
+            Answer::Corrupt | Answer::Fallback { .. } => {
+                Ok(self.inner.sled.list_user_page(user, now, offset, limit))
+            }
         }
     }
 
@@ -525,9 +576,38 @@ impl Store {
         }
     }
 
+    /// The stored-session count `status` reports, without the rest.
+    fn status_sessions(&self) -> u64 {
+        match &self.inner.redis {
+            Some(r) if self.mode() == Mode::Redis => r.cached_active(),
+            _ => self.inner.sled.sessions_active(),
+        }
+    }
+
     pub fn status(&self) -> StoreStatus {
         let redis_mode = self.mode() == Mode::Redis;
         let sled = &self.inner.sled;
+        let config_error = self
+            .inner
+            .redis_config_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .map(|e| format!("redis refuses this node's configuration: {e}"));
+        let unready = sled
+            .fault()
+            .or_else(|| {
+                (!self.clock_is_sane()).then(|| {
+                    "the system clock is behind this build's date; waiting for time sync".into()
+                })
+            })
+            .or_else(|| {
+                (self.inner.require_redis && self.inner.redis.is_some() && !redis_mode).then(|| {
+                    config_error
+                        .clone()
+                        .unwrap_or_else(|| "not serving from redis (require_redis)".into())
+                })
+            });
         StoreStatus {
             active: self.mode(),
             redis_configured: self.inner.redis.is_some(),
@@ -553,11 +633,9 @@ impl Store {
                     .map_or(0, RedisStore::corrupt_records),
             journal_bytes: sled.journal_bytes(),
             touches_unjournaled: sled.touches_unjournaled(),
-            degraded: sled.fault().or_else(|| {
-                (!self.clock_is_sane()).then(|| {
-                    "the system clock is behind this build's date; waiting for time sync".into()
-                })
-            }),
+            degraded: unready.clone().or_else(|| config_error.clone()),
+            unready,
+            redis_config_error: config_error.is_some(),
         }
     }
 
@@ -654,6 +732,7 @@ impl Store {
                 match redis.ping().await {
                     Ok(()) => {
                         self.inner.redis_reachable.store(true, Ordering::Release);
+                        self.set_config_error(None);
                         last_failure.clear();
                         delay = first_delay;
                         let synced = match self.reconcile(&redis, &shutdown).await {
@@ -665,8 +744,18 @@ impl Store {
                             self.inner.redis_reachable.store(false, Ordering::Release);
                         }
                     }
+                    Err(StoreError::RedisConfig(why)) => {
+                        // Not an outage: it will not pass by itself. Said at
+                        // ERROR every time the probe meets it (at most every
+                        // `redis_probe_max_ms`), until it is fixed.
+                        self.inner.redis_reachable.store(false, Ordering::Release);
+                        tracing::error!(error = %why, "redis refuses this node's credentials or database: fix redis_url; serving from sled meanwhile");
+                        self.set_config_error(Some(why));
+                        delay = (delay * 2).min(max_delay);
+                    }
                     Err(e) => {
                         self.inner.redis_reachable.store(false, Ordering::Release);
+                        self.set_config_error(None);
                         let reason = e.to_string();
                         if reason != last_failure {
                             tracing::warn!(error = %reason, "redis unreachable; serving from sled");
@@ -704,6 +793,14 @@ impl Store {
                 _ = shutdown.changed() => return,
             }
         }
+    }
+
+    fn set_config_error(&self, why: Option<String>) {
+        *self
+            .inner
+            .redis_config_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = why;
     }
 
     /// Whether Redis lost its data since this node last synchronised: its
@@ -861,6 +958,9 @@ impl Store {
                         failed.get_or_insert(why);
                         continue;
                     }
+                    // More to do: it stays at the head; the next batch
+                    // starts with it.
+                    Replayed::Partial => continue,
                     Replayed::Rejected(why) => {
                         let tries = {
                             let mut map = self

@@ -35,6 +35,10 @@ pub enum StoreError {
     Sled(#[from] ::sled::Error),
     #[error("redis: {0}")]
     Redis(String),
+    /// Redis refuses the node's credentials or database: a configuration
+    /// error, not an outage (it does not pass by itself).
+    #[error("redis refuses this node's configuration: {0}")]
+    RedisConfig(String),
     /// Redis answered, but the record an operation touched is not one a
     /// node wrote (wrong key type, a field that is not a number...): the
     /// record is treated as absent, counted and logged; Redis is fine.
@@ -52,6 +56,9 @@ pub enum StoreError {
     /// Writing to the local disk failed (EIO, read-only file system...).
     #[error("local disk fault: {0}")]
     DiskFault(String),
+    /// `max_sessions` are stored: no more are created.
+    #[error("{stored} sessions stored, the ceiling is {max}")]
+    Full { stored: u64, max: u64 },
     /// The fallback journal is at `max_journal_mb`.
     #[error("the fallback journal is at its budget of {0} bytes")]
     JournalFull(u64),
@@ -88,6 +95,12 @@ pub struct StoreStatus {
     pub corrupt_records: u64,
     pub journal_bytes: u64,
     pub touches_unjournaled: u64,
-    /// Why the node should not take traffic now (disk fault), if it should not.
+    /// What is wrong, if anything (health says `degraded` with it).
     pub degraded: Option<String>,
+    /// Why the node should not take traffic now, if it should not
+    /// (`/api/ready` answers 503 with it): a disk fault, an unset clock, or
+    /// Redis unavailable under `require_redis`.
+    pub unready: Option<String>,
+    /// Redis refuses the node's credentials or database.
+    pub redis_config_error: bool,
 }

@@ -577,13 +577,49 @@ impl SledStore {
         })
     }
 
-    /// Live sessions of one user (this node's view).
+    /// Live sessions of one user (this node's view), oldest first.
+    /// Anonymous sessions are not indexed: none are listed.
     pub fn list_user(&self, user: &str, now: u64) -> Vec<Session> {
-        self.user_session_ids(user)
+        if user == crate::session::ANONYMOUS {
+            return Vec::new();
+        }
+        let mut list: Vec<Session> = self
+            .user_session_ids(user)
             .iter()
             .filter_map(|id| self.get(id, now))
             .filter(|s| s.user_id == user)
-            .collect()
+            .collect();
+        list.sort_by_key(|s| (s.created_at, s.id));
+        list
+    }
+
+    /// One page of [`list_user`](Self::list_user) and the next offset.
+    pub fn list_user_page(
+        &self,
+        user: &str,
+        now: u64,
+        offset: u64,
+        limit: u64,
+    ) -> (Vec<Session>, Option<u64>) {
+        let all = self.list_user(user, now);
+        let start = (offset as usize).min(all.len());
+        let end = start.saturating_add(limit as usize).min(all.len());
+        let next = (end < all.len()).then_some(end as u64);
+        (all[start..end].to_vec(), next)
+    }
+
+    /// Keeps `user` at `max` sessions: deletes the oldest beyond it (journaled
+    /// as `journal` says). Returns how many were deleted.
+    pub fn evict_oldest(&self, user: &str, max: u64, now: u64, journal: Journal) -> Result<u64> {
+        let list = self.list_user(user, now);
+        let over = list.len().saturating_sub(max as usize);
+        let mut evicted = 0;
+        for s in list.iter().take(over) {
+            if self.delete(&s.id, now, journal)? {
+                evicted += 1;
+            }
+        }
+        Ok(evicted)
     }
 
     /// Ids filed under a user; may include stale entries, callers re-check.
@@ -1006,7 +1042,9 @@ impl SledStore {
     fn put_locked(&self, old: Option<&Session>, new: &Session) -> Result<()> {
         let inner = &self.inner;
         let t = self.t();
-        if old.map(|o| o.user_id != new.user_id).unwrap_or(true) {
+        if new.user_id != crate::session::ANONYMOUS
+            && old.map(|o| o.user_id != new.user_id).unwrap_or(true)
+        {
             t.by_user.insert(user_key(&new.user_id, &new.id), &[])?;
         }
         if old.map(|o| new.expires_at < o.expires_at).unwrap_or(true) {

@@ -51,7 +51,7 @@ impl RedisStore {
         let c = client
             .get_multiplexed_async_connection_with_config(&cfg)
             .await
-            .map_err(|e| StoreError::Redis(e.to_string()))?;
+            .map_err(|e| redis_error(&e))?;
         *self.inner.conn.write().unwrap_or_else(|p| p.into_inner()) = Some(c.clone());
         Ok(c)
     }
@@ -86,7 +86,7 @@ impl RedisStore {
                         retried = true;
                     }
                     Err(e) if is_bad_record(&e) => return Err(self.bad_record(e.to_string())),
-                    Err(e) => return Err(StoreError::Redis(e.to_string())),
+                    Err(e) => return Err(redis_error(&e)),
                 }
             }
         };
@@ -232,6 +232,23 @@ pub(super) fn is_transient(e: &redis::RedisError) -> bool {
     match e.code() {
         Some(code) => TRANSIENT.contains(&code) || TRANSIENT.iter().any(|t| text.contains(t)),
         None => true,
+    }
+}
+
+/// A Redis error as the store sees it: one that says the node's credentials
+/// or database are wrong is a configuration error (it will not pass by
+/// itself), anything else an outage.
+fn redis_error(e: &redis::RedisError) -> StoreError {
+    let text = e.to_string();
+    let config = e.kind() == redis::ErrorKind::AuthenticationFailed
+        || matches!(e.code(), Some("NOAUTH" | "WRONGPASS" | "NOPERM"))
+        || text.contains("invalid password")
+        || text.contains("invalid username-password")
+        || text.contains("DB index is out of range");
+    if config {
+        StoreError::RedisConfig(text)
+    } else {
+        StoreError::Redis(text)
     }
 }
 

@@ -68,6 +68,8 @@ struct Inner {
     probe_interval: Duration,
     probe_max: Duration,
     limits: Limits,
+    /// `max_sessions_per_user`: a user's index keeps this many sessions.
+    max_per_user: u64,
     /// `o:<origin>`: this node's field in session hashes (see `journal`).
     origin_field: String,
     conn: RwLock<Option<MultiplexedConnection>>,
@@ -108,6 +110,7 @@ impl RedisStore {
                 probe_max: config.redis_probe_max,
                 limits,
                 origin_field: format!("o:{origin:016x}"),
+                max_per_user: config.max_sessions_per_user,
                 conn: RwLock::new(None),
                 active: AtomicU64::new(0),
                 corrupt: AtomicU64::new(0),

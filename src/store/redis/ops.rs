@@ -1,16 +1,41 @@
 //! The request-path operations: one script call (one round trip) each,
 //! atomic with respect to every other node.
 
-use super::record::{as_array, as_string, field_name, metadata_fields, unexpected};
+use super::record::{as_array, as_int, as_string, field_name, metadata_fields, unexpected};
 use super::scripts::{self, CreateReply, PatchReply, RotateReply, TouchReply};
 use super::{RedisStore, Replayed, Result};
 use crate::session::{format_id, Patch, Session};
 use crate::store::{PatchOutcome, StoreError};
 use redis::Value;
 
+/// Sessions a log-out-everywhere deletes per script call: a few hundred
+/// microseconds of Redis time, whatever the user holds.
+const DELETE_USER_CHUNK: u64 = 100;
+
+/// `delete_user.lua`'s answer: whether more may remain, and the live ids it
+/// deleted.
+pub(super) fn delete_user_reply(reply: &Value) -> Result<(bool, Vec<[u8; 16]>)> {
+    let items = as_array(reply)?;
+    let more = items.first().and_then(as_int) == Some(1);
+    let ids = items
+        .get(1..)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(as_string)
+        .filter_map(|s| crate::session::parse_session_id(&s))
+        .collect();
+    Ok((more, ids))
+}
+
 impl RedisStore {
     pub async fn create(&self, s: &Session) -> Result<()> {
-        self.create_inner(s, false).await.map(|_| ())
+        self.create_inner(s, false).await?;
+        // The cached count (refreshed every second) follows creates at once,
+        // so a burst of them meets `max_sessions` without waiting for it.
+        self.inner
+            .active
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     async fn create_inner(&self, s: &Session, replay: bool) -> Result<CreateReply> {
@@ -34,7 +59,10 @@ impl RedisStore {
             .arg(s.last_accessed)
             .arg(s.expires_at)
             .arg(s.request_count)
-            .arg(s.version);
+            .arg(s.version)
+            .arg(self.index_limit(&s.user_id))
+            .arg(&self.inner.prefix)
+            .arg(self.channel());
         for (k, v) in metadata_fields(&s.metadata) {
             inv.arg(k).arg(v);
         }
@@ -158,7 +186,9 @@ impl RedisStore {
             .arg(self.inner.limits.max_metadata_bytes)
             .arg(if replay { "1" } else { "0" })
             .arg(&self.inner.origin_field)
-            .arg(seq);
+            .arg(seq)
+            .arg(patch.user_id.as_deref().map_or(0, |u| self.index_limit(u)))
+            .arg(self.channel());
         if let Some(meta) = &patch.metadata {
             for (k, v) in meta {
                 inv.arg(field_name(k)).arg(v.to_string());
@@ -223,16 +253,40 @@ impl RedisStore {
         inv
     }
 
-    pub async fn list_user(&self, user: &str, now: u64) -> Result<Vec<Session>> {
+    /// The sessions a user's index may hold before the oldest is evicted;
+    /// 0 (not indexed) for anonymous sessions, which nobody lists.
+    fn index_limit(&self, user: &str) -> u64 {
+        if user == crate::session::ANONYMOUS {
+            0
+        } else {
+            self.inner.max_per_user
+        }
+    }
+
+    /// One page of a user's live sessions, oldest first, and the offset of
+    /// the next page (`None` at the end). At most `limit` are read.
+    pub async fn list_user(
+        &self,
+        user: &str,
+        now: u64,
+        offset: u64,
+        limit: u64,
+    ) -> Result<(Vec<Session>, Option<u64>)> {
         let mut inv = self.inner.scripts.list_user.prepare_invoke();
         inv.key(self.key("u:", user))
             .arg(now)
             .arg(&self.inner.prefix)
-            .arg(user);
+            .arg(user)
+            .arg(offset)
+            .arg(limit);
         let reply = self.run(inv).await?;
         let items = as_array(&reply)?;
+        let next = items
+            .first()
+            .and_then(as_int)
+            .and_then(|n| u64::try_from(n).ok());
         let mut out = Vec::with_capacity(items.len() / 2);
-        for pair in items.chunks(2) {
+        for pair in items.get(1..).unwrap_or_default().chunks(2) {
             let (Some(fields), Some(id)) = (pair.first(), pair.get(1).and_then(as_string)) else {
                 continue;
             };
@@ -244,19 +298,22 @@ impl RedisStore {
                 }
             }
         }
-        out.sort_by_key(|s| s.created_at);
-        Ok(out)
+        Ok((out, next))
     }
 
-    /// Deletes a user's sessions created up to `before`; returns the ids
-    /// that were live.
+    /// Deletes a user's sessions created up to `before`, in chunks of a
+    /// bounded size (each one short script call); returns the ids that were
+    /// live.
     pub async fn delete_user(&self, user: &str, before: u64) -> Result<Vec<[u8; 16]>> {
-        let reply = self.run(self.delete_user_inv(user, before)).await?;
-        Ok(as_array(&reply)?
-            .iter()
-            .filter_map(as_string)
-            .filter_map(|s| crate::session::parse_session_id(&s))
-            .collect())
+        let mut ids = Vec::new();
+        loop {
+            let reply = self.run(self.delete_user_inv(user, before)).await?;
+            let (more, chunk) = delete_user_reply(&reply)?;
+            ids.extend(chunk);
+            if !more {
+                return Ok(ids);
+            }
+        }
     }
 
     pub(super) fn delete_user_inv(&self, user: &str, before: u64) -> redis::ScriptInvocation<'_> {
@@ -269,7 +326,8 @@ impl RedisStore {
             .arg(self.inner.limits.max_lifetime_ms)
             .arg(self.channel())
             .arg(crate::session::now_ms())
-            .arg(before);
+            .arg(before)
+            .arg(DELETE_USER_CHUNK);
         inv
     }
 

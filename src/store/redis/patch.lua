@@ -1,10 +1,11 @@
 -- KEYS: session, tombstone
 -- ARGV: now, if_match ('' = none), new user ('' = none), prefix, id, max_lifetime_ms, max_metadata_bytes, replay,
---       origin field, operation id, then pairs of metadata field, value ('null' deletes)
+--       origin field, operation id, max sessions per user of the new user ('0' = not indexed), channel,
+--       then pairs of metadata field, value ('null' deletes)
 -- Returns {1, record} applied, {0} gone, {-1} tombstoned (replay), {-2}
 -- corrupt, {2, version} If-Match failed, {3, size} too large, {4} a replayed
 -- patch that was already applied
-local cur = redis.call('HMGET', KEYS[1], 'e', 'v', 'u', ARGV[9])
+local cur = redis.call('HMGET', KEYS[1], 'e', 'v', 'u', ARGV[9], 'c')
 if not cur[1] then
   if ARGV[8] == '1' and redis.call('EXISTS', KEYS[2]) == 1 then return {-1} end
   return {0}
@@ -16,14 +17,14 @@ local seq, mark = tonumber(ARGV[10]), tonumber(cur[4])
 if ARGV[8] == '1' and mark and mark >= seq then return {4} end
 if ARGV[8] ~= '1' and tonumber(cur[1]) <= tonumber(ARGV[1]) then return {0} end
 if ARGV[2] ~= '' and tonumber(ARGV[2]) ~= tonumber(cur[2]) then return {2, cur[2]} end
-if #ARGV > 10 then
+if #ARGV > 12 then
   -- the merged metadata must fit: compute its JSON size before writing
   local meta = {}
   local all = redis.call('HGETALL', KEYS[1])
   for i = 1, #all, 2 do
     if string.sub(all[i], 1, 2) == 'm:' then meta[all[i]] = all[i + 1] end
   end
-  for i = 11, #ARGV, 2 do
+  for i = 13, #ARGV, 2 do
     if ARGV[i + 1] == 'null' then meta[ARGV[i]] = nil else meta[ARGV[i]] = ARGV[i + 1] end
   end
   local size, count = 2, 0
@@ -33,7 +34,7 @@ if #ARGV > 10 then
   end
   if count > 1 then size = size + count - 1 end
   if size > tonumber(ARGV[7]) then return {3, tostring(size)} end
-  for i = 11, #ARGV, 2 do
+  for i = 13, #ARGV, 2 do
     if ARGV[i + 1] == 'null' then
       redis.call('HDEL', KEYS[1], ARGV[i])
     else
@@ -42,9 +43,14 @@ if #ARGV > 10 then
   end
 end
 if ARGV[3] ~= '' and ARGV[3] ~= cur[3] then
-  redis.call('SREM', index(ARGV[4] .. 'u:' .. cur[3], 'set'), ARGV[5])
-  redis.call('SADD', index(ARGV[4] .. 'u:' .. ARGV[3], 'set'), ARGV[5])
-  redis.call('PEXPIRE', ARGV[4] .. 'u:' .. ARGV[3], ARGV[6])
+  redis.call('ZREM', user_index(ARGV[4] .. 'u:' .. cur[3]), ARGV[5])
+  local max = tonumber(ARGV[11])
+  if max > 0 then
+    local ukey = user_index(ARGV[4] .. 'u:' .. ARGV[3])
+    redis.call('ZADD', ukey, tonumber(cur[5]) or 0, ARGV[5])
+    redis.call('PEXPIRE', ukey, ARGV[6])
+    evict_over(ukey, max, ARGV[4], ARGV[6], ARGV[12], ARGV[4] .. 'active')
+  end
   redis.call('HSET', KEYS[1], 'u', ARGV[3])
 end
 if not mark or seq > mark then redis.call('HSET', KEYS[1], ARGV[9], ARGV[10]) end

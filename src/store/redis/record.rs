@@ -42,6 +42,12 @@ impl RedisStore {
         let (Some(user_id), [Some(c), Some(a), Some(e), Some(n), Some(v)]) = (user, numbers) else {
             return Err(self.bad_record(format!("session {}: fields missing", format_id(id))));
         };
+        if c.max(a).max(e) > crate::session::MAX_TIME_MS {
+            return Err(self.bad_record(format!(
+                "session {}: a time beyond the year 9999",
+                format_id(id)
+            )));
+        }
         let mut s = Session {
             id: *id,
             user_id,

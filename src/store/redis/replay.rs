@@ -23,6 +23,9 @@ pub enum Replayed {
     /// Redis refused it for now (out of memory, read-only replica...): it was
     /// not applied and stays in the journal for the next attempt.
     Failed(String),
+    /// Applied in part (a log-out-everywhere's first chunks): it stays in the
+    /// journal and is sent again at once.
+    Partial,
     /// Redis answered it with an error that says nothing about Redis's own
     /// state (a script error): retried a bounded number of times, then dropped.
     Rejected(String),
@@ -115,7 +118,14 @@ impl RedisStore {
         let unexpected = || Replayed::Rejected(format!("unexpected reply {reply:?}"));
         match op {
             // Deletes apply whatever Redis holds.
-            Op::Delete { .. } | Op::DeleteUser { .. } => Replayed::Applied,
+            Op::Delete { .. } => Replayed::Applied,
+            // A log-out-everywhere runs in chunks: the entry stays until the
+            // last one.
+            Op::DeleteUser { .. } => match super::ops::delete_user_reply(reply) {
+                Ok((true, _)) => Replayed::Partial,
+                Ok((false, _)) => Replayed::Applied,
+                Err(_) => unexpected(),
+            },
             Op::Create(_) => match CreateReply::decode(reply) {
                 Some(CreateReply::Created | CreateReply::Exists) => Replayed::Applied,
                 Some(CreateReply::Deleted) => Replayed::Tombstoned,

@@ -17,7 +17,12 @@ redis.call('HINCRBY', KEYS[2], 'v', 1)
 redis.call('SET', KEYS[3], '1', 'PX', ARGV[4])
 redis.call('ZREM', index(KEYS[4], 'zset'), ARGV[1])
 redis.call('ZADD', KEYS[4], cur[1], ARGV[2])
-redis.call('SREM', index(ARGV[3] .. 'u:' .. cur[2], 'set'), ARGV[1])
-redis.call('SADD', ARGV[3] .. 'u:' .. cur[2], ARGV[2])
+-- the new id takes the old one's place in the user's index, if it had one
+local ukey = user_index(ARGV[3] .. 'u:' .. cur[2])
+local score = redis.call('ZSCORE', ukey, ARGV[1])
+if score then
+  redis.call('ZREM', ukey, ARGV[1])
+  redis.call('ZADD', ukey, score, ARGV[2])
+end
 redis.call('PUBLISH', ARGV[5], 'del:' .. ARGV[1])
 return {1, redis.call('HGETALL', KEYS[2])}

@@ -117,8 +117,18 @@ impl Drop for RequestSlot {
 pub struct RateLimiter {
     rate: f64,
     burst: f64,
-    shards: Vec<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, Bucket>>>,
+    shards: Vec<std::sync::Mutex<Shard>>,
 }
+
+/// Clients whose address falls here, and when the shard was last cleared of
+/// clients back at a full bucket (a full shard is cleared at most every
+/// [`SWEEP_EVERY`], so a flood cannot make every request walk it).
+struct Shard {
+    clients: std::collections::HashMap<std::net::IpAddr, Bucket>,
+    swept: Option<std::time::Instant>,
+}
+
+const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
 #[derive(Clone, Copy)]
 struct Bucket {
@@ -136,26 +146,43 @@ impl RateLimiter {
             rate: f64::from(rate),
             burst: f64::from(burst.max(1)),
             shards: (0..RATE_SHARDS)
-                .map(|_| std::sync::Mutex::new(std::collections::HashMap::new()))
+                .map(|_| {
+                    std::sync::Mutex::new(Shard {
+                        clients: std::collections::HashMap::new(),
+                        swept: None,
+                    })
+                })
                 .collect(),
         })
     }
 
-    /// Takes one token for `ip`; `Err(seconds)` says when the next one is
-    /// due (for `Retry-After`).
+    /// Takes one token for the client at `ip`; `Err(seconds)` says when the
+    /// next one is due (for `Retry-After`). An IPv6 client is keyed by its
+    /// /64 (one host holds a whole /64), an IPv4-mapped one as IPv4. When a
+    /// shard is full of clients still within their limits, new clients
+    /// share one overflow bucket: a flood from many addresses is bounded,
+    /// never let through.
     pub fn check(&self, ip: std::net::IpAddr, now: std::time::Instant) -> Result<(), u64> {
-        let shard = &self.shards[shard_of(ip)];
-        let mut map = shard.lock().unwrap_or_else(|p| p.into_inner());
+        let mut key = client_key(ip);
+        let shard = &self.shards[shard_of(key)];
+        let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
         let (rate, burst) = (self.rate, self.burst);
         let refilled =
             |b: &Bucket| (b.tokens + now.duration_since(b.at).as_secs_f64() * rate).min(burst);
-        if !map.contains_key(&ip) && map.len() >= MAX_CLIENTS_PER_SHARD {
-            map.retain(|_, b| refilled(b) < burst);
-            if map.len() >= MAX_CLIENTS_PER_SHARD {
-                return Ok(());
+        if !shard.clients.contains_key(&key) && shard.clients.len() >= MAX_CLIENTS_PER_SHARD {
+            let due = shard
+                .swept
+                .map_or(true, |at| now.saturating_duration_since(at) >= SWEEP_EVERY);
+            if due {
+                shard.swept = Some(now);
+                shard.clients.retain(|_, b| refilled(b) < burst);
+            }
+            if shard.clients.len() >= MAX_CLIENTS_PER_SHARD {
+                key = OVERFLOW;
             }
         }
-        let bucket = map.entry(ip).or_insert(Bucket {
+        let map = &mut shard.clients;
+        let bucket = map.entry(key).or_insert(Bucket {
             tokens: burst,
             at: now,
         });
@@ -170,6 +197,19 @@ impl RateLimiter {
             *bucket = Bucket { tokens, at: now };
             Err(((1.0 - tokens) / rate).ceil().max(1.0) as u64)
         }
+    }
+}
+
+/// The bucket shared by clients that find their shard full.
+const OVERFLOW: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED);
+
+/// What a client is limited as: an IPv4 address, or an IPv6 /64.
+fn client_key(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip.to_canonical() {
+        std::net::IpAddr::V6(a) => std::net::IpAddr::V6(std::net::Ipv6Addr::from(
+            u128::from(a) & !((1u128 << 64) - 1),
+        )),
+        v4 => v4,
     }
 }
 
@@ -228,5 +268,31 @@ mod rate_tests {
         assert!(limiter.check(a, t0 + Duration::from_millis(100)).is_ok());
         assert!(limiter.check(a, t0 + Duration::from_millis(100)).is_err());
         assert!(RateLimiter::new(0, 5).is_none(), "0 = off");
+    }
+
+    #[test]
+    fn an_ipv6_client_is_limited_by_its_64_and_a_full_table_never_fails_open() {
+        let limiter = RateLimiter::new(1, 1).expect("limit on");
+        let t0 = Instant::now();
+        let a: std::net::IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let same_64: std::net::IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        assert!(limiter.check(a, t0).is_ok());
+        assert!(limiter.check(same_64, t0).is_err(), "one /64, one client");
+        let mapped: std::net::IpAddr = "::ffff:192.0.2.7".parse().unwrap();
+        assert!(limiter.check(mapped, t0).is_ok());
+        assert!(limiter.check("192.0.2.7".parse().unwrap(), t0).is_err());
+        // Many more clients than the table holds, all at their limit: the
+        // newcomers share the overflow bucket, most of them are refused.
+        let mut allowed = 0;
+        for i in 0..(super::RATE_SHARDS * super::MAX_CLIENTS_PER_SHARD * 2) as u32 {
+            let ip = std::net::IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+            if limiter.check(ip, t0).is_ok() {
+                allowed += 1;
+            }
+        }
+        assert!(
+            allowed <= super::RATE_SHARDS * super::MAX_CLIENTS_PER_SHARD + super::RATE_SHARDS,
+            "{allowed} allowed"
+        );
     }
 }
