@@ -21,12 +21,10 @@ CONNS="${CONNS:-64}"
 SESSIONS="${SESSIONS:-100000}"
 OPEN_CONNS="${OPEN_CONNS:-1000}"
 
-need() { command -v "$1" >/dev/null 2>&1; }
-if ! need wrk || ! need redis-server || ! need redis-benchmark; then
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq wrk redis-server redis-tools >/dev/null
-fi
+# wrk, redis-server and redis-benchmark, from the list test.sh uses (scripts/needs.sh).
+# shellcheck source=scripts/needs.sh
+. scripts/needs.sh
+NEEDS_WHO=bench.sh needs_install host bench
 
 if [ -z "${BIN:-}" ]; then
   cargo build --release --quiet

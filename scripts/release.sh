@@ -41,8 +41,8 @@ for arg in "$@"; do
 done
 [ ${#targets[@]} -gt 0 ] || targets=("${ALL_TARGETS[@]}")
 
-# Per target: binutils prefix ("" = the host's), qemu command ("" = runs
-# natively), and what must exist as "path-or-command=debian-package".
+# Per target: binutils prefix ("" = the host's) and qemu command ("" = runs
+# natively).
 prefix_of() {
   case $1 in
     aarch64-*) echo aarch64-linux-gnu- ;;
@@ -57,42 +57,13 @@ qemu_of() {
     *) echo "" ;;
   esac
 }
-needs_of() {
-  case $1 in
-    aarch64-*) echo aarch64-linux-gnu-gcc=gcc-aarch64-linux-gnu \
-                    aarch64-linux-gnu-objdump=binutils-aarch64-linux-gnu \
-                    qemu-aarch64-static=qemu-user-static ;;
-    # gcc-arm-linux-gnueabihf only recommends the armhf libc it links against.
-    armv7-*) echo arm-linux-gnueabihf-gcc=gcc-arm-linux-gnueabihf \
-                  arm-linux-gnueabihf-objdump=binutils-arm-linux-gnueabihf \
-                  /usr/arm-linux-gnueabihf/lib/libc.so=libc6-dev-armhf-cross \
-                  qemu-arm-static=qemu-user-static ;;
-    *) echo cc=gcc strip=binutils ;;
-  esac
-}
 
 # ---- what the build needs ------------------------------------------------------
-missing=()
-for t in "${targets[@]}"; do
-  for need in $(needs_of "$t"); do
-    what=${need%%=*} pkg=${need#*=}
-    if [[ $what == /* ]]; then [ -e "$what" ] && continue
-    else command -v "$what" >/dev/null 2>&1 && continue; fi
-    [[ " ${missing[*]} " == *" $pkg "* ]] || missing+=("$pkg")
-  done
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  command -v apt-get >/dev/null 2>&1 || die "missing packages (not a Debian system?): ${missing[*]}"
-  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
-  echo "release.sh: installing ${missing[*]}"
-  $SUDO apt-get update -qq
-  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
-command -v rustup >/dev/null 2>&1 || die "rustup is needed to add the Rust targets"
-installed=$(rustup target list --installed)
-for t in "${targets[@]}"; do
-  grep -qx "$t" <<<"$installed" || rustup target add "$t"
-done
+# Each target's packages and rustup target, detected by a file each provides
+# (scripts/needs.sh, the list scripts/test.sh and scripts/doctor.sh use).
+# shellcheck source=scripts/needs.sh
+. scripts/needs.sh
+NEEDS_WHO=release.sh needs_install host "${targets[@]}" || die "cannot install what the build needs (bash scripts/doctor.sh ${targets[*]} lists it)"
 
 version=$(awk -F'"' '/^\[/{pkg=($0=="[package]")} pkg && /^version *=/{print $2; exit}' Cargo.toml)
 [ -n "$version" ] || die "no version in Cargo.toml"

@@ -3,8 +3,9 @@
 //! with the tarball — start, a session's whole life, stop, start again, the
 //! session is still there, clean exit on SIGTERM.
 //!
-//! Needs gcc-aarch64-linux-gnu, gcc-arm-linux-gnueabihf, libc6-dev-armhf-cross,
-//! qemu-user-static and the two rustup targets; scripts/test.sh installs them.
+//! Needs gcc-aarch64-linux-gnu, libc6-dev-arm64-cross, gcc-arm-linux-gnueabihf,
+//! libc6-dev-armhf-cross, qemu-user-static and the two rustup targets
+//! (scripts/needs.sh); scripts/test.sh installs them.
 //! Without them the test fails, never skips.
 
 mod common;
@@ -50,8 +51,20 @@ fn require_tools() {
     .filter(|c| !have_command(c))
     .map(|c| c.to_string())
     .collect();
-    if !Path::new("/usr/arm-linux-gnueabihf/lib/libc.so").exists() {
-        missing.push("/usr/arm-linux-gnueabihf/lib/libc.so (libc6-dev-armhf-cross)".into());
+    // The libraries and headers the cross gcc only recommends, by a file each provides.
+    for (file, package) in [
+        (
+            "/usr/arm-linux-gnueabihf/lib/libc.so",
+            "libc6-dev-armhf-cross",
+        ),
+        (
+            "/usr/aarch64-linux-gnu/include/bits/libc-header-start.h",
+            "libc6-dev-arm64-cross",
+        ),
+    ] {
+        if !Path::new(file).exists() {
+            missing.push(format!("{file} ({package})"));
+        }
     }
     let sysroot = Command::new("rustc")
         .args(["--print", "sysroot"])
@@ -66,8 +79,7 @@ fn require_tools() {
     assert!(
         missing.is_empty(),
         "cross toolchain incomplete, missing: {}.\nRun scripts/test.sh, which installs \
-         them (apt-get install gcc-aarch64-linux-gnu gcc-arm-linux-gnueabihf \
-         libc6-dev-armhf-cross qemu-user-static; rustup target add {AARCH64} {ARMV7}).",
+         them (scripts/doctor.sh lists each missing file and its package).",
         missing.join(", ")
     );
 }
