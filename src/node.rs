@@ -85,6 +85,7 @@ pub async fn run(
             max_sessions_per_user: config.max_sessions_per_user,
             max_sessions: config.max_sessions,
             require_redis: config.require_redis,
+            store_timeout: config.store_timeout,
         },
     );
     store.start_on_redis().await;

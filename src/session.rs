@@ -30,6 +30,40 @@ pub struct Session {
     pub version: u64,
     /// JSON text of an object; always valid and within the metadata limit.
     pub metadata: String,
+    /// When the session became `user_id`'s by a login (a PATCH of
+    /// `user_id`); 0 when it was created as that user. A log-out-everywhere
+    /// takes the sessions a user had *before* it: created or logged into
+    /// earlier. Not in the API's JSON.
+    pub login_at: u64,
+}
+
+/// The record as 0.1.0 wrote it (envelope `V1`), before `login_at`.
+#[derive(Deserialize)]
+struct SessionV1 {
+    id: [u8; 16],
+    user_id: String,
+    created_at: u64,
+    last_accessed: u64,
+    expires_at: u64,
+    request_count: u64,
+    version: u64,
+    metadata: String,
+}
+
+impl From<SessionV1> for Session {
+    fn from(s: SessionV1) -> Session {
+        Session {
+            id: s.id,
+            user_id: s.user_id,
+            created_at: s.created_at,
+            last_accessed: s.last_accessed,
+            expires_at: s.expires_at,
+            request_count: s.request_count,
+            version: s.version,
+            metadata: s.metadata,
+            login_at: 0,
+        }
+    }
 }
 
 /// Expiry and size rules shared by every store.
@@ -52,6 +86,7 @@ impl Session {
             request_count: 0,
             version: 1,
             metadata,
+            login_at: 0,
         };
         s.expires_at = s.expiry_after_touch(now, limits);
         s
@@ -80,7 +115,13 @@ impl Session {
 
     /// Applies a PATCH: a new user, and a shallow merge of metadata where a
     /// `null` value deletes the key. Bumps the version.
-    pub fn apply_patch(&mut self, patch: &Patch, limits: &Limits) -> Result<(), InputError> {
+    /// A new `user_id` (a login at `now`) is recorded in `login_at`.
+    pub fn apply_patch(
+        &mut self,
+        patch: &Patch,
+        now: u64,
+        limits: &Limits,
+    ) -> Result<(), InputError> {
         if let Some(meta) = &patch.metadata {
             let mut current: Map<String, Value> =
                 serde_json::from_str(&self.metadata).unwrap_or_default();
@@ -94,6 +135,9 @@ impl Session {
             self.metadata = encode_metadata(&current, limits)?;
         }
         if let Some(user) = &patch.user_id {
+            if *user != self.user_id {
+                self.login_at = now;
+            }
             self.user_id = user.clone();
         }
         self.version += 1;
@@ -239,16 +283,21 @@ pub const MAX_TIME_MS: u64 = 253_402_300_799_999;
 
 /// The at-rest form. Variants are only ever appended: a later release still
 /// decodes what an earlier one wrote.
-#[derive(Serialize, Deserialize)]
-pub enum Envelope {
-    V1(Session),
+#[derive(Deserialize)]
+enum Envelope {
+    V1(SessionV1),
+    /// Since 0.2: with `login_at`.
+    V2(Session),
 }
 
 /// Borrowing twin of [`Envelope`] so encoding does not clone; postcard encodes
-/// both identically (variant index, then the fields).
+/// both identically (variant index, then the fields). The variant written
+/// is always the newest.
 #[derive(Serialize)]
 enum EnvelopeRef<'a> {
-    V1(&'a Session),
+    #[allow(dead_code)]
+    V1(()),
+    V2(&'a Session),
 }
 
 /// A record at rest that does not decode.
@@ -263,12 +312,14 @@ pub enum DecodeError {
 impl Session {
     pub fn encode(&self) -> Vec<u8> {
         // Encoding plain structs into a Vec cannot fail.
-        postcard::to_allocvec(&EnvelopeRef::V1(self)).unwrap_or_default()
+        postcard::to_allocvec(&EnvelopeRef::V2(self)).unwrap_or_default()
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Session, DecodeError> {
-        // One variant so far; a second one makes this a match.
-        let Envelope::V1(s) = postcard::from_bytes::<Envelope>(bytes)?;
+        let s = match postcard::from_bytes::<Envelope>(bytes)? {
+            Envelope::V1(old) => Session::from(old),
+            Envelope::V2(s) => s,
+        };
         if s.times_in_range() {
             Ok(s)
         } else {
@@ -278,7 +329,16 @@ impl Session {
 
     /// Whether every time of the record can be written as RFC 3339.
     pub fn times_in_range(&self) -> bool {
-        self.created_at.max(self.last_accessed).max(self.expires_at) <= MAX_TIME_MS
+        self.created_at
+            .max(self.last_accessed)
+            .max(self.expires_at)
+            .max(self.login_at)
+            <= MAX_TIME_MS
+    }
+
+    /// When the session became its user's: created as it, or logged in.
+    pub fn born(&self) -> u64 {
+        self.created_at.max(self.login_at)
     }
 }
 
@@ -298,6 +358,16 @@ mod tests {
         assert_eq!(Session::decode(&s.encode()).unwrap(), s);
         assert!(Session::decode(&[0xff, 0xff, 0x01]).is_err());
         assert!(Session::decode(&[]).is_err());
+        // A record as 0.1.0 wrote it: envelope V1, no login_at.
+        let mut v1 = vec![0u8];
+        v1.extend_from_slice(&[9; 16]);
+        v1.extend_from_slice(&[1, b'u', 1, 2, 3, 4, 5]);
+        v1.extend_from_slice(&[2, b'{', b'}']);
+        let old = Session::decode(&v1).unwrap();
+        assert_eq!(
+            (old.user_id.as_str(), old.version, old.login_at),
+            ("u", 5, 0)
+        );
     }
 
     #[test]
@@ -319,6 +389,7 @@ mod tests {
                 user_id: Some("v".into()),
                 metadata: Some(patch),
             },
+            7,
             &LIMITS,
         )
         .unwrap();
@@ -326,6 +397,7 @@ mod tests {
             (s.metadata.as_str(), s.user_id.as_str(), s.version),
             (r#"{"b":2,"c":[]}"#, "v", 2)
         );
+        assert_eq!((s.login_at, s.born()), (7, 7), "a login is recorded");
         let big: Map<String, Value> =
             serde_json::from_str(&format!(r#"{{"x":"{}"}}"#, "y".repeat(100))).unwrap();
         let before = s.clone();
@@ -335,6 +407,7 @@ mod tests {
                     user_id: None,
                     metadata: Some(big)
                 },
+                8,
                 &LIMITS
             ),
             Err(InputError::MetadataTooLarge { .. })

@@ -829,3 +829,201 @@ fn a_journal_entry_redis_keeps_rejecting_is_dropped_after_bounded_tries() {
     assert_eq!(f["metadata"]["a"], 1, "{f}");
     assert_eq!(f["version"], 2, "{f}");
 }
+
+// ---- found by an independent review; each was a bug before its fix ----------
+
+#[test]
+fn a_patch_right_after_redis_lost_its_data_restores_the_session_instead_of_losing_it() {
+    let redis = Redis::start(false);
+    let node = node_on(&redis, "n1");
+    let c = node.client();
+    wait_mode(&c, "redis", Duration::from_secs(5));
+    let patched = id_of(&c.create(r#"{"user_id":"p"}"#));
+    let rotated = id_of(&c.create(r#"{"user_id":"r"}"#));
+    let control = id_of(&c.create(r#"{"user_id":"q"}"#));
+    // The node has met this Redis (its epoch is set).
+    assert!(wait_until(Duration::from_secs(5), || redis
+        .cmd(&["EXISTS", "edgenode:epoch"])
+        == ":1\r\n"));
+    assert!(redis.cmd(&["FLUSHALL"]).starts_with("+OK"));
+    let p = c.patch(
+        &format!("/api/sessions/{patched}"),
+        r#"{"metadata":{"x":1}}"#,
+    );
+    assert_eq!(p.status, 200, "{}", p.text);
+    assert_eq!(p.json()["metadata"]["x"], 1);
+    let r = c.post(&format!("/api/sessions/{rotated}/rotate"), "");
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert!(wait_until(Duration::from_secs(5), || c
+        .get(&format!("/api/sessions/{control}"))
+        .status
+        == 200));
+    assert_eq!(c.get(&format!("/api/sessions/{patched}")).status, 200);
+}
+
+#[test]
+fn sessions_restored_from_the_mirror_are_not_changed_twice_when_the_replay_repeats() {
+    let mut redis = Redis::start(false);
+    let mut node = node_with(&redis, "n1", &["--replay-batch", "4"]);
+    let c = node.client();
+    wait_mode(&c, "redis", Duration::from_secs(5));
+    let ids: Vec<String> = (0..30).map(|_| id_of(&c.create("{}"))).collect();
+    redis.kill9();
+    push_into_fallback(&c);
+    for round in 0..10 {
+        for id in &ids {
+            let p = c.patch(
+                &format!("/api/sessions/{id}"),
+                &format!(r#"{{"metadata":{{"r":{round}}}}}"#),
+            );
+            assert_eq!(p.status, 200);
+        }
+    }
+    let want: Vec<u64> = ids
+        .iter()
+        .map(|id| {
+            c.get(&format!("/api/sessions/{id}")).json()["version"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    let full = health(&c)["store"]["pending_sync"].as_u64().unwrap();
+    redis.restart(); // empty: every session is restored from the mirror
+    assert!(wait_until(Duration::from_secs(10), || {
+        let p = health(&c)["store"]["pending_sync"].as_u64().unwrap_or(0);
+        p < full - 20
+    }));
+    // Stopped in the middle: the next start replays what is left again.
+    assert!(node.terminate().success());
+    node.restart();
+    let c = node.client();
+    wait_mode(&c, "redis", Duration::from_secs(10));
+    for (id, want) in ids.iter().zip(&want) {
+        let got = c.get(&format!("/api/sessions/{id}")).json();
+        assert_eq!(got["version"].as_u64(), Some(*want), "{id}: {got}");
+    }
+}
+
+#[test]
+fn a_restored_session_is_not_changed_twice_when_another_entry_stops_the_replay() {
+    let mut redis = Redis::start(false);
+    let node = node_with(&redis, "n1", &["--replay-batch", "4"]);
+    let c = node.client();
+    wait_mode(&c, "redis", Duration::from_secs(5));
+    let s = id_of(&c.create("{}"));
+    let p = id_of(&c.create("{}"));
+    redis.kill9();
+    push_into_fallback(&c);
+    let sp = format!("/api/sessions/{s}");
+    assert_eq!(c.patch(&sp, r#"{"metadata":{"i":0}}"#).status, 200);
+    assert_eq!(
+        c.patch(&format!("/api/sessions/{p}"), r#"{"metadata":{"p":1}}"#)
+            .status,
+        200
+    );
+    for i in 1..10 {
+        assert_eq!(
+            c.patch(&sp, &format!(r#"{{"metadata":{{"i":{i}}}}}"#))
+                .status,
+            200
+        );
+    }
+    let want = c.get(&sp).json()["version"].as_u64().unwrap();
+    signal(node.pid(), libc::SIGSTOP);
+    redis.restart(); // empty
+                     // A record for p that no script can count with: its entries are
+                     // rejected until dropped, stopping each replay attempt after S's restore.
+    let far = (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        + 3_600_000)
+        .to_string();
+    redis.cmd(&[
+        "HSET",
+        &format!("edgenode:s:{p}"),
+        "u",
+        "x",
+        "c",
+        "1",
+        "a",
+        "1",
+        "e",
+        &far,
+        "n",
+        "0",
+        "v",
+        "99999999999999999999",
+    ]);
+    signal(node.pid(), libc::SIGCONT);
+    wait_mode(&c, "redis", Duration::from_secs(20));
+    let got = c.get(&sp).json();
+    assert_eq!(got["version"].as_u64(), Some(want), "{got}");
+}
+
+#[test]
+fn a_login_made_after_a_log_out_everywhere_survives_whichever_node_replays_first() {
+    let redis = Redis::start(true);
+    let a = node_on(&redis, "a");
+    let b = node_on(&redis, "b");
+    let (ca, cb) = (a.client(), b.client());
+    wait_mode(&ca, "redis", Duration::from_secs(5));
+    wait_mode(&cb, "redis", Duration::from_secs(5));
+    let s = id_of(&cb.create("{}"));
+    let old = id_of(&cb.create(r#"{"user_id":"dave"}"#));
+    redis.stop();
+    push_into_fallback(&ca);
+    push_into_fallback(&cb);
+    let out = ca.delete("/api/users/dave/sessions");
+    assert_eq!(out.status, 202, "{}", out.text);
+    // Times are milliseconds: the login is a later one.
+    std::thread::sleep(Duration::from_millis(20));
+    let login = cb.patch(&format!("/api/sessions/{s}"), r#"{"user_id":"dave"}"#);
+    assert_eq!(login.status, 200, "{}", login.text);
+    // B replays first, then A's logout.
+    signal(a.pid(), libc::SIGSTOP);
+    redis.cont();
+    wait_mode(&cb, "redis", Duration::from_secs(10));
+    signal(a.pid(), libc::SIGCONT);
+    wait_mode(&ca, "redis", Duration::from_secs(10));
+    for c in [&ca, &cb] {
+        assert_eq!(
+            c.get(&format!("/api/sessions/{s}")).status,
+            200,
+            "the later login"
+        );
+        assert_eq!(
+            c.get(&format!("/api/sessions/{old}")).status,
+            404,
+            "logged out"
+        );
+    }
+}
+
+#[test]
+fn a_session_revoked_during_an_outage_stays_revoked_though_another_node_rotated_it() {
+    let redis = Redis::start(true);
+    let a = node_on(&redis, "a");
+    let b = node_on(&redis, "b");
+    let (ca, cb) = (a.client(), b.client());
+    wait_mode(&ca, "redis", Duration::from_secs(5));
+    wait_mode(&cb, "redis", Duration::from_secs(5));
+    let s = id_of(&cb.create(r#"{"user_id":"zed"}"#));
+    redis.stop();
+    push_into_fallback(&ca);
+    push_into_fallback(&cb);
+    assert_eq!(ca.delete(&format!("/api/sessions/{s}")).status, 202);
+    let r = cb.post(&format!("/api/sessions/{s}/rotate"), "");
+    assert_eq!(r.status, 200, "{}", r.text);
+    let new = id_of(&r.json());
+    // The rotating node replays first.
+    signal(a.pid(), libc::SIGSTOP);
+    redis.cont();
+    wait_mode(&cb, "redis", Duration::from_secs(10));
+    signal(a.pid(), libc::SIGCONT);
+    wait_mode(&ca, "redis", Duration::from_secs(10));
+    for c in [&ca, &cb] {
+        assert_eq!(c.get(&format!("/api/sessions/{new}")).status, 404);
+        assert_eq!(c.get(&format!("/api/sessions/{s}")).status, 404);
+    }
+}

@@ -28,7 +28,7 @@
 
 use super::journal::Op;
 use super::redis::RedisStore;
-use super::redis::Replayed;
+use super::redis::{CreateReply, Replayed};
 use super::sled::Journal;
 use super::sled::SledStore;
 use super::{Mode, PatchOutcome, StoreError, StoreStatus};
@@ -76,6 +76,8 @@ struct Inner {
     max_sessions: u64,
     /// Unready whenever not serving from Redis.
     require_redis: bool,
+    /// Longest wait for a mirror flush in Redis mode (the store timeout).
+    mirror_flush_wait: Duration,
     /// Why Redis refuses this node (credentials, database), until it stops.
     redis_config_error: Mutex<Option<String>>,
 }
@@ -90,9 +92,10 @@ enum Answer<T> {
     Redis(T),
     /// The record Redis holds is corrupt: the session is absent.
     Corrupt,
-    /// Not in Redis mode, or Redis failed just now (then `sent`: it may have
-    /// applied the operation, whose id the journal entry must reuse).
-    Fallback { sent: bool },
+    /// Not in Redis mode, or Redis failed just now (then `sent` is the id the
+    /// call carried: Redis may have applied it, and the journal entry must
+    /// reuse it).
+    Fallback { sent: Option<u64> },
 }
 
 /// The store's bounds, from the configuration.
@@ -104,6 +107,7 @@ pub struct StoreLimits {
     pub max_sessions_per_user: u64,
     pub max_sessions: u64,
     pub require_redis: bool,
+    pub store_timeout: Duration,
 }
 
 /// What a DELETE did.
@@ -139,6 +143,7 @@ impl Store {
                 max_per_user: limits.max_sessions_per_user,
                 max_sessions: limits.max_sessions,
                 require_redis: limits.require_redis,
+                mirror_flush_wait: limits.store_timeout,
                 redis_config_error: Mutex::new(None),
             }),
         }
@@ -175,40 +180,35 @@ impl Store {
 
     /// How a fallback write is journaled: not at all without Redis; under
     /// the id the failed Redis call carried when it was sent; else anew.
-    fn journal(&self, sent: bool, seq: u64) -> Journal {
+    fn journal(&self, sent: Option<u64>) -> Journal {
         match (&self.inner.redis, sent) {
             (None, _) => Journal::Off,
-            (Some(_), true) => Journal::At(seq),
-            (Some(_), false) => Journal::Next,
-        }
-    }
-
-    /// An operation id for a live Redis call, when one will be made.
-    fn seq_for_redis(&self) -> Result<u64> {
-        if self.mode() == Mode::Redis {
-            self.inner.sled.next_seq()
-        } else {
-            Ok(0)
+            (Some(_), Some(seq)) => Journal::At(seq),
+            (Some(_), None) => Journal::Next,
         }
     }
 
     /// The one "Redis first" path every operation takes: runs `op` on Redis
     /// when in Redis mode; on an outage-like error, records it and switches
     /// to fallback; on a corrupt record, forgets the session (`id`) locally.
+    ///
+    /// `op` gets the operation's id, drawn here, after the mode was read, so
+    /// an id is never 0 nor drawn for a call that is not made.
     async fn on_redis<T, Fut>(
         &self,
         what: &'static str,
         id: Option<&[u8; 16]>,
-        op: impl FnOnce(RedisStore) -> Fut,
+        op: impl FnOnce(RedisStore, u64) -> Fut,
     ) -> Result<Answer<T>>
     where
         Fut: std::future::Future<Output = Result<T>>,
     {
         let redis = match &self.inner.redis {
             Some(r) if self.inner.redis_mode.load(Ordering::Acquire) => r.clone(),
-            _ => return Ok(Answer::Fallback { sent: false }),
+            _ => return Ok(Answer::Fallback { sent: None }),
         };
-        match op(redis).await {
+        let seq = self.inner.sled.next_seq()?;
+        match op(redis, seq).await {
             Ok(v) => Ok(Answer::Redis(v)),
             Err(e @ StoreError::Input(_)) => Err(e),
             Err(e @ StoreError::CorruptRecord(_)) => {
@@ -220,7 +220,7 @@ impl Store {
             }
             Err(e) => {
                 self.redis_failed(what, &e);
-                Ok(Answer::Fallback { sent: true })
+                Ok(Answer::Fallback { sent: Some(seq) })
             }
         }
     }
@@ -238,6 +238,24 @@ impl Store {
     fn mirror(&self, what: &str, write: impl FnOnce(&SledStore) -> Result<()>) {
         if let Err(e) = write(&self.inner.sled) {
             tracing::warn!(operation = what, error = %e, "mirror write failed; redis holds the change");
+        }
+    }
+
+    /// Flushes a mirror change Redis already applied, for at most the store
+    /// timeout: a stalled disk must not turn it into an error, nor hold the
+    /// answer.
+    async fn mirror_durable(&self, what: &str) {
+        match tokio::time::timeout(self.inner.mirror_flush_wait, self.inner.sled.durable()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, change = what, "flushing the mirror failed; redis holds the change")
+            }
+            Err(_) => {
+                tracing::warn!(
+                    change = what,
+                    "the mirror's flush is slow; redis holds the change, answered without it"
+                )
+            }
         }
     }
 
@@ -284,8 +302,8 @@ impl Store {
         let mut session = Session::new(user_id, metadata, now, self.inner.sled.limits());
         session.request_count = u64::from(counted);
         loop {
-            let sent = match self
-                .on_redis("create", None, |r| {
+            match self
+                .on_redis("create", None, |r, _| {
                     let s = session.clone();
                     async move { r.create(&s).await }
                 })
@@ -298,14 +316,13 @@ impl Store {
                     self.mirror("create", |m| m.mirror_put(&session));
                     return Ok(session);
                 }
-                Answer::Fallback { sent } => sent,
-            };
+                Answer::Fallback { .. } => {}
+            }
             let Some(_gate) = self.fallback_gate().await else {
                 continue;
             };
             // A create replays idempotently: it needs no id of its own.
-            let _ = sent;
-            let journal = self.journal(false, 0);
+            let journal = self.journal(None);
             self.inner.sled.create(&session, journal)?;
             self.keep_user_bounded(&session.user_id, now, journal)?;
             self.inner.sled.durable().await?;
@@ -316,59 +333,64 @@ impl Store {
     /// Counts one request and slides the expiry.
     pub async fn touch(&self, id: &[u8; 16]) -> Result<Option<Session>> {
         let now = self.now()?;
+        let mut may_restore = true;
         loop {
-            let seq = self.seq_for_redis()?;
             let sent = match self
-                .on_redis(
-                    "touch",
-                    Some(id),
-                    |r| async move { r.touch(id, now, seq).await },
-                )
+                .on_redis("touch", Some(id), |r, seq| async move {
+                    r.touch(id, now, seq).await
+                })
                 .await?
             {
                 Answer::Redis(Some(s)) => {
                     self.mirror("touch", |m| m.mirror_touch(s.clone()));
                     return Ok(Some(s));
                 }
-                Answer::Redis(None) => return self.redis_miss(id, now).await,
+                Answer::Redis(None) => {
+                    if std::mem::take(&mut may_restore) && self.restored_after_loss(id, now).await?
+                    {
+                        continue;
+                    }
+                    return Ok(None);
+                }
                 Answer::Corrupt => return Ok(None),
                 Answer::Fallback { sent } => sent,
             };
             let Some(_gate) = self.fallback_gate().await else {
                 continue;
             };
-            return match self.inner.sled.touch(id, now, self.journal(sent, seq))? {
+            return match self.inner.sled.touch(id, now, self.journal(sent))? {
                 Some(s) => Ok(Some(s)),
                 None => self.missing(id, None),
             };
         }
     }
 
-    /// Redis does not have a session. Usually it expired or was deleted; but
-    /// if the mirror holds a live copy and Redis lost its data (its epoch
-    /// changed), the copy is written back and the touch retried, and a
-    /// re-seed of the whole mirror is asked for.
-    async fn redis_miss(&self, id: &[u8; 16], now: u64) -> Result<Option<Session>> {
+    /// Redis does not have a session the request names. Usually it expired
+    /// or was deleted (the mirror's copy is dropped: `Ok(false)`); but if the
+    /// mirror holds a live copy and Redis lost its data (its epoch changed),
+    /// the copy is written back, a re-seed of the whole mirror is asked for,
+    /// and `Ok(true)` tells the caller to try again. When Redis cannot say,
+    /// the answer is an error (503) and the copy is kept.
+    async fn restored_after_loss(&self, id: &[u8; 16], now: u64) -> Result<bool> {
         let sled = &self.inner.sled;
-        let copy = sled.get(id, now).filter(|_| !sled.is_deleted(id));
-        if let (Some(copy), Some(redis)) = (copy, &self.inner.redis) {
-            if let Ok(true) = self.redis_lost_data(redis).await {
-                self.inner.reseed_wanted.store(true, Ordering::Release);
-                if redis
-                    .restore_batch(std::slice::from_ref(&copy))
-                    .await
-                    .is_ok()
-                {
-                    let seq = sled.next_seq()?;
-                    if let Ok(Some(s)) = redis.touch(id, now, seq).await {
-                        self.mirror("touch", |m| m.mirror_touch(s.clone()));
-                        return Ok(Some(s));
-                    }
-                }
-            }
+        let held = sled.get(id, now).is_some() && !sled.is_deleted(id);
+        let Some(redis) = self.inner.redis.as_ref().filter(|_| held) else {
+            self.mirror("miss", |m| m.mirror_forget(id).map(|_| ()));
+            return Ok(false);
+        };
+        let unavailable = |e: StoreError| {
+            StoreError::Unavailable(format!("checking whether redis lost the session: {e}"))
+        };
+        if !self.redis_lost_data(redis).await.map_err(unavailable)? {
+            self.mirror("miss", |m| m.mirror_forget(id).map(|_| ()));
+            return Ok(false);
         }
-        self.mirror("touch", |m| m.mirror_forget(id).map(|_| ()));
-        Ok(None)
+        self.inner.reseed_wanted.store(true, Ordering::Release);
+        let (copy, _) = sled.snapshot_for_restore(id, now)?;
+        if let Some(copy) = copy {
+            redis.restore(&copy, 0).await.map_err(unavailable)?;
+        }
+        Ok(true)
     }
 
     pub async fn patch(
@@ -378,21 +400,24 @@ impl Store {
         if_match: Option<u64>,
     ) -> Result<PatchOutcome> {
         let now = self.now()?;
+        let mut may_restore = true;
         loop {
-            let seq = self.seq_for_redis()?;
             let sent = match self
-                .on_redis("patch", Some(id), |r| async move {
+                .on_redis("patch", Some(id), |r, seq| async move {
                     r.patch(id, patch, if_match, now, seq).await
                 })
                 .await?
             {
+                Answer::Redis(PatchOutcome::NotFound) => {
+                    if std::mem::take(&mut may_restore) && self.restored_after_loss(id, now).await?
+                    {
+                        continue;
+                    }
+                    return Ok(PatchOutcome::NotFound);
+                }
                 Answer::Redis(outcome) => {
-                    match &outcome {
-                        PatchOutcome::Updated(s) => self.mirror("patch", |m| m.mirror_put(s)),
-                        PatchOutcome::NotFound => {
-                            self.mirror("patch", |m| m.mirror_forget(id).map(|_| ()))
-                        }
-                        PatchOutcome::VersionMismatch { .. } => {}
+                    if let PatchOutcome::Updated(s) = &outcome {
+                        self.mirror("patch", |m| m.mirror_put(s));
                     }
                     return Ok(outcome);
                 }
@@ -402,14 +427,14 @@ impl Store {
             let Some(_gate) = self.fallback_gate().await else {
                 continue;
             };
-            let outcome =
-                self.inner
-                    .sled
-                    .patch(id, patch, if_match, now, self.journal(sent, seq))?;
+            let outcome = self
+                .inner
+                .sled
+                .patch(id, patch, if_match, now, self.journal(sent))?;
             return match outcome {
                 PatchOutcome::Updated(ref s) => {
                     if patch.user_id.is_some() {
-                        self.keep_user_bounded(&s.user_id, now, self.journal(false, 0))?;
+                        self.keep_user_bounded(&s.user_id, now, self.journal(None))?;
                     }
                     self.inner.sled.durable().await?;
                     Ok(outcome)
@@ -437,14 +462,12 @@ impl Store {
         let now = now_ms();
         loop {
             match self
-                .on_redis("delete", Some(id), |r| async move { r.delete(id).await })
+                .on_redis("delete", Some(id), |r, _| async move { r.delete(id).await })
                 .await?
             {
                 Answer::Redis(existed) => {
                     self.mirror("delete", |m| m.mirror_deleted(id).map(|_| ()));
-                    if let Err(e) = self.inner.sled.durable().await {
-                        tracing::warn!(error = %e, "flushing a deletion to the mirror failed; redis holds it");
-                    }
+                    self.mirror_durable("deletion").await;
                     return Ok(Deleted::Now(u64::from(existed)));
                 }
                 Answer::Corrupt => return Ok(Deleted::Now(1)),
@@ -453,7 +476,7 @@ impl Store {
             let Some(_gate) = self.fallback_gate().await else {
                 continue;
             };
-            let held = self.inner.sled.delete(id, now, self.journal(false, 0))?;
+            let held = self.inner.sled.delete(id, now, self.journal(None))?;
             self.inner.sled.durable().await?;
             return Ok(match self.inner.redis {
                 Some(_) => Deleted::Accepted {
@@ -470,28 +493,31 @@ impl Store {
         // Chosen once, so that if Redis applied the rotation before timing
         // out, the fallback path and the later replay agree on the new id.
         let new_id = *uuid::Uuid::new_v4().as_bytes();
+        let mut may_restore = true;
         loop {
             let new = &new_id;
             match self
                 .on_redis(
                     "rotate",
                     Some(id),
-                    |r| async move { r.rotate(id, new).await },
+                    |r, _| async move { r.rotate(id, new).await },
                 )
                 .await?
             {
-                Answer::Redis(found) => {
+                Answer::Redis(None) => {
+                    if std::mem::take(&mut may_restore) && self.restored_after_loss(id, now).await?
+                    {
+                        continue;
+                    }
+                    return Ok(None);
+                }
+                Answer::Redis(Some(moved)) => {
                     self.mirror("rotate", |m| {
                         m.mirror_deleted(id)?;
-                        match &found {
-                            Some(s) => m.mirror_put(s),
-                            None => Ok(()),
-                        }
+                        m.mirror_put(&moved)
                     });
-                    if let Err(e) = self.inner.sled.durable().await {
-                        tracing::warn!(error = %e, "flushing a rotation to the mirror failed; redis holds it");
-                    }
-                    return Ok(found);
+                    self.mirror_durable("rotation").await;
+                    return Ok(Some(moved));
                 }
                 Answer::Corrupt => return Ok(None),
                 Answer::Fallback { .. } => {}
@@ -502,7 +528,7 @@ impl Store {
             let moved = self
                 .inner
                 .sled
-                .rotate(id, new_id, now, self.journal(false, 0))?;
+                .rotate(id, new_id, now, self.journal(None))?;
             return match moved {
                 Some(s) => {
                     self.inner.sled.durable().await?;
@@ -526,7 +552,7 @@ impl Store {
             return Ok((Vec::new(), None));
         }
         match self
-            .on_redis("list_user", None, |r| async move {
+            .on_redis("list_user", None, |r, _| async move {
                 r.list_user(user, now, offset, limit).await
             })
             .await?
@@ -544,7 +570,7 @@ impl Store {
         let now = now_ms();
         loop {
             match self
-                .on_redis("delete_user", None, |r| async move {
+                .on_redis("delete_user", None, |r, _| async move {
                     r.delete_user(user, now).await
                 })
                 .await?
@@ -554,9 +580,7 @@ impl Store {
                     for id in sled.user_session_ids(user).iter().chain(ids.iter()) {
                         self.mirror("delete_user", |m| m.mirror_deleted(id).map(|_| ()));
                     }
-                    if let Err(e) = sled.durable().await {
-                        tracing::warn!(error = %e, "flushing a logout to the mirror failed; redis holds it");
-                    }
+                    self.mirror_durable("logout").await;
                     return Ok(Deleted::Now(ids.len() as u64));
                 }
                 Answer::Corrupt | Answer::Fallback { .. } => {}
@@ -564,10 +588,7 @@ impl Store {
             let Some(_gate) = self.fallback_gate().await else {
                 continue;
             };
-            let held = self
-                .inner
-                .sled
-                .delete_user(user, now, self.journal(false, 0))?;
+            let held = self.inner.sled.delete_user(user, now, self.journal(None))?;
             self.inner.sled.durable().await?;
             return Ok(match self.inner.redis {
                 Some(_) => Deleted::Accepted { held },
@@ -807,10 +828,14 @@ impl Store {
     /// epoch is not the one this node remembers (a fresh one is set when
     /// Redis holds none).
     async fn redis_lost_data(&self, redis: &RedisStore) -> Result<bool> {
-        let known = self.inner.sled.redis_epoch();
+        // A node that has not met this Redis yet compares nothing: its first
+        // synchronisation re-seeds whatever Redis lacks anyway.
+        let Some(known) = self.inner.sled.redis_epoch() else {
+            return Ok(false);
+        };
         let fresh = uuid::Uuid::new_v4().simple().to_string();
         let current = redis.epoch(&fresh).await?;
-        Ok(known.as_deref() != Some(current.as_str()))
+        Ok(known != current)
     }
 
     /// Re-seeds Redis from the mirror when Redis lost its data (or this node
@@ -901,6 +926,11 @@ impl Store {
                 let _gate = self.inner.switch.write().await;
                 sled.flush_pending_touches()?;
                 if sled.journal_len() > 0 {
+                    if sled.journal_head(1).is_empty() {
+                        // The counter is off (no fallback write is in flight
+                        // under the gate): trust the tree.
+                        sled.recount_journal();
+                    }
                     continue;
                 }
                 if !self.inner.redis_mode.swap(true, Ordering::AcqRel) {
@@ -1022,12 +1052,23 @@ impl Store {
         }) else {
             return Ok(());
         };
-        let (copy, upto) = sled.with_lock(&target, || {
-            (sled.get(&target, now_ms()), sled.journal_last_seq())
-        });
+        let (copy, upto) = sled.snapshot_for_restore(&target, now_ms())?;
         if let Some(copy) = copy {
-            redis.restore(&copy).await?;
-            restored.insert(target, upto);
+            // Marked as including this node's entries up to `upto`: their
+            // replay is skipped by Redis itself, however often it repeats.
+            match redis.restore(&copy, upto).await? {
+                CreateReply::Created => {
+                    restored.insert(target, upto);
+                }
+                // Another node restored its own copy meanwhile: replay this
+                // node's entries onto it, from the next attempt on.
+                CreateReply::Exists => {
+                    return Err(StoreError::Redis(
+                        "the session was restored meanwhile; replaying onto it".into(),
+                    ))
+                }
+                CreateReply::Deleted => {}
+            }
         }
         if let Op::Rotate { old, .. } = op {
             redis.delete(old).await?;
@@ -1045,7 +1086,7 @@ impl Store {
         let sled = self.inner.sled.clone();
         loop {
             let follow = redis.follow_deletions(|id| {
-                if let Err(e) = sled.mirror_deleted(&id) {
+                if let Err(e) = sled.deleted_elsewhere(&id) {
                     tracing::warn!(error = %e, "dropping a deleted session from the mirror failed");
                 }
             });

@@ -56,6 +56,12 @@ pub enum Op {
         user: String,
         before: u64,
     },
+    /// A PATCH made at `at` (a change of `user_id` is a login at that time).
+    PatchAt {
+        id: [u8; 16],
+        patch: Patch,
+        at: u64,
+    },
 }
 
 impl Op {
@@ -65,6 +71,7 @@ impl Op {
         match self {
             Op::Create(s) => Some(s.id),
             Op::Patch { id, .. }
+            | Op::PatchAt { id, .. }
             | Op::Touch { id, .. }
             | Op::Touches { id, .. }
             | Op::Delete { id } => Some(*id),
@@ -140,6 +147,14 @@ mod tests {
             Op::DeleteUser {
                 user: "u".into(),
                 before: 11,
+            },
+            Op::PatchAt {
+                id: s.id,
+                patch: Patch {
+                    user_id: Some("w".into()),
+                    metadata: None,
+                },
+                at: 12,
             },
         ] {
             assert_eq!(decode(&encode(&op)).unwrap(), op);

@@ -254,7 +254,12 @@ impl SledStore {
     /// shutdown left (consumed, so a crash after this start forces a
     /// recount) or one walk of the keys; the journal's entries and bytes.
     fn count(&self) -> Result<()> {
-        let t = self.t();
+        self.count_in(&self.t())
+    }
+
+    /// [`count`](Self::count) over given trees (a reopen counts the new ones
+    /// before anyone else can write to them).
+    fn count_in(&self, t: &Trees) -> Result<()> {
         let n = match t.meta.remove(CLEAN_COUNT_KEY)? {
             Some(v) if v.len() == 8 => i64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8])),
             _ => t.sessions.len() as i64,
@@ -307,9 +312,9 @@ impl SledStore {
         for _ in 0..50 {
             match Trees::open(&self.inner.dir, &self.inner.local) {
                 Ok(t) => {
+                    self.count_in(&t)?;
                     *slot = Some(Arc::new(t));
                     drop(slot);
-                    self.count()?;
                     self.inner.disk.flushed(None);
                     tracing::warn!("the local store was reopened after a disk fault");
                     return Ok(());
@@ -510,10 +515,11 @@ impl SledStore {
                 }
             }
             let mut s = s.clone();
-            s.apply_patch(patch, &limits)?;
-            let op = Some(Op::Patch {
+            s.apply_patch(patch, now, &limits)?;
+            let op = Some(Op::PatchAt {
                 id: *id,
                 patch: patch.clone(),
+                at: now,
             });
             Ok((Change::Put(s.clone()), PatchOutcome::Updated(s), op))
         })
@@ -711,13 +717,33 @@ impl SledStore {
             .remove(id)
     }
 
-    /// Drops a session deleted or rotated away (here, or on another node as
-    /// Redis reported) and remembers the deletion.
+    /// Drops a session deleted or rotated away through this node, and
+    /// remembers the deletion.
     pub fn mirror_deleted(&self, id: &[u8; 16]) -> Result<bool> {
         self.modify(id, 0, Journal::Off, |current| {
             self.take_touched(id);
             let held = current.is_some();
             Ok((Change::Tombstone, held, None))
+        })
+    }
+
+    /// A deletion another node made (reported by Redis): remembered only for
+    /// a session this node holds. The others it can neither serve nor
+    /// re-seed, and a log-out-everywhere of a large user must not cost every
+    /// node a disk write per session.
+    pub fn deleted_elsewhere(&self, id: &[u8; 16]) -> Result<bool> {
+        self.modify(id, 0, Journal::Off, |current| {
+            self.take_touched(id);
+            let held = current.is_some();
+            Ok((
+                if held {
+                    Change::Tombstone
+                } else {
+                    Change::Keep
+                },
+                held,
+                None,
+            ))
         })
     }
 
@@ -775,6 +801,18 @@ impl SledStore {
 
     pub fn journal_len(&self) -> u64 {
         self.inner.journal_entries.load(Ordering::Relaxed)
+    }
+
+    /// Sets the journal's counters from the tree itself (when they disagree
+    /// with it, as a reopen racing a write could leave them).
+    pub fn recount_journal(&self) {
+        let (mut entries, mut bytes) = (0u64, 0u64);
+        for (_, v) in self.t().journal.iter().flatten() {
+            entries += 1;
+            bytes += v.len() as u64;
+        }
+        self.inner.journal_entries.store(entries, Ordering::Relaxed);
+        self.inner.journal_bytes.store(bytes, Ordering::Relaxed);
     }
 
     /// The oldest `n` journal entries, in order. An entry that does not decode
@@ -839,11 +877,13 @@ impl SledStore {
             .unwrap_or(0)
     }
 
-    /// Runs `f` while holding the lock of `id`'s stripe: used by replay to read
-    /// the mirror and the journal position as one consistent snapshot.
-    pub fn with_lock<R>(&self, id: &[u8; 16], f: impl FnOnce() -> R) -> R {
+    /// The mirror's copy of a session and the journal position it includes,
+    /// as one consistent snapshot (under the session's lock, after its
+    /// coalesced touches, which the copy already counts, are journaled).
+    pub fn snapshot_for_restore(&self, id: &[u8; 16], now: u64) -> Result<(Option<Session>, u64)> {
         let _guard = self.lock(id);
-        f()
+        self.journal_pending_touches_locked(id)?;
+        Ok((self.get(id, now), self.journal_last_seq()))
     }
 
     // ---- expiry sweep --------------------------------------------------------
@@ -1320,6 +1360,7 @@ mod tests {
             request_count: count,
             version,
             metadata: meta.into(),
+            login_at: 0,
         }
     }
 

@@ -23,7 +23,8 @@
 //! - in each session hash, `o:<origin>` → the highest operation id of that
 //!   node applied to the session (see `journal`): replays skip what it covers.
 //! - `active`: sorted set id → expiry, for a cheap active-session count.
-//! - channel `events`: `del:<id>` for every delete and rotation, so other nodes
+//! - channel `events`: `del:<id>` for every delete and rotation (`del:<id>,<id>…`
+//!   for a chunk of a log-out-everywhere), so other nodes
 //!   drop the session from their local mirror.
 //!
 //! The keys a script touches beyond `KEYS` (the user set) are built from the
@@ -42,6 +43,7 @@ mod replay;
 mod scripts;
 
 pub use replay::Replayed;
+pub(crate) use scripts::CreateReply;
 
 use super::StoreError;
 use crate::config::Config;
@@ -230,11 +232,11 @@ impl RedisStore {
         let mut stream = pubsub.on_message();
         while let Some(msg) = stream.next().await {
             let payload: String = msg.get_payload().unwrap_or_default();
-            if let Some(id) = payload
-                .strip_prefix("del:")
-                .and_then(crate::session::parse_session_id)
-            {
-                on_delete(id);
+            // `del:<id>` or, from a log-out-everywhere, `del:<id>,<id>,...`
+            if let Some(ids) = payload.strip_prefix("del:") {
+                ids.split(',')
+                    .filter_map(crate::session::parse_session_id)
+                    .for_each(&mut on_delete);
             }
         }
         Err(StoreError::Redis("pubsub connection closed".into()))

@@ -3,14 +3,15 @@
 
 use super::record::{as_array, as_int, as_string, field_name, metadata_fields, unexpected};
 use super::scripts::{self, CreateReply, PatchReply, RotateReply, TouchReply};
-use super::{RedisStore, Replayed, Result};
+use super::{RedisStore, Result};
 use crate::session::{format_id, Patch, Session};
 use crate::store::{PatchOutcome, StoreError};
 use redis::Value;
 
-/// Sessions a log-out-everywhere deletes per script call: a few hundred
-/// microseconds of Redis time, whatever the user holds.
-const DELETE_USER_CHUNK: u64 = 100;
+/// Sessions a log-out-everywhere deletes per script call: about a
+/// millisecond of Redis time (five commands each, one event for the chunk),
+/// whatever the user holds.
+const DELETE_USER_CHUNK: u64 = 64;
 
 /// `delete_user.lua`'s answer: whether more may remain, and the live ids it
 /// deleted.
@@ -29,7 +30,7 @@ pub(super) fn delete_user_reply(reply: &Value) -> Result<(bool, Vec<[u8; 16]>)> 
 
 impl RedisStore {
     pub async fn create(&self, s: &Session) -> Result<()> {
-        self.create_inner(s, false).await?;
+        self.create_inner(s, false, 0).await?;
         // The cached count (refreshed every second) follows creates at once,
         // so a burst of them meets `max_sessions` without waiting for it.
         self.inner
@@ -38,12 +39,19 @@ impl RedisStore {
         Ok(())
     }
 
-    async fn create_inner(&self, s: &Session, replay: bool) -> Result<CreateReply> {
-        let reply = self.run(self.create_inv(s, replay)).await?;
+    async fn create_inner(&self, s: &Session, replay: bool, includes: u64) -> Result<CreateReply> {
+        let reply = self.run(self.create_inv(s, replay, includes)).await?;
         CreateReply::decode(&reply).ok_or_else(|| unexpected(&reply))
     }
 
-    pub(super) fn create_inv(&self, s: &Session, replay: bool) -> redis::ScriptInvocation<'_> {
+    /// `includes`: the highest operation id of this node the record already
+    /// includes (a mirror copy being restored), 0 for none.
+    pub(super) fn create_inv(
+        &self,
+        s: &Session,
+        replay: bool,
+        includes: u64,
+    ) -> redis::ScriptInvocation<'_> {
         let id = format_id(&s.id);
         let mut inv = self.inner.scripts.create.prepare_invoke();
         inv.key(self.key("s:", &id))
@@ -62,7 +70,10 @@ impl RedisStore {
             .arg(s.version)
             .arg(self.index_limit(&s.user_id))
             .arg(&self.inner.prefix)
-            .arg(self.channel());
+            .arg(self.channel())
+            .arg(&self.inner.origin_field)
+            .arg(includes)
+            .arg(s.login_at);
         for (k, v) in metadata_fields(&s.metadata) {
             inv.arg(k).arg(v);
         }
@@ -198,13 +209,14 @@ impl RedisStore {
     }
 
     pub async fn delete(&self, id: &[u8; 16]) -> Result<bool> {
-        match self.run(self.delete_inv(id)).await? {
+        match self.run(self.delete_inv(id, false)).await? {
             Value::Int(n) => Ok(n > 0),
             other => Err(unexpected(&other)),
         }
     }
 
-    pub(super) fn delete_inv(&self, id: &[u8; 16]) -> redis::ScriptInvocation<'_> {
+    /// `replay`: also deletes what the session was rotated into meanwhile.
+    pub(super) fn delete_inv(&self, id: &[u8; 16], replay: bool) -> redis::ScriptInvocation<'_> {
         let ids = format_id(id);
         let mut inv = self.inner.scripts.delete.prepare_invoke();
         inv.key(self.key("s:", &ids))
@@ -213,7 +225,8 @@ impl RedisStore {
             .arg(&ids)
             .arg(&self.inner.prefix)
             .arg(self.inner.limits.max_lifetime_ms)
-            .arg(self.channel());
+            .arg(self.channel())
+            .arg(if replay { "1" } else { "0" });
         inv
     }
 
@@ -301,13 +314,13 @@ impl RedisStore {
         Ok((out, next))
     }
 
-    /// Deletes a user's sessions created up to `before`, in chunks of a
-    /// bounded size (each one short script call); returns the ids that were
-    /// live.
-    pub async fn delete_user(&self, user: &str, before: u64) -> Result<Vec<[u8; 16]>> {
+    /// Deletes all of a user's sessions, in chunks of a bounded size (each
+    /// one short script call), recording `at` as the user's log-out time;
+    /// returns the ids that were live.
+    pub async fn delete_user(&self, user: &str, at: u64) -> Result<Vec<[u8; 16]>> {
         let mut ids = Vec::new();
         loop {
-            let reply = self.run(self.delete_user_inv(user, before)).await?;
+            let reply = self.run(self.delete_user_inv(user, None, at)).await?;
             let (more, chunk) = delete_user_reply(&reply)?;
             ids.extend(chunk);
             if !more {
@@ -316,7 +329,14 @@ impl RedisStore {
         }
     }
 
-    pub(super) fn delete_user_inv(&self, user: &str, before: u64) -> redis::ScriptInvocation<'_> {
+    /// `before`: delete only sessions the user had by then (a replayed
+    /// logout), or all (`None`, a live one); `at`: the log-out time recorded.
+    pub(super) fn delete_user_inv(
+        &self,
+        user: &str,
+        before: Option<u64>,
+        at: u64,
+    ) -> redis::ScriptInvocation<'_> {
         let mut inv = self.inner.scripts.delete_user.prepare_invoke();
         inv.key(self.key("u:", user))
             .key(self.key("active", ""))
@@ -326,16 +346,21 @@ impl RedisStore {
             .arg(self.inner.limits.max_lifetime_ms)
             .arg(self.channel())
             .arg(crate::session::now_ms())
-            .arg(before)
-            .arg(DELETE_USER_CHUNK);
+            .arg(before.map_or_else(|| "+inf".to_string(), |b| b.to_string()))
+            .arg(DELETE_USER_CHUNK)
+            .arg(at);
         inv
     }
 
     /// Writes mirror copies into Redis, each unless it exists, is
     /// tombstoned or its user logged out everywhere after its creation; one
-    /// pipelined round trip. Returns how many were written.
+    /// pipelined round trip. Returns how many were written; an error when
+    /// Redis refused any (so the re-seed is tried again, not recorded done).
     pub async fn restore_batch(&self, sessions: &[Session]) -> Result<u64> {
-        let invocations: Vec<_> = sessions.iter().map(|s| self.create_inv(s, true)).collect();
+        let invocations: Vec<_> = sessions
+            .iter()
+            .map(|s| self.create_inv(s, true, 0))
+            .collect();
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
         for inv in &invocations {
@@ -350,15 +375,16 @@ impl RedisStore {
                 pipe.query_async(&mut c).await
             })
             .await?;
-        Ok(replies
-            .iter()
-            .filter(|r| {
-                matches!(
-                    r.as_ref().map(CreateReply::decode),
-                    Ok(Some(CreateReply::Created))
-                )
-            })
-            .count() as u64)
+        let mut written = 0;
+        for reply in &replies {
+            match reply.as_ref().map(CreateReply::decode) {
+                Ok(Some(CreateReply::Created)) => written += 1,
+                Ok(Some(_)) => {}
+                Ok(None) => return Err(StoreError::Redis("unexpected reply to a restore".into())),
+                Err(e) => return Err(StoreError::Redis(format!("restore refused: {e}"))),
+            }
+        }
+        Ok(written)
     }
 
     /// Loads every script (a pipelined EVALSHA does not load a missing one,
@@ -374,11 +400,9 @@ impl RedisStore {
         load
     }
 
-    /// Writes a mirror copy into Redis unless it exists or is tombstoned.
-    pub async fn restore(&self, s: &Session) -> Result<Replayed> {
-        match self.create_inner(s, true).await? {
-            CreateReply::Deleted => Ok(Replayed::Tombstoned),
-            CreateReply::Created | CreateReply::Exists => Ok(Replayed::Applied),
-        }
+    /// Writes a mirror copy into Redis unless it exists or is tombstoned,
+    /// marked as including this node's operations up to `includes`.
+    pub(crate) async fn restore(&self, s: &Session, includes: u64) -> Result<CreateReply> {
+        self.create_inner(s, true, includes).await
     }
 }

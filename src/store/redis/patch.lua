@@ -47,11 +47,13 @@ if ARGV[3] ~= '' and ARGV[3] ~= cur[3] then
   local max = tonumber(ARGV[11])
   if max > 0 then
     local ukey = user_index(ARGV[4] .. 'u:' .. ARGV[3])
-    redis.call('ZADD', ukey, tonumber(cur[5]) or 0, ARGV[5])
+    redis.call('ZADD', ukey, tonumber(ARGV[1]), ARGV[5])
     redis.call('PEXPIRE', ukey, ARGV[6])
     evict_over(ukey, max, ARGV[4], ARGV[6], ARGV[12], ARGV[4] .. 'active')
   end
-  redis.call('HSET', KEYS[1], 'u', ARGV[3])
+  -- `l`: when the session became this user's (a log-out-everywhere made
+  -- before it does not take it)
+  redis.call('HSET', KEYS[1], 'u', ARGV[3], 'l', ARGV[1])
 end
 if not mark or seq > mark then redis.call('HSET', KEYS[1], ARGV[9], ARGV[10]) end
 redis.call('HINCRBY', KEYS[1], 'v', 1)

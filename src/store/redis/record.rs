@@ -14,6 +14,7 @@ impl RedisStore {
         // The six fields every node writes; each must be present (and the
         // five numbers numeric) for the record to be a session.
         let mut user: Option<String> = None;
+        let mut login_at = 0u64;
         let mut numbers: [Option<u64>; 5] = [None; 5];
         const NUMBERS: [&str; 5] = ["c", "a", "e", "n", "v"];
         let mut meta: Vec<(String, String)> = Vec::new();
@@ -27,6 +28,11 @@ impl RedisStore {
             };
             if k == "u" {
                 user = Some(v);
+            } else if k == "l" {
+                match v.parse::<u64>() {
+                    Ok(n) => login_at = n,
+                    Err(_) => bad = Some("field l is not a number".into()),
+                }
             } else if let Some(i) = NUMBERS.iter().position(|n| *n == k) {
                 match v.parse::<u64>() {
                     Ok(n) => numbers[i] = Some(n),
@@ -42,7 +48,7 @@ impl RedisStore {
         let (Some(user_id), [Some(c), Some(a), Some(e), Some(n), Some(v)]) = (user, numbers) else {
             return Err(self.bad_record(format!("session {}: fields missing", format_id(id))));
         };
-        if c.max(a).max(e) > crate::session::MAX_TIME_MS {
+        if c.max(a).max(e).max(login_at) > crate::session::MAX_TIME_MS {
             return Err(self.bad_record(format!(
                 "session {}: a time beyond the year 9999",
                 format_id(id)
@@ -57,6 +63,7 @@ impl RedisStore {
             request_count: n,
             version: v,
             metadata: String::new(),
+            login_at,
         };
         meta.sort();
         let mut text = String::with_capacity(

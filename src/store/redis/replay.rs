@@ -40,7 +40,7 @@ impl RedisStore {
         let invocations: Vec<_> = ops
             .iter()
             .map(|&(seq, op)| match op {
-                Op::Create(s) => self.create_inv(s, true),
+                Op::Create(s) => self.create_inv(s, true, 0),
                 Op::Touch { id, at } => {
                     let ids = format_id(id);
                     self.touch_inv(&ids, &self.key("s:", &ids), *at, 1, seq, true)
@@ -50,9 +50,12 @@ impl RedisStore {
                     self.touch_inv(&ids, &self.key("s:", &ids), *at, *count, seq, true)
                 }
                 Op::Patch { id, patch } => self.patch_inv(id, patch, None, 0, seq, true),
+                Op::PatchAt { id, patch, at } => self.patch_inv(id, patch, None, *at, seq, true),
                 Op::Rotate { old, new } => self.rotate_inv(old, new, 0, true),
-                Op::Delete { id } => self.delete_inv(id),
-                Op::DeleteUser { user, before } => self.delete_user_inv(user, *before),
+                Op::Delete { id } => self.delete_inv(id, true),
+                Op::DeleteUser { user, before } => {
+                    self.delete_user_inv(user, Some(*before), *before)
+                }
             })
             .collect();
         let load = self.load_scripts_pipe();
@@ -138,7 +141,7 @@ impl RedisStore {
                 Some(TouchReply::Corrupt) => corrupt(),
                 None => unexpected(),
             },
-            Op::Patch { .. } => match PatchReply::decode(reply) {
+            Op::Patch { .. } | Op::PatchAt { .. } => match PatchReply::decode(reply) {
                 Some(PatchReply::Applied(_) | PatchReply::AlreadyApplied) => Replayed::Applied,
                 Some(PatchReply::Deleted) => Replayed::Tombstoned,
                 Some(PatchReply::Gone) => Replayed::Missing,

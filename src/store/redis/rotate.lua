@@ -14,7 +14,8 @@ end
 if ARGV[7] ~= '1' and tonumber(cur[1]) <= tonumber(ARGV[6]) then return {0} end
 redis.call('RENAME', KEYS[1], KEYS[2])
 redis.call('HINCRBY', KEYS[2], 'v', 1)
-redis.call('SET', KEYS[3], '1', 'PX', ARGV[4])
+-- the old id's tombstone names its successor (see delete.lua)
+redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[4])
 redis.call('ZREM', index(KEYS[4], 'zset'), ARGV[1])
 redis.call('ZADD', KEYS[4], cur[1], ARGV[2])
 -- the new id takes the old one's place in the user's index, if it had one

@@ -86,7 +86,7 @@ fn code(v: &Value) -> Option<i64> {
 
 /// `create.lua`.
 #[derive(Debug, PartialEq, Eq)]
-pub(super) enum CreateReply {
+pub(crate) enum CreateReply {
     Created,
     /// Replay: the session is already there.
     Exists,
