@@ -294,6 +294,29 @@ impl Reply {
     }
 }
 
+/// A loopback address that accepts no connection and sends no RST, like a
+/// host that lost power: a listener whose accept queue (one slot) is kept
+/// full, so the kernel drops every further SYN. Lives as long as the value.
+struct Blackhole {
+    _listener: std::net::TcpListener,
+    _filler: std::net::TcpStream,
+}
+
+impl Blackhole {
+    fn on(addr: &str) -> Blackhole {
+        use std::os::fd::AsRawFd;
+        let listener = std::net::TcpListener::bind(addr).expect("bind the dead node's port");
+        // SAFETY: listen(2) on a socket we own; a backlog of 0 leaves room
+        // for exactly one connection that is never accepted.
+        assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 0) }, 0);
+        let filler = std::net::TcpStream::connect(addr).expect("fill the accept queue");
+        Blackhole {
+            _listener: listener,
+            _filler: filler,
+        }
+    }
+}
+
 /// One request through `curl`, the tests' HTTPS client. Loopback URLs only;
 /// `-q` skips any ~/.curlrc, `--noproxy '*'` any proxy in the environment,
 /// `--path-as-is` sends `..` and `//` as written.
@@ -1191,9 +1214,10 @@ fn public_listener_story(kind: Balancer) {
 }
 
 /// A node that stops answering mid-request (SIGSTOP: connections are still
-/// accepted, nothing comes back, no RST — as when a Pi loses power with its
-/// link up long enough): a browser with a session waits about 2 s and gets
-/// its session from another node; later requests avoid the node.
+/// accepted, nothing comes back, no RST — as when a Pi loses power while a
+/// request is in flight): a browser with a session waits about 2 s and gets
+/// its session from another node; later requests avoid the node. Then a
+/// node whose address goes silent (no SYN-ACK, no RST): about 1 s.
 fn dead_node_story(kind: Balancer) {
     let name = kind.name();
     let redis = Redis::start(false);
@@ -1270,15 +1294,62 @@ fn dead_node_story(kind: Balancer) {
     }
     signal(nodes[home].pid(), libc::SIGCONT);
     // The stopped node, running again, answers the read it was holding into
-    // a closed connection: that read is counted twice (the cost of retrying
-    // a read, see deploy/README.md).
+    // a closed connection: that read may be counted twice (the cost of
+    // retrying a read, see deploy/README.md).
     let counted = wait_until(Duration::from_secs(3), || {
         mgmt(&nodes[0]).get(&format!("/api/sessions/{id}")).json()["request_count"] == 3
     });
+
+    // Power cut: another node dies and its address stops answering SYNs
+    // (kill -9, then a listener on its port whose one-slot accept queue is
+    // kept full: the kernel drops every new SYN, no RST). A connection to it
+    // is given up after 1 s and, since nothing was sent, retried elsewhere —
+    // except by nginx for a create without a session id (it files the
+    // connect timeout under "timeout", which that location does not retry):
+    // 504 after 1 s there.
+    let cut = (home + 1) % 3;
+    let mut nodes = nodes;
+    nodes[cut].kill9();
+    let _dead_address = Blackhole::on(&nodes[cut].addr);
+    let mut newcomer = lb.browser();
+    newcomer
+        .cookies
+        .insert(ROUTE_COOKIE.into(), format!("node{}", cut + 1));
+    let create = newcomer.get("/api/session");
+    assert!(
+        create.took <= Duration::from_millis(1500),
+        "{name}: a create to a node whose address went silent took {:?}",
+        create.took
+    );
+    match kind {
+        Balancer::Haproxy => assert_eq!(create.status, 200, "{name}: {:?}", create.body),
+        Balancer::Nginx => assert!(
+            create.status == 200 || create.status == 504,
+            "{name}: {:?}",
+            create.body
+        ),
+    }
+    let mut cut_browser = lb.browser();
+    let cut_id = id_of(&cut_browser.get("/api/session").body);
+    cut_browser
+        .cookies
+        .insert(ROUTE_COOKIE.into(), format!("node{}", cut + 1));
+    let read = cut_browser.get("/api/session");
+    assert_eq!(read.status, 200, "{name}: {:?}", read.body);
+    assert_eq!(id_of(&read.body), cut_id);
+    assert!(
+        read.took <= Duration::from_millis(1500),
+        "{name}: a read routed to a silent address took {:?}",
+        read.took
+    );
     println!(
-        "{name}: node{} stopped: the next visit got its session in {:?}; balancer avoided the node after {noticed:?}, 6 later visits slowest {slowest:?}; held read counted again after SIGCONT: {counted}",
+        "{name}: node{} stopped: the next visit got its session in {:?}; balancer avoided the node after {noticed:?}, 6 later visits slowest {slowest:?}; held read counted again after SIGCONT: {counted}; node{} silent (no SYN-ACK): a create answered {} in {:?}, a read 200 in {:?}",
         home + 1,
-        page.took
+        page.took,
+        cut + 1,
+        create.status,
+        create.took,
+        read.took
     );
     drop(lb);
     drop(nodes);
