@@ -9,10 +9,13 @@
 # is left over afterwards, so a template can never be installed half-rendered.
 # A KEY=VALUE whose token does not appear in TEMPLATE only prints a warning.
 #
-# Example (nginx.conf for three nodes, balancer listening on port 80):
+# Example (nginx.conf for three nodes, browsers on HTTPS port 443; the
+# certificate paths are placeholders like the addresses):
 #   deploy/render.sh deploy/nginx.conf /etc/nginx/nginx.conf \
 #       NODE1=10.0.0.11:8080 NODE2=10.0.0.12:8080 NODE3=10.0.0.13:8080 \
-#       LISTEN=0.0.0.0:80 STATUS_LISTEN=127.0.0.1:8081 \
+#       HTTPS_LISTEN=0.0.0.0:443 HTTP_LISTEN=0.0.0.0:80 \
+#       TLS_CERT=/etc/ssl/edgenode/fullchain.pem TLS_KEY=/etc/ssl/edgenode/privkey.pem \
+#       INTERNAL_LISTEN=10.0.1.5:8088 STATUS_LISTEN=127.0.0.1:8081 \
 #       RUNDIR=/run LOGDIR=/var/log/nginx
 #
 # Used by the tests and by operators; POSIX sh + sed only.

@@ -26,6 +26,8 @@ test                           /usr/bin/redis-sentinel                          
 test                           /usr/bin/redis-cli                                      redis-tools
 test                           /usr/sbin/nginx                                         nginx
 test                           /usr/sbin/haproxy                                       haproxy
+test                           /usr/bin/openssl                                        openssl
+test                           /usr/bin/curl                                           curl
 test                           /usr/bin/systemd-analyze                                systemd
 test                           @SYSROOT@/bin/cargo-clippy                              rustup-component:clippy
 test                           @SYSROOT@/bin/rustfmt                                   rustup-component:rustfmt
