@@ -29,6 +29,9 @@ for cmd in "${!NEEDS[@]}"; do
 done
 # armhf C library for linking and for qemu-arm's -L root
 [ -e /usr/arm-linux-gnueabihf/lib/libc.so ] || missing+=(libc6-dev-armhf-cross)
+# tests/systemd_nspawn.rs: a bookworm root built by debootstrap, booted by nspawn
+[ -e /usr/sbin/debootstrap ] || missing+=(debootstrap)
+[ -e /usr/bin/systemd-nspawn ] || missing+=(systemd-container)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "test.sh: installing ${missing[*]}"
   $SUDO apt-get update -qq
