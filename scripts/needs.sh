@@ -29,6 +29,8 @@ test                           /usr/sbin/haproxy                                
 test                           /usr/bin/openssl                                        openssl
 test                           /usr/bin/curl                                           curl
 test                           /usr/bin/systemd-analyze                                systemd
+test                           /usr/sbin/debootstrap                                   debootstrap
+test                           /usr/bin/systemd-nspawn                                 systemd-container
 test                           @SYSROOT@/bin/cargo-clippy                              rustup-component:clippy
 test                           @SYSROOT@/bin/rustfmt                                   rustup-component:rustfmt
 bench                          /usr/bin/redis-server                                   redis-server
