@@ -3,8 +3,13 @@
 //! `NOTIFY_SOCKET`, no `LISTEN_FDS`), so the same binary runs from a shell.
 
 use sd_notify::NotifyState;
+use std::fmt::Write as _;
 use std::net::TcpListener;
 use std::os::fd::FromRawFd;
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::net::UnixDatagram;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// READY=1 plus a status line.
@@ -20,10 +25,50 @@ pub fn stopping() {
     send(&[NotifyState::Stopping, NotifyState::Status("draining")]);
 }
 
+/// Sends a notification without ever blocking: the socket is non-blocking,
+/// so a service manager that stopped reading (its queue full) costs a
+/// dropped message, never a runtime worker. (`sd_notify::notify` sends on a
+/// blocking socket made anew for every call.)
 fn send(states: &[NotifyState]) {
-    if let Err(e) = sd_notify::notify(false, states) {
-        tracing::warn!(error = %e, "sd_notify failed");
+    static SOCKET: std::sync::OnceLock<Option<UnixDatagram>> = std::sync::OnceLock::new();
+    static DROPPED: AtomicU64 = AtomicU64::new(0);
+    let Some(sock) = SOCKET.get_or_init(notify_socket) else {
+        return;
+    };
+    let mut msg = String::new();
+    for s in states {
+        let _ = writeln!(msg, "{s}");
     }
+    match sock.send(msg.as_bytes()) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            let n = DROPPED.fetch_add(1, Ordering::Relaxed) + 1;
+            if n.is_power_of_two() {
+                tracing::warn!(
+                    dropped = n,
+                    "the service manager is not reading notifications; dropped"
+                );
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "sd_notify failed"),
+    }
+}
+
+/// The connected, non-blocking notification socket (`NOTIFY_SOCKET`; a name
+/// starting with `@` is in the abstract namespace), or `None` without one.
+fn notify_socket() -> Option<UnixDatagram> {
+    let path = std::env::var_os("NOTIFY_SOCKET")?;
+    let sock = UnixDatagram::unbound().ok()?;
+    let connected = match path.as_bytes().strip_prefix(b"@") {
+        Some(name) => std::os::unix::net::SocketAddr::from_abstract_name(name)
+            .and_then(|addr| sock.connect_addr(&addr)),
+        None => sock.connect(&path),
+    };
+    if let Err(e) = connected.and_then(|_| sock.set_nonblocking(true)) {
+        tracing::warn!(error = %e, "cannot reach NOTIFY_SOCKET");
+        return None;
+    }
+    Some(sock)
 }
 
 /// Half of `WATCHDOG_USEC` when systemd wants watchdog pings.

@@ -618,3 +618,38 @@ fn journald_gets_plain_lines_and_json_is_available() {
         assert!(v["level"].is_string());
     }
 }
+
+#[test]
+fn a_service_manager_that_stops_reading_notifications_never_stalls_the_node() {
+    let dir = tempdir();
+    let path = dir.path().join("notify.sock");
+    // Bound and never read: its queue fills within a few hundred pings.
+    let _sock = UnixDatagram::bind(&path).unwrap();
+    let node = Node::builder()
+        .args(["--workers", "1"])
+        .env("NOTIFY_SOCKET", path.to_str().unwrap())
+        .env("WATCHDOG_USEC", "2000")
+        .env_own_pid("WATCHDOG_PID")
+        .start();
+    let c = node.client();
+    // A ping every millisecond: the queue (net.unix.max_dgram_qlen, 512 by
+    // default) is full well within the first second; the single worker must
+    // keep serving for the next two.
+    let until = Instant::now() + Duration::from_secs(3);
+    let mut served = 0;
+    while Instant::now() < until {
+        let t = Instant::now();
+        let a = c
+            .try_request("GET", "/api/health", &[], None)
+            .expect("the node answers");
+        assert_eq!(a.status, 200);
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+        served += 1;
+    }
+    assert!(served > 100, "{served}");
+    assert!(
+        node.log_text().contains("not reading notifications"),
+        "{}",
+        node.log_text()
+    );
+}
