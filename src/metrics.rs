@@ -211,6 +211,12 @@ impl Collector for StateCollector {
         )?;
         counter(
             &mut enc,
+            "edgenode_deletions_heard",
+            "Deletions and rotations made on other nodes, heard through Redis pub/sub",
+            st.deletions_heard,
+        )?;
+        counter(
+            &mut enc,
             "edgenode_replay_dropped",
             "Journal operations Redis rejected for good, dropped after bounded tries",
             st.replay_dropped,

@@ -19,10 +19,6 @@ fn measuring() -> std::sync::MutexGuard<'static, ()> {
     MEASURING.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn id_of(v: &Value) -> String {
-    v["session_id"].as_str().expect("session_id").to_string()
-}
-
 fn health(c: &Client) -> Value {
     c.get("/api/health").json()
 }

@@ -30,10 +30,6 @@ fn node_with(redis: &Redis, name: &str, extra: &[&str]) -> Node {
         .start()
 }
 
-fn id_of(v: &Value) -> String {
-    v["session_id"].as_str().expect("session_id").to_string()
-}
-
 fn health(c: &Client) -> Value {
     c.get("/api/health").json()
 }

@@ -504,10 +504,6 @@ impl Traffic {
     }
 }
 
-fn id_of(v: &Value) -> String {
-    v["session_id"].as_str().unwrap().to_string()
-}
-
 /// Application back ends through the internal listener: the management API
 /// balanced over the nodes, idempotent reads retried, creates never replayed.
 fn cluster_story(kind: Balancer) {

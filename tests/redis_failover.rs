@@ -25,10 +25,6 @@ fn node_on(redis: &Redis, name: &str) -> Node {
         .start()
 }
 
-fn id_of(v: &Value) -> String {
-    v["session_id"].as_str().expect("session_id").to_string()
-}
-
 fn health(c: &Client) -> Value {
     c.get("/api/health").json()
 }
@@ -159,9 +155,18 @@ fn three_nodes_share_every_session_through_redis() {
         == 0));
 }
 
-/// One outage drill. `how` is "kill" or "stall"; `keep_data` says whether
-/// the Redis that comes back still has its data.
-fn outage_drill(how: &str, keep_data: bool) {
+/// How Redis goes away in an outage drill.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Outage {
+    /// kill -9: connections refused until it restarts.
+    Kill,
+    /// SIGSTOP: connections open, no answer at all.
+    Stall,
+}
+
+/// One outage drill; `keep_data` says whether the Redis that comes back
+/// still has its data.
+fn outage_drill(how: Outage, keep_data: bool) {
     let mut redis = Redis::start(keep_data);
     let n1 = node_on(&redis, "node1");
     let n2 = node_on(&redis, "node2");
@@ -183,7 +188,11 @@ fn outage_drill(how: &str, keep_data: bool) {
     assert_eq!(c1.get(&format!("/api/sessions/{revoked}")).status, 200);
     assert_eq!(c2.delete(&format!("/api/sessions/{revoked}")).status, 204);
     // the revocation reaches node 1's mirror through pub/sub
-    std::thread::sleep(Duration::from_millis(200));
+    assert!(wait_until(Duration::from_secs(5), || health(&c1)["store"]
+        ["deletions_heard"]
+        .as_u64()
+        .unwrap_or(0)
+        >= 1));
 
     // Background traffic on both nodes for the whole outage.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -253,13 +262,14 @@ fn outage_drill(how: &str, keep_data: bool) {
             })
         })
         .collect();
+    // Some traffic before the outage (a duration of load, not a wait).
     std::thread::sleep(Duration::from_millis(300));
 
     // --- the outage ---
     let outage_started = Instant::now();
     match how {
-        "kill" => redis.kill9(),
-        _ => redis.stop(),
+        Outage::Kill => redis.kill9(),
+        Outage::Stall => redis.stop(),
     }
 
     // On node 1, from its mirror: the shared session is patched and used.
@@ -313,12 +323,13 @@ fn outage_drill(how: &str, keep_data: bool) {
         assert_eq!(h["store"]["redis_reachable"], false);
         assert!(h["store"]["pending_sync"].as_u64().unwrap() > 0);
     }
+    // Half a second more of outage under traffic.
     std::thread::sleep(Duration::from_millis(500));
 
     // --- Redis returns ---
     match how {
-        "kill" => redis.restart(),
-        _ => redis.cont(),
+        Outage::Kill => redis.restart(),
+        Outage::Stall => redis.cont(),
     }
     let back = Instant::now();
     wait_for_redis_mode(&c1, Duration::from_secs(10));
@@ -333,7 +344,7 @@ fn outage_drill(how: &str, keep_data: bool) {
         max_latency_ms.load(Ordering::Relaxed),
     );
     println!(
-        "drill {how}, redis keeps data: {keep_data}: {} requests, {fails} failed, slowest {worst} ms, outage {:?}, reconciled in {:?}",
+        "drill {how:?}, redis keeps data: {keep_data}: {} requests, {fails} failed, slowest {worst} ms, outage {:?}, reconciled in {:?}",
         requests.load(Ordering::Relaxed),
         back.duration_since(outage_started),
         reconciled_in
@@ -395,17 +406,17 @@ fn outage_drill(how: &str, keep_data: bool) {
 
 #[test]
 fn outage_drill_redis_killed_and_restarted_with_its_data() {
-    outage_drill("kill", true);
+    outage_drill(Outage::Kill, true);
 }
 
 #[test]
 fn outage_drill_redis_killed_and_restarted_empty() {
-    outage_drill("kill", false);
+    outage_drill(Outage::Kill, false);
 }
 
 #[test]
 fn outage_drill_redis_stalled_with_sigstop() {
-    outage_drill("stall", true);
+    outage_drill(Outage::Stall, true);
 }
 
 #[test]

@@ -283,10 +283,6 @@ impl Drop for Emulated {
     }
 }
 
-fn id_of(v: &Value) -> String {
-    v["session_id"].as_str().expect("session_id").to_string()
-}
-
 /// Create, read, patch, delete; SIGTERM exits 0; restart keeps the session.
 fn smoke(target: &str) {
     let bin = binary(target);

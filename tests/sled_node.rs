@@ -7,10 +7,6 @@ use common::*;
 use serde_json::{json, Value};
 use std::time::Duration;
 
-fn id_of(v: &Value) -> String {
-    v["session_id"].as_str().expect("session_id").to_string()
-}
-
 #[test]
 fn every_session_endpoint_behaves_as_documented() {
     let node = Node::start();

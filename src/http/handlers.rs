@@ -341,6 +341,7 @@ fn health(app: &App) -> Response<Body> {
             "reconciliations": st.reconciliations,
             "redis_config_error": st.redis_config_error,
             "replay_dropped": st.replay_dropped,
+            "deletions_heard": st.deletions_heard,
             "corrupt_records": st.corrupt_records,
             "journal_bytes": st.journal_bytes,
             "touches_unjournaled": st.touches_unjournaled,

@@ -61,6 +61,8 @@ struct Inner {
     replayed: AtomicU64,
     /// Journal entries Redis rejected for good and that were dropped.
     replay_dropped: AtomicU64,
+    /// Deletions and rotations of other nodes heard through Redis pub/sub.
+    deletions_heard: Arc<AtomicU64>,
     /// Failed tries per journal entry that Redis rejects (not for outages).
     rejections: Mutex<HashMap<u64, u32>>,
     /// Set when a touch found Redis emptied: the background task re-seeds.
@@ -136,6 +138,7 @@ impl Store {
                 reconciliations: AtomicU64::new(0),
                 replayed: AtomicU64::new(0),
                 replay_dropped: AtomicU64::new(0),
+                deletions_heard: Arc::new(AtomicU64::new(0)),
                 rejections: Mutex::new(HashMap::new()),
                 reseed_wanted: AtomicBool::new(false),
                 clock_floor: limits.clock_floor,
@@ -646,6 +649,7 @@ impl Store {
             reconciliations: self.inner.reconciliations.load(Ordering::Relaxed),
             replayed_ops: self.inner.replayed.load(Ordering::Relaxed),
             replay_dropped: self.inner.replay_dropped.load(Ordering::Relaxed),
+            deletions_heard: self.inner.deletions_heard.load(Ordering::Relaxed),
             corrupt_records: sled.corrupt_records()
                 + self
                     .inner
@@ -1084,8 +1088,10 @@ impl Store {
         mut shutdown: tokio::sync::watch::Receiver<bool>,
     ) {
         let sled = self.inner.sled.clone();
+        let heard = self.inner.deletions_heard.clone();
         loop {
             let follow = redis.follow_deletions(|id| {
+                heard.fetch_add(1, Ordering::Relaxed);
                 if let Err(e) = sled.deleted_elsewhere(&id) {
                     tracing::warn!(error = %e, "dropping a deleted session from the mirror failed");
                 }

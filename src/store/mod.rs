@@ -92,6 +92,8 @@ pub struct StoreStatus {
     pub replayed_ops: u64,
     /// Journal entries Redis refused for good, dropped after bounded tries.
     pub replay_dropped: u64,
+    /// Deletions and rotations made on other nodes, heard through Redis.
+    pub deletions_heard: u64,
     pub corrupt_records: u64,
     pub journal_bytes: u64,
     pub touches_unjournaled: u64,

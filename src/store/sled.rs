@@ -733,8 +733,10 @@ impl SledStore {
     /// node a disk write per session.
     pub fn deleted_elsewhere(&self, id: &[u8; 16]) -> Result<bool> {
         self.modify(id, 0, Journal::Off, |current| {
-            self.take_touched(id);
-            let held = current.is_some();
+            // held: in the mirror, or only in the buffer of touches not yet
+            // written to it
+            let buffered = self.take_touched(id).is_some();
+            let held = current.is_some() || buffered;
             Ok((
                 if held {
                     Change::Tombstone

@@ -235,6 +235,9 @@ pub fn raw_status(response: &str) -> u16 {
 pub struct Node {
     pub child: Child,
     bin: PathBuf,
+    /// What it was started with, so a restart starts the same node.
+    envs: Vec<(String, String)>,
+    self_pid_envs: Vec<String>,
     pub port: u16,
     pub addr: String,
     pub data_dir: PathBuf,
@@ -320,30 +323,11 @@ impl NodeBuilder {
         ];
         args.extend(self.args);
         let logfile = std::fs::File::create(&log).expect("log file");
-        let mut cmd = if self.self_pid_envs.is_empty() {
-            Command::new(&self.bin)
-        } else {
-            let assigns: Vec<String> = self
-                .self_pid_envs
-                .iter()
-                .map(|n| format!("{n}=$$"))
-                .collect();
-            let mut c = Command::new("sh");
-            c.arg("-c")
-                .arg(format!("export {}; exec \"$0\" \"$@\"", assigns.join(" ")))
-                .arg(&self.bin);
-            c
-        };
-        cmd.args(&args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(logfile);
-        for (k, v) in &self.envs {
-            cmd.env(k, v);
-        }
-        let child = cmd.spawn().expect("spawn edgenode");
+        let child = launch(&self.bin, &args, &self.envs, &self.self_pid_envs, logfile);
         Node {
             bin: self.bin.clone(),
+            envs: self.envs,
+            self_pid_envs: self.self_pid_envs,
             child,
             port,
             addr,
@@ -353,6 +337,41 @@ impl NodeBuilder {
             _owned_dir: owned,
         }
     }
+}
+
+/// Starts an edgenode process. `self_pid_envs` are set to the process's own
+/// pid, as systemd does for LISTEN_PID and WATCHDOG_PID (through
+/// `sh -c 'exec …'`, which keeps the shell's pid).
+fn launch(
+    bin: &Path,
+    args: &[String],
+    envs: &[(String, String)],
+    self_pid_envs: &[String],
+    log: std::fs::File,
+) -> Child {
+    let mut cmd = if self_pid_envs.is_empty() {
+        Command::new(bin)
+    } else {
+        let assigns: Vec<String> = self_pid_envs.iter().map(|n| format!("{n}=$$")).collect();
+        let mut c = Command::new("sh");
+        c.arg("-c")
+            .arg(format!("export {}; exec \"$0\" \"$@\"", assigns.join(" ")))
+            .arg(bin);
+        c
+    };
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd.spawn().expect("spawn edgenode")
+}
+
+/// The `session_id` of a session's JSON.
+pub fn id_of(v: &Value) -> String {
+    v["session_id"].as_str().expect("session_id").to_string()
 }
 
 impl Node {
@@ -418,19 +437,20 @@ impl Node {
         }
     }
 
-    /// Starts a new process with the same arguments and data dir.
+    /// Starts a new process with the same arguments, environment and data
+    /// dir.
     pub fn restart(&mut self) {
         let logfile = std::fs::OpenOptions::new()
             .append(true)
             .open(&self.log)
             .expect("log");
-        self.child = Command::new(&self.bin)
-            .args(&self.args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(logfile)
-            .spawn()
-            .expect("respawn edgenode");
+        self.child = launch(
+            &self.bin,
+            &self.args,
+            &self.envs,
+            &self.self_pid_envs,
+            logfile,
+        );
         assert!(
             self.wait_ready(Duration::from_secs(10)),
             "node did not come back; log:\n{}",
