@@ -10,8 +10,8 @@
 
 mod common;
 
-use common::{free_port, signal, tempdir, Client};
-use serde_json::{json, Value};
+use common::{free_port, id_of, signal, tempdir, Client};
+use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
