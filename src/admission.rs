@@ -105,15 +105,18 @@ impl Drop for RequestSlot {
     }
 }
 
-/// Per-client rate limiting: a token bucket per client IP, refilled at
-/// `rate` tokens a second up to `burst`. Off unless `rate_limit_per_ip` is
-/// set; the shipped balancer configs limit per client as well.
+/// Per-client rate limiting: a token bucket per client (an IPv4 address or
+/// an IPv6 /64), refilled at `rate` tokens a second up to `burst`. Two are
+/// used: every request (`rate_limit_per_ip`, off by default) and the
+/// sessions `GET /api/session` creates (`create_rate_per_ip`, on by
+/// default).
 ///
 /// Memory stays bounded: each of the shards holds at most `MAX_CLIENTS_PER_SHARD`
 /// buckets. A full shard first forgets buckets that have refilled (clients
-/// that went quiet); if it is still full, the new client is let through
-/// unlimited rather than tracked, so a flood of spoofed addresses cannot
-/// grow the node or lock real clients out.
+/// that went quiet, at most every `SWEEP_EVERY`); if it is still full, the
+/// new client shares one overflow bucket with every other such client: a
+/// flood of spoofed addresses neither grows the node nor gets through
+/// unlimited.
 pub struct RateLimiter {
     rate: f64,
     burst: f64,

@@ -164,9 +164,10 @@ pub struct Args {
     #[arg(long, env = "EDGENODE_CREATE_RATE_PER_IP", value_name = "N")]
     pub create_rate_per_ip: Option<u32>,
 
-    /// Unready (503 on /api/ready) whenever the node is not serving from
-    /// Redis (Redis unreachable, or refusing the node's credentials), instead
-    /// of serving from the local store [default: false]
+    /// Unready (503 on /api/ready, so balancers send traffic elsewhere)
+    /// whenever the node is not serving from Redis (Redis unreachable, or
+    /// refusing the node's credentials); requests that still arrive are
+    /// served from the local store [default: false]
     #[arg(long, env = "EDGENODE_REQUIRE_REDIS", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub require_redis: Option<bool>,
 

@@ -242,7 +242,7 @@ impl Collector for StateCollector {
         gauge(
             &mut enc,
             "edgenode_degraded",
-            "1 while the node refuses writes (disk at its reserve, a disk fault, an unset clock)",
+            "1 while health says degraded: a disk fault or the disk at its reserve, an unset clock, a Redis configuration error, or no Redis under require_redis",
             i64::from(st.degraded.is_some()),
         )?;
         gauge(

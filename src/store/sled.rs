@@ -595,7 +595,9 @@ impl SledStore {
             .filter_map(|id| self.get(id, now))
             .filter(|s| s.user_id == user)
             .collect();
-        list.sort_by_key(|s| (s.created_at, s.id));
+        // oldest first: by when each became the user's (created or logged
+        // in), as Redis orders a user's index
+        list.sort_by_key(|s| (s.born(), s.id));
         list
     }
 

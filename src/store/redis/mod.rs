@@ -11,9 +11,15 @@
 //!   HSET/HDEL in the script, no JSON handling in Lua (whose cjson would turn
 //!   `[]` into `{}`). The key expires at `e` (PEXPIREAT), so Redis drops
 //!   idle sessions by itself.
-//! - `u:<user_id>`: set of that user's session ids (stale ids pruned on read).
+//!   A session that became its user's by a login (a PATCH of `user_id`)
+//!   also has `l`, the login time.
+//! - `u:<user_id>`: sorted set of that user's session ids, scored by the time
+//!   each became the user's (created or logged in); at most
+//!   `max_sessions_per_user` (the oldest go), stale ids pruned on read.
+//!   Anonymous sessions have none.
 //! - `t:<id>`: tombstone of a deleted or rotated-away session, kept for the
-//!   absolute lifetime so a replay never resurrects it.
+//!   absolute lifetime so a replay never resurrects it. A rotation's holds
+//!   the new id, so a replayed delete of the old one follows it.
 //! - `ut:<user_id>`: the time of the user's last log-out-everywhere, kept for
 //!   the absolute lifetime: a replayed or re-seeded session of that user
 //!   created no later than it is not brought back.
