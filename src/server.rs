@@ -18,6 +18,10 @@ use tokio::sync::watch;
 /// What an over-limit connection gets before it is closed.
 const CONNECTION_REFUSED: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\nConnection: close\r\nContent-Length: 84\r\n\r\n{\"error\":{\"code\":\"overloaded\",\"message\":\"too many open connections; retry shortly\"}}";
 
+/// How long a connection accepted just before shutdown gets to start its
+/// request.
+const FIRST_REQUEST_GRACE: Duration = Duration::from_millis(100);
+
 /// Largest request head (request line and headers) accepted.
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 
@@ -61,6 +65,12 @@ pub async fn run(app: Arc<App>, listener: TcpListener, mut shutdown: watch::Rece
         tokio::spawn(serve_connection(conn, slot));
     }
     drop(listener);
+    // A connection accepted a moment ago may not have had its request read
+    // yet, and hyper's graceful shutdown closes such a connection without an
+    // answer. Under socket activation that client did nothing wrong (the
+    // socket stayed open across the restart): give just-accepted connections
+    // a moment to start their request, which then finishes normally.
+    tokio::time::sleep(FIRST_REQUEST_GRACE).await;
     tracing::info!("listener closed; waiting for in-flight requests");
     tokio::select! {
         _ = graceful.shutdown() => tracing::info!("all connections closed"),
