@@ -1,7 +1,7 @@
 //! The accept loop and each connection's life, including the shutdown story:
 //! when `shutdown` fires the listener closes, every connection is told to
 //! finish its current request and close, and `run` returns once they have (or
-//! once the grace period is over).
+//! once the grace period is over, when the rest are stopped).
 
 use crate::admission::ConnectionSlot;
 use crate::http::{self, App};
@@ -36,9 +36,14 @@ pub async fn run(app: Arc<App>, listener: TcpListener, mut shutdown: watch::Rece
         // headers beyond it get 431 (bodies stream through it in frames), so
         // max_connections x this stays within the memory budget.
         .max_buf_size(MAX_HEADER_BYTES);
+    // Every connection's task, so that those still open when the grace
+    // period ends are stopped before the store closes (finished ones are
+    // reaped as the loop goes).
+    let mut connections = tokio::task::JoinSet::new();
 
     loop {
         let (stream, peer) = tokio::select! {
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
                 Err(e) => {
@@ -62,7 +67,7 @@ pub async fn run(app: Arc<App>, listener: TcpListener, mut shutdown: watch::Rece
         // smaller for one allocation per request.
         let service = service_fn(move |req| Box::pin(http::serve(app_for_conn.clone(), req, peer)));
         let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
-        tokio::spawn(serve_connection(conn, slot));
+        connections.spawn(serve_connection(conn, slot));
     }
     drop(listener);
     // A connection accepted a moment ago may not have had its request read
@@ -78,6 +83,10 @@ pub async fn run(app: Arc<App>, listener: TcpListener, mut shutdown: watch::Rece
             tracing::warn!(grace_ms = app.config.shutdown_grace.as_millis() as u64, "grace period over; closing remaining connections");
         }
     }
+    // Nothing outlives `run`: a request still running is stopped here, so
+    // none writes to the store after it is closed.
+    connections.abort_all();
+    while connections.join_next().await.is_some() {}
 }
 
 async fn serve_connection<F>(conn: F, _slot: ConnectionSlot)
