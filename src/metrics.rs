@@ -259,7 +259,7 @@ impl Collector for StateCollector {
         )?;
         gauge(
             &mut enc,
-            "edgenode_pool_queued",
+            "edgenode_disk_flush_waiters",
             "Requests waiting for a disk flush",
             self.store.sled().commits_waiting() as i64,
         )?;

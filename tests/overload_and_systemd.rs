@@ -543,7 +543,7 @@ fn metrics_parse_as_prometheus_text_with_the_documented_families() {
         "edgenode_pending_sync",
         "edgenode_pool_workers",
         "edgenode_pool_in_flight",
-        "edgenode_pool_queued",
+        "edgenode_disk_flush_waiters",
         "edgenode_rejected_requests_total",
         "edgenode_build_info",
     ] {

@@ -81,8 +81,50 @@ fn session_id(text: &str) -> Result<[u8; 16], ApiError> {
         .ok_or_else(|| ApiError::bad_request("invalid_session_id", "session id must be a UUID"))
 }
 
+/// A session as the API answers it, with its version as the entity tag
+/// (what `If-Match` compares with).
 fn session_response(status: StatusCode, s: &crate::session::Session) -> Response<Body> {
-    json_response(status, s.to_json())
+    let mut resp = json_response(status, s.to_json());
+    if let Ok(v) = header::HeaderValue::from_str(&format!("\"{}\"", s.version)) {
+        resp.headers_mut().insert(header::ETAG, v);
+    }
+    resp
+}
+
+/// `If-Match`: the version a PATCH is conditional on. Entity tags are the
+/// session's version (`"3"`, or a bare `3`); `*` is no condition; a weak tag
+/// (`W/"3"`) never matches If-Match's strong comparison, so it answers 412.
+enum IfMatch {
+    None,
+    Version(u64),
+    NeverMatches,
+}
+
+fn parse_if_match(req: &Request<Incoming>) -> Result<IfMatch, ApiError> {
+    let Some(v) = req.headers().get(header::IF_MATCH) else {
+        return Ok(IfMatch::None);
+    };
+    let bad = || {
+        ApiError::bad_request(
+            "invalid_if_match",
+            "If-Match must be one session version (an entity tag such as \"3\") or *",
+        )
+    };
+    let text = v.to_str().map_err(|_| bad())?.trim();
+    if text == "*" {
+        return Ok(IfMatch::None);
+    }
+    if text.contains(',') {
+        return Err(bad());
+    }
+    if let Some(weak) = text.strip_prefix("W/") {
+        weak.trim_matches('"').parse::<u64>().map_err(|_| bad())?;
+        return Ok(IfMatch::NeverMatches);
+    }
+    text.trim_matches('"')
+        .parse::<u64>()
+        .map(IfMatch::Version)
+        .map_err(|_| bad())
 }
 
 fn no_session() -> ApiError {
@@ -116,20 +158,16 @@ async fn patch(
     id: &[u8; 16],
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    let if_match = match req.headers().get(header::IF_MATCH) {
-        None => None,
-        Some(v) => Some(
-            v.to_str()
-                .ok()
-                .map(|s| s.trim().trim_matches('"'))
-                .and_then(|s| s.parse::<u64>().ok())
-                .ok_or_else(|| {
-                    ApiError::bad_request(
-                        "invalid_if_match",
-                        "If-Match must be a session version number",
-                    )
-                })?,
-        ),
+    let if_match = match parse_if_match(&req)? {
+        IfMatch::None => None,
+        IfMatch::Version(v) => Some(v),
+        IfMatch::NeverMatches => {
+            return Err(ApiError::new(
+                StatusCode::PRECONDITION_FAILED,
+                "version_mismatch",
+                "a weak entity tag never matches If-Match",
+            ))
+        }
     };
     let body: SessionBody =
         read_json_body(req, app.config.max_body_bytes, app.config.request_timeout).await?;
@@ -350,6 +388,8 @@ fn health(app: &App) -> Response<Body> {
         "pool": {
             "workers": pool.workers,
             "in_flight": pool.in_flight,
+            // requests waiting on the disk (group commit): the only queue
+            // there is; the worker pool itself never queues (it refuses)
             "queued": app.store.sled().commits_waiting(),
             "completed": pool.completed,
             "rejected": pool.rejected,
