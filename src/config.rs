@@ -2,8 +2,11 @@
 //! command-line flags.
 //!
 //! Every key has the same name in all three forms: TOML `redis_url`, env
-//! `EDGENODE_REDIS_URL`, flag `--redis-url`. clap resolves flag-over-env for us;
-//! the file fills what neither set, then the defaults fill the rest.
+//! `EDGENODE_REDIS_URL`, flag `--redis-url`, and is declared once, in [`Args`]
+//! (clap reads the command line and environment, serde the file). clap
+//! resolves flag-over-env for us; the file fills what neither set
+//! ([`Args::over`]), then [`Config::resolve`] fills the rest with defaults
+//! and turns units (ms, MB) into the types the node uses.
 
 use clap::Parser;
 use ipnet::IpNet;
@@ -14,9 +17,12 @@ use std::time::Duration;
 
 const DEFAULT_CONFIG_FILE: &str = "/etc/edgenode/edgenode.toml";
 
-/// Command line and environment. Every value is optional so that "not given"
-/// can fall through to the file and then the defaults.
-#[derive(Debug, Parser, Default)]
+/// Every key, declared once: the command line and environment (clap), and
+/// the TOML file (serde, same names; unknown keys are an error so a typo does
+/// not silently fall back to a default). Every value is optional so that "not
+/// given" can fall through to the file and then the defaults.
+#[derive(Debug, Parser, Default, serde::Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 #[command(
     name = "edgenode",
     version = crate::VERSION_LINE,
@@ -29,6 +35,7 @@ const DEFAULT_CONFIG_FILE: &str = "/etc/edgenode/edgenode.toml";
 pub struct Args {
     /// TOML configuration file [default: /etc/edgenode/edgenode.toml if it exists]
     #[arg(long, env = "EDGENODE_CONFIG", value_name = "FILE")]
+    #[serde(skip)]
     pub config: Option<PathBuf>,
 
     /// Address to listen on (ignored under systemd socket activation) [default: 127.0.0.1:8080]
@@ -111,6 +118,7 @@ pub struct Args {
 
     /// Proxies (IPs or CIDRs, comma-separated) whose X-Forwarded-For is believed
     #[arg(long, env = "EDGENODE_TRUSTED_PROXIES", value_delimiter = ',', value_name = "CIDR", value_parser = parse_net_arg)]
+    #[serde(default, with = "nets")]
     pub trusted_proxies: Option<Vec<IpNet>>,
 
     /// Open connections above which new ones get a 503 and are closed [default: 1024]
@@ -205,58 +213,15 @@ pub struct Args {
 
     /// Log level: error, warn, info, debug, trace [default: info]
     #[arg(long, env = "EDGENODE_LOG_LEVEL", value_name = "LEVEL")]
+    #[serde(default, with = "level")]
     pub log_level: Option<tracing::Level>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     Plain,
     Json,
-}
-
-/// The TOML file: the same keys, all optional; unknown keys are an error so a
-/// typo does not silently fall back to a default.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    listen: Option<SocketAddr>,
-    data_dir: Option<PathBuf>,
-    redis_url: Option<String>,
-    key_prefix: Option<String>,
-    store_timeout_ms: Option<u64>,
-    redis_probe_interval_ms: Option<u64>,
-    redis_probe_max_ms: Option<u64>,
-    api_token: Option<String>,
-    allow_unauthenticated: Option<bool>,
-    instance_id: Option<String>,
-    workers: Option<usize>,
-    blocking_threads: Option<usize>,
-    session_ttl_secs: Option<u64>,
-    session_max_lifetime_secs: Option<u64>,
-    max_metadata_bytes: Option<usize>,
-    max_body_bytes: Option<usize>,
-    cookie_secure: Option<bool>,
-    trusted_proxies: Option<Vec<String>>,
-    max_connections: Option<usize>,
-    max_in_flight: Option<usize>,
-    rate_limit_per_ip: Option<u32>,
-    rate_limit_burst: Option<u32>,
-    cache_capacity_mb: Option<u64>,
-    max_journal_mb: Option<u64>,
-    min_free_mb: Option<u64>,
-    replay_batch: Option<usize>,
-    max_sessions_per_user: Option<u64>,
-    max_sessions: Option<u64>,
-    create_rate_per_ip: Option<u32>,
-    require_redis: Option<bool>,
-    cookie_max_age_secs: Option<u64>,
-    header_timeout_ms: Option<u64>,
-    request_timeout_ms: Option<u64>,
-    shutdown_grace_ms: Option<u64>,
-    drain_delay_ms: Option<u64>,
-    log_format: Option<LogFormat>,
-    log_level: Option<String>,
 }
 
 /// The resolved configuration the node runs with.
@@ -329,147 +294,55 @@ impl Config {
             None if Path::new(DEFAULT_CONFIG_FILE).exists() => {
                 read_file(Path::new(DEFAULT_CONFIG_FILE))?
             }
-            None => FileConfig::default(),
+            None => Args::default(),
         };
-        let rate_limit_per_ip = args
-            .rate_limit_per_ip
-            .or(file.rate_limit_per_ip)
-            .unwrap_or(0);
-        let trusted_proxies = match args.trusted_proxies {
-            Some(list) => list,
-            None => file
-                .trusted_proxies
-                .unwrap_or_default()
-                .iter()
-                .map(|s| parse_net(s))
-                .collect::<Result<_, _>>()?,
-        };
-        let log_level = match (args.log_level, file.log_level) {
-            (Some(l), _) => l,
-            (None, Some(s)) => s.parse().map_err(|_| {
-                ConfigError::Invalid(format!(
-                    "log_level {s:?} is not one of error, warn, info, debug, trace"
-                ))
-            })?,
-            (None, None) => tracing::Level::INFO,
-        };
-        let session_ttl_secs = args
-            .session_ttl_secs
-            .or(file.session_ttl_secs)
-            .unwrap_or(86_400);
+        let a = args.over(file)?;
+        let rate_limit_per_ip = a.rate_limit_per_ip.unwrap_or(0);
+        let trusted_proxies = a.trusted_proxies.unwrap_or_default();
+        let log_level = a.log_level.unwrap_or(tracing::Level::INFO);
+        let session_ttl_secs = a.session_ttl_secs.unwrap_or(86_400);
         let cores = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1);
         let config = Config {
-            listen: args
-                .listen
-                .or(file.listen)
-                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8080))),
-            data_dir: args
-                .data_dir
-                .or(file.data_dir)
-                .unwrap_or_else(default_data_dir),
-            redis_url: args.redis_url.or(file.redis_url).filter(|u| !u.is_empty()),
-            key_prefix: args
-                .key_prefix
-                .or(file.key_prefix)
-                .unwrap_or_else(|| "edgenode:".into()),
-            store_timeout: ms(args
-                .store_timeout_ms
-                .or(file.store_timeout_ms)
-                .unwrap_or(250)),
-            redis_probe_interval: ms(args
-                .redis_probe_interval_ms
-                .or(file.redis_probe_interval_ms)
-                .unwrap_or(200)),
-            redis_probe_max: ms(args
-                .redis_probe_max_ms
-                .or(file.redis_probe_max_ms)
-                .unwrap_or(2_000)),
-            api_token: args.api_token.or(file.api_token).filter(|t| !t.is_empty()),
-            allow_unauthenticated: args
-                .allow_unauthenticated
-                .or(file.allow_unauthenticated)
-                .unwrap_or(false),
-            instance_id: args
-                .instance_id
-                .or(file.instance_id)
-                .unwrap_or_else(hostname),
-            workers: args.workers.or(file.workers).unwrap_or(cores),
-            blocking_threads: args.blocking_threads.or(file.blocking_threads).unwrap_or(2),
+            listen: a.listen.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8080))),
+            data_dir: a.data_dir.unwrap_or_else(default_data_dir),
+            redis_url: a.redis_url.filter(|u| !u.is_empty()),
+            key_prefix: a.key_prefix.unwrap_or_else(|| "edgenode:".into()),
+            store_timeout: ms(a.store_timeout_ms.unwrap_or(250)),
+            redis_probe_interval: ms(a.redis_probe_interval_ms.unwrap_or(200)),
+            redis_probe_max: ms(a.redis_probe_max_ms.unwrap_or(2_000)),
+            api_token: a.api_token.filter(|t| !t.is_empty()),
+            allow_unauthenticated: a.allow_unauthenticated.unwrap_or(false),
+            instance_id: a.instance_id.unwrap_or_else(hostname),
+            workers: a.workers.unwrap_or(cores),
+            blocking_threads: a.blocking_threads.unwrap_or(2),
             session_ttl_secs,
-            session_max_lifetime_secs: args
-                .session_max_lifetime_secs
-                .or(file.session_max_lifetime_secs)
-                .unwrap_or(604_800),
-            max_metadata_bytes: args
-                .max_metadata_bytes
-                .or(file.max_metadata_bytes)
-                .unwrap_or(16 * 1024),
-            max_body_bytes: args
-                .max_body_bytes
-                .or(file.max_body_bytes)
-                .unwrap_or(64 * 1024),
-            cookie_secure: args.cookie_secure.or(file.cookie_secure).unwrap_or(false),
+            session_max_lifetime_secs: a.session_max_lifetime_secs.unwrap_or(604_800),
+            max_metadata_bytes: a.max_metadata_bytes.unwrap_or(16 * 1024),
+            max_body_bytes: a.max_body_bytes.unwrap_or(64 * 1024),
+            cookie_secure: a.cookie_secure.unwrap_or(false),
             trusted_proxies,
-            max_connections: args
-                .max_connections
-                .or(file.max_connections)
-                .unwrap_or(1024),
-            max_in_flight: args.max_in_flight.or(file.max_in_flight).unwrap_or(256),
+            max_connections: a.max_connections.unwrap_or(1024),
+            max_in_flight: a.max_in_flight.unwrap_or(256),
             rate_limit_per_ip,
-            rate_limit_burst: args
+            rate_limit_burst: a
                 .rate_limit_burst
-                .or(file.rate_limit_burst)
                 .unwrap_or(rate_limit_per_ip.saturating_mul(2)),
-            cache_capacity_bytes: args
-                .cache_capacity_mb
-                .or(file.cache_capacity_mb)
-                .unwrap_or(4)
-                * 1024
-                * 1024,
-            max_journal_bytes: args
-                .max_journal_mb
-                .or(file.max_journal_mb)
-                .unwrap_or(64)
-                .saturating_mul(1024 * 1024),
-            min_free_bytes: args
-                .min_free_mb
-                .or(file.min_free_mb)
-                .unwrap_or(64)
-                .saturating_mul(1024 * 1024),
-            replay_batch: args.replay_batch.or(file.replay_batch).unwrap_or(256),
-            max_sessions_per_user: args
-                .max_sessions_per_user
-                .or(file.max_sessions_per_user)
-                .unwrap_or(64),
-            max_sessions: args.max_sessions.or(file.max_sessions).unwrap_or(500_000),
-            create_rate_per_ip: args
-                .create_rate_per_ip
-                .or(file.create_rate_per_ip)
-                .unwrap_or(10),
-            require_redis: args.require_redis.or(file.require_redis).unwrap_or(false),
-            cookie_max_age_secs: args
-                .cookie_max_age_secs
-                .or(file.cookie_max_age_secs)
-                .unwrap_or(session_ttl_secs),
-            header_timeout: ms(args
-                .header_timeout_ms
-                .or(file.header_timeout_ms)
-                .unwrap_or(10_000)),
-            request_timeout: ms(args
-                .request_timeout_ms
-                .or(file.request_timeout_ms)
-                .unwrap_or(10_000)),
-            shutdown_grace: ms(args
-                .shutdown_grace_ms
-                .or(file.shutdown_grace_ms)
-                .unwrap_or(10_000)),
-            drain_delay: ms(args.drain_delay_ms.or(file.drain_delay_ms).unwrap_or(0)),
-            log_format: args
-                .log_format
-                .or(file.log_format)
-                .unwrap_or(LogFormat::Plain),
+            cache_capacity_bytes: a.cache_capacity_mb.unwrap_or(4) * 1024 * 1024,
+            max_journal_bytes: a.max_journal_mb.unwrap_or(64).saturating_mul(1024 * 1024),
+            min_free_bytes: a.min_free_mb.unwrap_or(64).saturating_mul(1024 * 1024),
+            replay_batch: a.replay_batch.unwrap_or(256),
+            max_sessions_per_user: a.max_sessions_per_user.unwrap_or(64),
+            max_sessions: a.max_sessions.unwrap_or(500_000),
+            create_rate_per_ip: a.create_rate_per_ip.unwrap_or(10),
+            require_redis: a.require_redis.unwrap_or(false),
+            cookie_max_age_secs: a.cookie_max_age_secs.unwrap_or(session_ttl_secs),
+            header_timeout: ms(a.header_timeout_ms.unwrap_or(10_000)),
+            request_timeout: ms(a.request_timeout_ms.unwrap_or(10_000)),
+            shutdown_grace: ms(a.shutdown_grace_ms.unwrap_or(10_000)),
+            drain_delay: ms(a.drain_delay_ms.unwrap_or(0)),
+            log_format: a.log_format.unwrap_or(LogFormat::Plain),
             log_level,
         };
         config.validate()?;
@@ -530,7 +403,7 @@ impl Config {
     }
 }
 
-fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+fn read_file(path: &Path) -> Result<Args, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.into(),
         source,
@@ -539,6 +412,78 @@ fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
         path: path.into(),
         source,
     })
+}
+
+impl Args {
+    /// These values over `file`'s: each key given here wins, the file's
+    /// fills the rest. Done through the keys' serialised form, so no key is
+    /// listed a second time.
+    fn over(self, file: Args) -> Result<Args, ConfigError> {
+        let invalid = |e: serde_json::Error| ConfigError::Invalid(e.to_string());
+        let mut merged = serde_json::to_value(file).map_err(invalid)?;
+        if let (Some(base), serde_json::Value::Object(given)) = (
+            merged.as_object_mut(),
+            serde_json::to_value(&self).map_err(invalid)?,
+        ) {
+            for (key, value) in given {
+                if !value.is_null() {
+                    base.insert(key, value);
+                }
+            }
+        }
+        let mut out: Args = serde_json::from_value(merged).map_err(invalid)?;
+        out.config = self.config;
+        Ok(out)
+    }
+}
+
+/// `trusted_proxies` in the file: strings, each an IP or a CIDR.
+mod nets {
+    use ipnet::IpNet;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<Vec<IpNet>>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(list) => s.collect_seq(list.iter().map(|n| n.to_string())),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<IpNet>>, D::Error> {
+        let Some(list) = Option::<Vec<String>>::deserialize(d)? else {
+            return Ok(None);
+        };
+        list.iter()
+            .map(|s| super::parse_net(s).map_err(serde::de::Error::custom))
+            .collect::<Result<_, _>>()
+            .map(Some)
+    }
+}
+
+/// `log_level` in the file: a level's name.
+mod level {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<tracing::Level>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(l) => s.serialize_str(l.as_str()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<tracing::Level>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|s| {
+                s.parse().map_err(|_| {
+                    serde::de::Error::custom(format!(
+                        "log_level {s:?} is not one of error, warn, info, debug, trace"
+                    ))
+                })
+            })
+            .transpose()
+    }
 }
 
 /// An IP or a CIDR.
@@ -608,6 +553,35 @@ mod tests {
         assert!(c.is_trusted_proxy("10.1.2.3".parse().unwrap()));
         assert!(c.is_trusted_proxy("192.168.1.2".parse().unwrap()));
         assert!(!c.is_trusted_proxy("192.168.1.3".parse().unwrap()));
+    }
+
+    #[test]
+    fn every_kind_of_key_reads_from_the_file_and_a_flag_overrides_only_its_own() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(
+            f,
+            "log_level = \"debug\"\nlog_format = \"json\"\nrequire_redis = true\n\
+             redis_url = \"redis://127.0.0.1:1/\"\ncookie_max_age_secs = 0"
+        )
+        .unwrap();
+        let path = f.path().to_str().unwrap();
+        let c =
+            Config::resolve(Args::try_parse_from(["edgenode", "--config", path]).unwrap()).unwrap();
+        assert_eq!(c.log_level, tracing::Level::DEBUG);
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert!(c.require_redis);
+        assert_eq!(c.redis_url.as_deref(), Some("redis://127.0.0.1:1/"));
+        assert_eq!(c.cookie_max_age_secs, 0);
+        let c = Config::resolve(
+            Args::try_parse_from(["edgenode", "--config", path, "--log-level", "warn"]).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(c.log_level, tracing::Level::WARN);
+        assert!(c.require_redis, "the file still fills the rest");
+        let mut bad = tempfile::NamedTempFile::new().unwrap();
+        writeln!(bad, "log_level = \"chatty\"").unwrap();
+        let args = Args::try_parse_from(["edgenode", "--config", bad.path().to_str().unwrap()]);
+        assert!(Config::resolve(args.unwrap()).is_err());
     }
 
     #[test]
