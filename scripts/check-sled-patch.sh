@@ -70,7 +70,10 @@ if ! crate=$(cached_crate); then
     say "cannot fetch sled $VERSION (offline?); run this once with network access"
     exit 1
   fi
-  crate=$(cached_crate) || { say "cargo fetch did not leave sled-$VERSION.crate with crates.io's checksum"; exit 1; }
+  crate=$(cached_crate) || {
+    say "no sled-$VERSION.crate with crates.io's checksum after cargo fetch: delete the copy named above and run again"
+    exit 1
+  }
 fi
 
 # --- what vendor/sled should be without the patch: pristine minus omissions
@@ -150,9 +153,9 @@ fi
 
 say "$VENDOR is not sled $VERSION + $PATCH - $OMIT:"
 each() { [ -z "$2" ] || printf '%s\n' "$2" | sed "s|^|  $1 $VENDOR/|" >&2; }
-each "differs:                    " "$differ"
-each "not upstream:               " "$extra"
-each "missing, not in sled.omit:  " "$missing"
+each "differs:                  " "$differ"
+each "not upstream:             " "$extra"
+each "missing, not in sled.omit:" "$missing"
 [ -z "$differ" ] || printf '%s\n' "$differ" | while IFS= read -r f; do
   diff -u --label "sled $VERSION + sled.patch: $f" --label "$VENDOR/$f" \
     "$expected/$f" "$vendored/$f" || true
