@@ -22,6 +22,7 @@ for svc in redis-server nginx haproxy; do
 done
 
 echo "== format and lints"
+bash scripts/check-sled-patch.sh
 cargo fmt --check
 cargo clippy --all-targets --quiet -- -D warnings
 

@@ -164,8 +164,6 @@ mod threadpool {
     }
 }
 
-
-
 #[cfg(all(
     not(miri),
     any(
