@@ -243,6 +243,31 @@ fn ballast(path: &std::path::Path, fs_dir: &std::path::Path, leave_kb: u64) {
     std::fs::write(path, vec![0x5a; size as usize]).expect("ballast");
 }
 
+/// Creates sessions of ~1 KB until the node refuses one, each answered
+/// within the 2 s request timeout; returns the acknowledged ids and the
+/// refusal.
+fn fill_until_refused(c: &Client, user: &str) -> (Vec<String>, Answer) {
+    let meta = "x".repeat(900);
+    let mut acked = Vec::new();
+    for i in 0..20_000 {
+        let t = Instant::now();
+        let a = c.post(
+            "/api/sessions",
+            &format!(r#"{{"user_id":"{user}{i}","metadata":{{"pad":"{meta}"}}}}"#),
+        );
+        assert!(
+            t.elapsed() < Duration::from_millis(2_500),
+            "a write hung for {:?}",
+            t.elapsed()
+        );
+        if a.status != 201 {
+            return (acked, a);
+        }
+        acked.push(id_of(&a.json()));
+    }
+    panic!("the disk never filled");
+}
+
 #[test]
 fn a_full_disk_refuses_writes_in_time_loses_nothing_and_recovers_by_itself() {
     let mnt = tempdir();
@@ -258,32 +283,11 @@ fn a_full_disk_refuses_writes_in_time_loses_nothing_and_recovers_by_itself() {
         .args(["--min-free-mb", "1", "--request-timeout-ms", "2000"])
         .start();
     let c = node.client();
-    let meta = "x".repeat(900);
 
     // Write until the node refuses; every acknowledged create is recorded.
-    let mut acked: Vec<String> = Vec::new();
-    let mut refused = None;
-    for i in 0..20_000 {
-        let t = Instant::now();
-        let a = c.post(
-            "/api/sessions",
-            &format!(r#"{{"user_id":"u{i}","metadata":{{"pad":"{meta}"}}}}"#),
-        );
-        assert!(
-            t.elapsed() < Duration::from_millis(2_500),
-            "a write hung for {:?}",
-            t.elapsed()
-        );
-        match a.status {
-            201 => acked.push(id_of(&a.json())),
-            507 => {
-                refused = Some(a);
-                break;
-            }
-            other => panic!("unexpected answer {other}: {}", a.text),
-        }
-    }
-    let refused = refused.expect("the disk never filled");
+    let (mut acked, refused) = fill_until_refused(&c, "u");
+    assert_eq!(refused.status, 507, "{}", refused.text);
+
     assert_eq!(refused.code(), "insufficient_storage");
     assert!(refused.header("retry-after").is_some());
     assert!(
@@ -341,20 +345,10 @@ fn a_full_disk_refuses_writes_in_time_loses_nothing_and_recovers_by_itself() {
 
     // ... and a second full disk ended by kill -9.
     ballast(&ballast_file, mnt.path(), 3 * 1024);
-    let mut more = 0;
-    for i in 0..20_000 {
-        let a = c.post(
-            "/api/sessions",
-            &format!(r#"{{"user_id":"v{i}","metadata":{{"pad":"{meta}"}}}}"#),
-        );
-        if a.status != 201 {
-            assert_eq!(a.status, 507, "{}", a.text);
-            break;
-        }
-        acked.push(id_of(&a.json()));
-        more += 1;
-    }
-    assert!(more > 0);
+    let (more, refused) = fill_until_refused(&c, "v");
+    assert_eq!(refused.status, 507, "{}", refused.text);
+    assert!(!more.is_empty());
+    acked.extend(more);
     node.kill9();
     std::fs::remove_file(&ballast_file).unwrap();
     node.restart();
@@ -390,24 +384,7 @@ fn a_disk_filled_by_someone_else_is_a_fault_the_node_reopens_its_store_after() {
         .args(["--min-free-mb", "0", "--request-timeout-ms", "2000"])
         .start();
     let c = node.client();
-    let meta = "x".repeat(900);
-    let mut acked: Vec<String> = Vec::new();
-    let mut failed = None;
-    for i in 0..20_000 {
-        let t = Instant::now();
-        let a = c.post(
-            "/api/sessions",
-            &format!(r#"{{"user_id":"u{i}","metadata":{{"pad":"{meta}"}}}}"#),
-        );
-        assert!(t.elapsed() < Duration::from_millis(2_500), "a write hung");
-        if a.status == 201 {
-            acked.push(id_of(&a.json()));
-        } else {
-            failed = Some(a);
-            break;
-        }
-    }
-    let failed = failed.expect("the disk never filled");
+    let (mut acked, failed) = fill_until_refused(&c, "u");
     assert!(
         [503, 507].contains(&failed.status),
         "{} {}",
@@ -568,9 +545,12 @@ fn replay_killed_at_random_points_applies_everything_exactly_once_and_in_order()
                 want[k].last = v;
             }
         }
-        // The coalesced reads reach the journal within half a second; one
-        // more patch flushes them with it.
-        let full = 300 + 24;
+        // The coalesced reads reach the journal within half a second (a
+        // touch counted in memory and not yet journaled is what kill -9 may
+        // lose): 300 entries for the read sessions, and for the patched ones
+        // 24 patches each preceded by its read. One more patch then flushes
+        // them all.
+        let full = 300 + 24 + 24;
         assert!(wait_until(Duration::from_secs(3), || health(&c)["store"]
             ["pending_sync"]
             .as_u64()

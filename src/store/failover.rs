@@ -872,12 +872,11 @@ impl Store {
                 return Ok(());
             }
             let now = now_ms();
-            let batch: Vec<Session> = sled
-                .live_sessions_after(after, self.inner.replay_batch, now)
+            let (live, next) = sled.sessions_page(after, self.inner.replay_batch, now);
+            let batch: Vec<Session> = live
                 .into_iter()
                 .filter(|s| !sled.is_deleted(&s.id))
                 .collect();
-            let next = sled.session_key_after(after, self.inner.replay_batch);
             if !batch.is_empty() {
                 written += redis.restore_batch(&batch).await?;
             }

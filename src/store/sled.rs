@@ -761,44 +761,32 @@ impl SledStore {
         })
     }
 
-    /// Every live session of the mirror that was not deleted, `batch` at a
-    /// time after `after` (for the re-seed of an emptied Redis).
-    pub fn live_sessions_after(
+    /// The live sessions among the next `batch` keys after `after` (for the
+    /// re-seed of an emptied Redis), and the key the next page starts after
+    /// (`None` at the end).
+    pub fn sessions_page(
         &self,
         after: Option<[u8; 16]>,
         batch: usize,
         now: u64,
-    ) -> Vec<Session> {
+    ) -> (Vec<Session>, Option<[u8; 16]>) {
+        let t = self.t();
         let iter = match after {
-            Some(a) => self.t().sessions.range((
+            Some(a) => t.sessions.range((
                 std::ops::Bound::Excluded(a.to_vec()),
                 std::ops::Bound::Unbounded,
             )),
-            None => self.t().sessions.iter(),
+            None => t.sessions.iter(),
         };
-        iter.keys()
+        let ids: Vec<[u8; 16]> = iter
+            .keys()
             .filter_map(|k| k.ok())
             .take(batch)
             .filter_map(|k| <[u8; 16]>::try_from(k.as_ref()).ok())
-            .filter_map(|id| self.get(&id, now))
-            .collect()
-    }
-
-    /// The next key after which [`live_sessions_after`] continues, or
-    /// `None` at the end: the last key of this batch, live or not.
-    pub fn session_key_after(&self, after: Option<[u8; 16]>, skip: usize) -> Option<[u8; 16]> {
-        let iter = match after {
-            Some(a) => self.t().sessions.range((
-                std::ops::Bound::Excluded(a.to_vec()),
-                std::ops::Bound::Unbounded,
-            )),
-            None => self.t().sessions.iter(),
-        };
-        iter.keys()
-            .filter_map(|k| k.ok())
-            .take(skip)
-            .last()
-            .and_then(|k| <[u8; 16]>::try_from(k.as_ref()).ok())
+            .collect();
+        let next = (ids.len() == batch).then(|| ids.last().copied()).flatten();
+        let live = ids.iter().filter_map(|id| self.get(id, now)).collect();
+        (live, next)
     }
 
     // ---- journal -------------------------------------------------------------
