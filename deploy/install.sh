@@ -37,7 +37,9 @@
 #
 # systemctl is skipped (and what was skipped is printed) when --root/DESTDIR
 # is given, when systemctl is not installed, or when the machine was not
-# booted with systemd (no /run/systemd/system, e.g. in a container).
+# booted with systemd (no /run/systemd/system, e.g. in a container). On such
+# a machine nothing starts edgenode: the script says so and prints the
+# command that runs it by hand.
 set -eu
 
 prog=${0##*/}
@@ -163,6 +165,9 @@ if [ "$mode" = uninstall ]; then
         say "kept $CONFDIR and the state directory (use --purge to remove them)"
     fi
     say "edgenode uninstalled"
+    if [ -z "$root" ] && [ "$use_systemd" = 0 ]; then
+        say "($why_not: an edgenode you started by hand is still running until you stop it)"
+    fi
     exit 0
 fi
 
@@ -218,7 +223,11 @@ if [ -f "$src/edgenode.toml.example" ]; then
         cp "$src/edgenode.toml.example" "$CONFDIR/edgenode.toml.new.$$"
         chmod "$cmode" "$CONFDIR/edgenode.toml.new.$$"
         mv -f "$CONFDIR/edgenode.toml.new.$$" "$CONFDIR/edgenode.toml"
-        say "installed  $CONFDIR/edgenode.toml (mode $cmode) — edit it, then: systemctl restart edgenode"
+        if [ "$use_systemd" = 1 ]; then
+            say "installed  $CONFDIR/edgenode.toml (mode $cmode) — edit it, then: systemctl restart edgenode"
+        else
+            say "installed  $CONFDIR/edgenode.toml (mode $cmode) — edit it"
+        fi
     fi
 else
     warn "no edgenode.toml.example in $src; $CONFDIR/edgenode.toml not created"
@@ -271,4 +280,29 @@ if [ "$use_systemd" = 1 ] && [ "$start" = 1 ]; then
         systemctl --no-pager --lines=0 status edgenode.service || true
     fi
 fi
-say "edgenode installed${root:+ into $root}"
+if [ -n "$root" ]; then
+    say "edgenode installed into $root"
+elif [ "$use_systemd" = 0 ]; then
+    # Nothing on this machine will run edgenode: say so, and how to run it.
+    datadir=/var/lib/edgenode
+    say "edgenode is installed but NOT running: $why_not, so no service was"
+    say "enabled or started, and nothing starts edgenode at boot."
+    if [ "$socket" = 1 ]; then
+        say "(--socket needs systemd: edgenode binds 'listen' from $CONFDIR/edgenode.toml itself.)"
+    fi
+    say "Run it by hand, in the foreground (logs on stderr; SIGTERM or Ctrl-C drains and stops it),"
+    say "with the secrets of $CONFDIR/edgenode.env as systemd would pass them:"
+    say ""
+    say "  mkdir -p -m 0700 $datadir"
+    say "  sh -c 'set -a; . $CONFDIR/edgenode.env; exec $BINDIR/edgenode --config $CONFDIR/edgenode.toml --data-dir $datadir'"
+    say ""
+    say "or have your init system or supervisor (OpenRC, runit, s6, a container's"
+    say "entrypoint) run that command. It needs no root: any user that owns $datadir"
+    say "and can read $CONFDIR/edgenode.env will do."
+else
+    if [ "$start" = 1 ]; then
+        say "edgenode installed and running"
+    else
+        say "edgenode installed and enabled, not started (--no-start): edit $CONFDIR/edgenode.toml, then: systemctl start edgenode"
+    fi
+fi

@@ -16,7 +16,7 @@
 #       HTTPS_LISTEN=0.0.0.0:443 HTTP_LISTEN=0.0.0.0:80 \
 #       TLS_CERT=/etc/ssl/edgenode/fullchain.pem TLS_KEY=/etc/ssl/edgenode/privkey.pem \
 #       INTERNAL_LISTEN=10.0.1.5:8088 STATUS_LISTEN=127.0.0.1:8081 \
-#       RUNDIR=/run LOGDIR=/var/log/nginx
+#       RUNDIR=/run TEMPDIR=/var/lib/nginx LOGDIR=/var/log/nginx
 #
 # Used by the tests and by operators; POSIX sh + sed only.
 set -eu

@@ -106,6 +106,9 @@ impl Lb {
     }
 }
 
+/// Renders a template with `deploy/render.sh`, which refuses to leave a
+/// placeholder unfilled; a KEY=VALUE whose placeholder the template does not
+/// have (it only warns about that) fails here too.
 fn render(template: &str, out: &Path, vars: &[(&str, String)]) {
     let mut cmd = Command::new("sh");
     cmd.arg(Path::new(REPO).join("deploy/render.sh"))
@@ -114,8 +117,13 @@ fn render(template: &str, out: &Path, vars: &[(&str, String)]) {
     for (k, v) in vars {
         cmd.arg(format!("{k}={v}"));
     }
-    let st = cmd.status().expect("run deploy/render.sh");
-    assert!(st.success(), "render {template} failed");
+    let done = cmd.output().expect("run deploy/render.sh");
+    let stderr = String::from_utf8_lossy(&done.stderr);
+    assert!(done.status.success(), "render {template} failed: {stderr}");
+    assert!(
+        stderr.trim().is_empty(),
+        "render {template} warned: {stderr}"
+    );
 }
 
 /// A throw-away self-signed certificate for 127.0.0.1 in `dir`:
@@ -158,41 +166,104 @@ fn self_signed_cert(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     (cert, key, pem)
 }
 
+/// The balancer's four listeners, each on 127.0.0.1 and a free port.
+struct LbAddrs {
+    https: String,
+    http: String,
+    internal: String,
+    status: String,
+}
+
+impl LbAddrs {
+    fn new() -> LbAddrs {
+        let port = || format!("127.0.0.1:{}", free_port());
+        LbAddrs {
+            https: port(),
+            http: port(),
+            internal: port(),
+            status: port(),
+        }
+    }
+}
+
 fn start_balancer(kind: Balancer, nodes: &[&Node], dir: &Path) -> Lb {
-    let port = || format!("127.0.0.1:{}", free_port());
-    let (https, http, internal, status) = (port(), port(), port(), port());
+    let addrs = LbAddrs::new();
     let (cert, key, pem) = self_signed_cert(dir);
+    let here = dir.display().to_string();
     let mut vars = vec![
         ("NODE1", nodes[0].addr.clone()),
         ("NODE2", nodes[1].addr.clone()),
         ("NODE3", nodes[2].addr.clone()),
-        ("HTTPS_LISTEN", https.clone()),
-        ("HTTP_LISTEN", http.clone()),
-        ("INTERNAL_LISTEN", internal.clone()),
-        ("RUNDIR", dir.display().to_string()),
+        ("HTTPS_LISTEN", addrs.https.clone()),
+        ("HTTP_LISTEN", addrs.http.clone()),
+        ("INTERNAL_LISTEN", addrs.internal.clone()),
+        ("RUNDIR", here.clone()),
     ];
-    let (child, status_url, log) = match kind {
+    let conf = match kind {
         Balancer::Nginx => {
-            vars.push(("STATUS_LISTEN", status.clone()));
-            vars.push(("LOGDIR", dir.display().to_string()));
+            vars.push(("STATUS_LISTEN", addrs.status.clone()));
+            vars.push(("LOGDIR", here.clone()));
+            vars.push(("TEMPDIR", here));
             vars.push(("TLS_CERT", cert.display().to_string()));
             vars.push(("TLS_KEY", key.display().to_string()));
-            let conf = dir.join("nginx.conf");
-            render("nginx.conf", &conf, &vars);
-            let prefix = format!("{}/", dir.display());
-            let check = Command::new("nginx")
-                .args(["-t", "-p", &prefix, "-c"])
-                .arg(&conf)
-                .output()
-                .expect("nginx");
-            assert!(
-                check.status.success(),
-                "nginx -t: {}",
-                String::from_utf8_lossy(&check.stderr)
-            );
+            dir.join("nginx.conf")
+        }
+        Balancer::Haproxy => {
+            vars.push(("STATS_LISTEN", addrs.status.clone()));
+            vars.push(("TLS_PEM", pem.display().to_string()));
+            dir.join("haproxy.cfg")
+        }
+    };
+    let template = match kind {
+        Balancer::Nginx => "nginx.conf",
+        Balancer::Haproxy => "haproxy.cfg",
+    };
+    render(template, &conf, &vars);
+    launch_balancer(kind, &conf, dir, dir, &addrs, cert)
+}
+
+/// `nginx -t` (with `dir` as its prefix) or `haproxy -c` of a rendered config.
+fn check_balancer_config(kind: Balancer, conf: &Path, dir: &Path) {
+    let check = match kind {
+        Balancer::Nginx => Command::new("nginx")
+            .args(["-t", "-p", &format!("{}/", dir.display()), "-c"])
+            .arg(conf)
+            .output()
+            .expect("nginx"),
+        Balancer::Haproxy => Command::new("haproxy")
+            .arg("-c")
+            .arg("-f")
+            .arg(conf)
+            .output()
+            .expect("haproxy"),
+    };
+    assert!(
+        check.status.success(),
+        "{} check: {}{}",
+        kind.name(),
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+}
+
+/// Checks a rendered config, runs the balancer in the foreground and waits
+/// until it forwards to a ready node (HAProxy: until its checks see all
+/// three nodes UP). `logdir`: nginx's LOGDIR, where HAProxy's stdout goes
+/// too.
+fn launch_balancer(
+    kind: Balancer,
+    conf: &Path,
+    dir: &Path,
+    logdir: &Path,
+    addrs: &LbAddrs,
+    cacert: PathBuf,
+) -> Lb {
+    check_balancer_config(kind, conf, dir);
+    let (child, status_url, log) = match kind {
+        Balancer::Nginx => {
             let child = Command::new("nginx")
-                .args(["-p", &prefix, "-c"])
-                .arg(&conf)
+                .args(["-p", &format!("{}/", dir.display()), "-c"])
+                .arg(conf)
                 .args(["-g", "daemon off;"])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -200,46 +271,31 @@ fn start_balancer(kind: Balancer, nodes: &[&Node], dir: &Path) -> Lb {
                 .expect("start nginx");
             (
                 child,
-                format!("http://{status}/nginx_status"),
-                dir.join("access.log"),
+                format!("http://{}/nginx_status", addrs.status),
+                logdir.join("access.log"),
             )
         }
         Balancer::Haproxy => {
-            vars.push(("STATS_LISTEN", status.clone()));
-            vars.push(("TLS_PEM", pem.display().to_string()));
-            let conf = dir.join("haproxy.cfg");
-            render("haproxy.cfg", &conf, &vars);
-            let check = Command::new("haproxy")
-                .arg("-c")
-                .arg("-f")
-                .arg(&conf)
-                .output()
-                .expect("haproxy");
-            assert!(
-                check.status.success(),
-                "haproxy -c: {}",
-                String::from_utf8_lossy(&check.stdout)
-            );
-            let log = dir.join("haproxy.log");
+            let log = logdir.join("haproxy.log");
             let child = Command::new("haproxy")
                 .arg("-db")
                 .arg("-f")
-                .arg(&conf)
+                .arg(conf)
                 .stdout(std::fs::File::create(&log).expect("haproxy log"))
                 .stderr(Stdio::null())
                 .spawn()
                 .expect("start haproxy");
-            (child, format!("http://{status}/stats"), log)
+            (child, format!("http://{}/stats", addrs.status), log)
         }
     };
     let lb = Lb {
         child,
         kind,
-        https: format!("https://{https}"),
-        http: format!("http://{http}"),
-        internal: format!("http://{internal}"),
+        https: format!("https://{}", addrs.https),
+        http: format!("http://{}", addrs.http),
+        internal: format!("http://{}", addrs.internal),
         status_url,
-        cacert: cert,
+        cacert,
         log,
     };
     let c = Client::new(lb.internal.clone());
@@ -1391,13 +1447,11 @@ fn haproxy_cluster_survives_node_loss_drains_and_a_redis_outage() {
     cluster_story(Balancer::Haproxy);
 }
 
-#[test]
-fn install_script_installs_and_uninstalls_into_a_root() {
-    let root = tempdir();
-    let pkg = tempdir();
-    let p = pkg.path();
-    std::fs::copy(BIN, p.join("edgenode")).unwrap();
+/// Fills `p` with what a release tarball holds for install.sh (release.sh's
+/// layout): the binary, the units, the example config and install.sh.
+fn release_files(p: &Path) {
     std::fs::create_dir_all(p.join("systemd")).unwrap();
+    std::fs::copy(BIN, p.join("edgenode")).unwrap();
     for f in ["edgenode.service", "edgenode.socket"] {
         std::fs::copy(
             Path::new(REPO).join("systemd").join(f),
@@ -1415,7 +1469,15 @@ fn install_script_installs_and_uninstalls_into_a_root() {
         p.join("install.sh"),
     )
     .unwrap();
-    let run = |args: &[&str]| {
+}
+
+#[test]
+fn install_script_installs_and_uninstalls_into_a_root() {
+    let root = tempdir();
+    let pkg = tempdir();
+    let p = pkg.path();
+    release_files(p);
+    let run = |args: &[&str]| -> String {
         let out = Command::new("sh")
             .arg(p.join("install.sh"))
             .args(args)
@@ -1423,15 +1485,29 @@ fn install_script_installs_and_uninstalls_into_a_root() {
             .arg(root.path())
             .output()
             .unwrap();
+        let said = String::from_utf8_lossy(&out.stdout).into_owned();
         assert!(
             out.status.success(),
-            "install.sh {args:?}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
+            "install.sh {args:?}: {said}{}",
             String::from_utf8_lossy(&out.stderr)
         );
+        said
     };
     let r = |rel: &str| -> PathBuf { root.path().join(rel) };
-    run(&[]);
+    let said = run(&[]);
+    // An image build: nothing to start here, and nothing said about it.
+    assert_eq!(
+        said.lines().last(),
+        Some(
+            format!(
+                "install.sh: edgenode installed into {}",
+                root.path().display()
+            )
+            .as_str()
+        ),
+        "{said}"
+    );
+    assert!(!said.contains("NOT running"), "{said}");
     assert!(r("usr/local/bin/edgenode").exists());
     assert!(r("etc/systemd/system/edgenode.service").exists());
     assert!(r("etc/edgenode/edgenode.toml").exists());
@@ -1453,4 +1529,738 @@ fn install_script_installs_and_uninstalls_into_a_root() {
         r("etc/edgenode/edgenode.toml").exists(),
         "uninstall keeps the config"
     );
+}
+
+// ---- deploy/README.md, followed as an operator would --------------------------
+//
+// The commands, files and lines below are taken from the README itself (its
+// fenced blocks), with only the example addresses, ports, the password and
+// the token replaced by loopback ones: a README that drifts from what works
+// fails here. Nothing derived from the README is run before every IPv4
+// address in it is checked to be in 127.0.0.0/8.
+
+fn deploy_readme() -> String {
+    std::fs::read_to_string(Path::new(REPO).join("deploy/README.md")).expect("deploy/README.md")
+}
+
+/// The text of the first fenced block of the README that contains `needle`.
+fn readme_block(readme: &str, needle: &str) -> String {
+    let mut blocks = Vec::new();
+    let mut current: Option<String> = None;
+    for line in readme.lines() {
+        if line.trim_start().starts_with("```") {
+            match current.take() {
+                Some(b) => blocks.push(b),
+                None => current = Some(String::new()),
+            }
+        } else if let Some(b) = current.as_mut() {
+            b.push_str(line);
+            b.push('\n');
+        }
+    }
+    blocks
+        .into_iter()
+        .find(|b| b.contains(needle))
+        .unwrap_or_else(|| panic!("deploy/README.md has no code block with {needle:?}"))
+}
+
+/// Panics if `text` holds an IPv4 address outside 127.0.0.0/8: what the
+/// test runs from the README must never reach beyond loopback.
+fn assert_loopback_only(what: &str, text: &str) {
+    for word in text.split(|c: char| !(c.is_ascii_digit() || c == '.')) {
+        let parts: Vec<&str> = word.trim_matches('.').split('.').collect();
+        let is_ip = parts.len() == 4 && parts.iter().all(|p| p.parse::<u8>().is_ok());
+        assert!(
+            !is_ip || parts[0] == "127",
+            "{what}: {word} is not a loopback address:\n{text}"
+        );
+    }
+}
+
+/// `s` with each `(from, to)` replaced; every `from` must occur, so a README
+/// change that drops one shows up here instead of silently testing less.
+fn substitute(what: &str, s: &str, pairs: &[(&str, String)]) -> String {
+    let mut out = s.to_string();
+    for (from, to) in pairs {
+        assert!(out.contains(from), "{what}: no {from:?} in:\n{s}");
+        out = out.replace(from, to);
+    }
+    out
+}
+
+/// A command run through `sh -c` that never uses a proxy or a ~/.curlrc.
+fn local_sh(script: &str, dir: &Path) -> Command {
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c").arg(script).current_dir(dir);
+    for v in [
+        "http_proxy",
+        "https_proxy",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "all_proxy",
+    ] {
+        cmd.env_remove(v);
+    }
+    cmd.env("no_proxy", "*")
+        .env("NO_PROXY", "*")
+        .env("CURL_HOME", dir)
+        .env("HOME", dir);
+    cmd
+}
+
+/// A process the walkthrough started (Redis, a node); killed when dropped.
+struct Proc {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `CONFIG GET key` after `AUTH pass` (the README's Redis has a password):
+/// the raw replies.
+fn redis_config_get(addr: &str, pass: &str, key: &str) -> String {
+    use std::io::{Read, Write};
+    let enc = |args: &[&str]| {
+        let mut r = format!("*{}\r\n", args.len());
+        for a in args {
+            r.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+        }
+        r
+    };
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to redis");
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    s.write_all((enc(&["AUTH", pass]) + &enc(&["CONFIG", "GET", key])).as_bytes())
+        .unwrap();
+    // "+OK", then an array of two bulk strings: six lines in all (an error
+    // instead: fewer, and the read times out).
+    let mut got = String::new();
+    let mut buf = [0u8; 4096];
+    while got.matches("\r\n").count() < 6 {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.push_str(&String::from_utf8_lossy(&buf[..n])),
+        }
+    }
+    got
+}
+
+/// Section 1: Redis with exactly the README's redis.conf lines, appended
+/// (as the README says) to Debian's own redis.conf when this machine has
+/// one; the Redis box's LAN address becomes 127.0.0.2.
+fn readme_redis(readme: &str, dir: &Path, pass: &str) -> (Proc, String) {
+    let block = readme_block(readme, "sudo tee -a /etc/redis/redis.conf");
+    let lines: String = block
+        .lines()
+        .skip_while(|l| !l.trim_end().ends_with("<<EOF"))
+        .skip(1)
+        .take_while(|l| l.trim() != "EOF")
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let lines = substitute(
+        "redis.conf lines",
+        &lines,
+        &[
+            ("$pass", pass.to_string()),
+            ("10.0.0.10", "127.0.0.2".to_string()),
+        ],
+    );
+    assert_loopback_only("redis.conf lines", &lines);
+    let port = free_port();
+    let mut conf = std::fs::read_to_string("/etc/redis/redis.conf").unwrap_or_default();
+    conf += "\n";
+    conf += &lines;
+    // Test-only lines (none of them a key the README sets): where to listen,
+    // where to keep files, foreground.
+    conf += &format!(
+        "port {port}\ndir {d}\npidfile {d}/redis.pid\nlogfile \"\"\ndaemonize no\n",
+        d = dir.display()
+    );
+    let conf_path = dir.join("redis.conf");
+    std::fs::write(&conf_path, conf).unwrap();
+    let log = dir.join("redis.log");
+    let child = Command::new("redis-server")
+        .arg(&conf_path)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server");
+    let mut redis = Proc { child, log };
+    let addr = format!("127.0.0.2:{port}");
+    // Up, or refused its configuration (it exits at once then).
+    wait_until(Duration::from_secs(10), || {
+        std::net::TcpStream::connect(&addr).is_ok() || matches!(redis.child.try_wait(), Ok(Some(_)))
+    });
+    assert!(
+        std::net::TcpStream::connect(&addr).is_ok(),
+        "redis-server did not start with the README's lines:\n{lines}\n{}",
+        std::fs::read_to_string(&redis.log).unwrap_or_default()
+    );
+    // Every line took effect, over Debian's earlier ones.
+    let get = |key: &str| redis_config_get(&addr, pass, key);
+    assert!(
+        get("bind").contains("127.0.0.2 127.0.0.1"),
+        "{}",
+        get("bind")
+    );
+    assert!(
+        get("appendonly").contains("\r\nyes\r\n"),
+        "{}",
+        get("appendonly")
+    );
+    assert!(
+        get("maxmemory-policy").contains("\r\nnoeviction\r\n"),
+        "{}",
+        get("maxmemory-policy")
+    );
+    // The password is required, on loopback too.
+    assert!(
+        redis_cmd(port, &["PING"])
+            .unwrap_or_default()
+            .starts_with("-NOAUTH"),
+        "redis answered without the password"
+    );
+    (redis, addr)
+}
+
+/// Section 3: node `n` (1-based) with the README's edgenode.toml and
+/// edgenode.env, run as the unit runs it (`--config`, environment from the
+/// env file) with its own data directory.
+fn readme_node(readme: &str, dir: &Path, n: usize, redis: &str, pass: &str) -> (Proc, String) {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let toml = substitute(
+        "edgenode.toml",
+        &readme_block(readme, "instance_id = \"node1\""),
+        &[
+            ("0.0.0.0:8080", addr.clone()),
+            ("10.0.0.10:6379", redis.to_string()),
+            ("\"10.0.0.5\"", "\"127.0.0.1\"".to_string()),
+            ("\"node1\"", format!("\"node{n}\"")),
+        ],
+    );
+    assert_loopback_only("edgenode.toml", &toml);
+    let env = substitute(
+        "edgenode.env",
+        &readme_block(readme, "EDGENODE_API_TOKEN=<token>"),
+        &[
+            ("<token>", TOKEN.to_string()),
+            ("<redis password>", pass.to_string()),
+            ("10.0.0.10:6379", redis.to_string()),
+        ],
+    );
+    assert_loopback_only("edgenode.env", &env);
+    let conf = dir.join(format!("node{n}.toml"));
+    std::fs::write(&conf, toml).unwrap();
+    let log = dir.join(format!("node{n}.log"));
+    let mut cmd = Command::new(BIN);
+    cmd.arg("--config")
+        .arg(&conf)
+        .arg("--data-dir")
+        .arg(dir.join(format!("node{n}-data")))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    for line in env.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (k, v) = line.split_once('=').expect("KEY=VALUE in edgenode.env");
+        cmd.env(k, v);
+    }
+    let node = Proc {
+        child: cmd.spawn().expect("start edgenode"),
+        log,
+    };
+    let c = Client::new(format!("http://{addr}"));
+    assert!(
+        wait_until(Duration::from_secs(10), || c
+            .try_request("GET", "/api/ready", &[], None)
+            .map(|a| a.status == 200)
+            .unwrap_or(false)),
+        "node{n} not ready:\n{}",
+        std::fs::read_to_string(&node.log).unwrap_or_default()
+    );
+    // "check from the balancer host": its name, and Redis (with the password
+    // from edgenode.env: the TOML's URL has none).
+    let h = c.get("/api/health").json();
+    assert_eq!(h["instance_id"], format!("node{n}"), "{h}");
+    assert_eq!(h["store"]["active"], "redis", "{h}");
+    (node, addr)
+}
+
+/// Section 4: the README's render.sh arguments for a balancer, each
+/// example value replaced by its loopback or scratch-directory counterpart.
+fn readme_render_vars(
+    readme: &str,
+    kind: Balancer,
+    nodes: &[String],
+    addrs: &LbAddrs,
+    tls: (&Path, &Path, &Path),
+    dirs: (&Path, &Path, &Path),
+) -> Vec<(String, String)> {
+    let (template, out) = match kind {
+        Balancer::Nginx => ("deploy/nginx.conf", "/etc/nginx/nginx.conf"),
+        Balancer::Haproxy => ("deploy/haproxy.cfg", "/etc/haproxy/haproxy.cfg"),
+    };
+    let needle = format!("deploy/render.sh {template} {out}");
+    let block = readme_block(readme, &needle);
+    // The command, continuation lines joined.
+    let mut command = String::new();
+    for line in block.lines().skip_while(|l| !l.contains(&needle)) {
+        command.push_str(line.trim_end().trim_end_matches('\\'));
+        command.push(' ');
+        if !line.trim_end().ends_with('\\') {
+            break;
+        }
+    }
+    let (run, temp, log) = dirs;
+    let mut vars = Vec::new();
+    for kv in command.split_whitespace().filter(|w| w.contains('=')) {
+        let (key, example) = kv.split_once('=').unwrap();
+        let value = match key {
+            "NODE1" => nodes[0].clone(),
+            "NODE2" => nodes[1].clone(),
+            "NODE3" => nodes[2].clone(),
+            "HTTPS_LISTEN" => addrs.https.clone(),
+            "HTTP_LISTEN" => addrs.http.clone(),
+            "INTERNAL_LISTEN" => addrs.internal.clone(),
+            "STATUS_LISTEN" | "STATS_LISTEN" => addrs.status.clone(),
+            "TLS_CERT" => tls.0.display().to_string(),
+            "TLS_KEY" => tls.1.display().to_string(),
+            "TLS_PEM" => tls.2.display().to_string(),
+            "RUNDIR" => run.display().to_string(),
+            "TEMPDIR" => temp.display().to_string(),
+            "LOGDIR" => log.display().to_string(),
+            _ => panic!(
+                "deploy/README.md renders {template} with {key}={example}: \
+                 tell this test what a loopback run uses for it"
+            ),
+        };
+        vars.push((key.to_string(), value));
+    }
+    assert!(
+        vars.len() >= 9,
+        "{template}: parsed only {vars:?} from {command}"
+    );
+    vars
+}
+
+/// The README's walkthrough on 127.0.0.1: Redis with its redis.conf lines,
+/// three nodes with its edgenode.toml and edgenode.env, both balancers
+/// rendered with its render.sh arguments and checked with `nginx -t` and
+/// `haproxy -c` (which must leave nothing but nginx's pid file in RUNDIR),
+/// then, through each balancer, a browser's first request and the login
+/// flow of "Logging a browser in" with its curl commands.
+#[test]
+fn deploy_readme_walkthrough_on_loopback() {
+    let readme = deploy_readme();
+    let dir = tempdir();
+    let d = dir.path();
+    let pass = format!("walkthrough-{}", free_port());
+
+    let (_redis, redis_addr) = readme_redis(&readme, d, &pass);
+    let mut nodes = Vec::new();
+    let mut addrs = Vec::new();
+    for n in 1..=3 {
+        let (node, addr) = readme_node(&readme, d, n, &redis_addr, &pass);
+        nodes.push(node);
+        addrs.push(addr);
+    }
+
+    for kind in [Balancer::Nginx, Balancer::Haproxy] {
+        let name = kind.name();
+        let lb_dir = d.join(name);
+        let (run, temp, log) = (lb_dir.join("run"), lb_dir.join("tmp"), lb_dir.join("log"));
+        for p in [&run, &temp, &log] {
+            std::fs::create_dir_all(p).unwrap();
+        }
+        let (cert, key, pem) = self_signed_cert(&lb_dir);
+        let lb_addrs = LbAddrs::new();
+        let vars = readme_render_vars(
+            &readme,
+            kind,
+            &addrs,
+            &lb_addrs,
+            (&cert, &key, &pem),
+            (&run, &temp, &log),
+        );
+        let conf = lb_dir.join(match kind {
+            Balancer::Nginx => "nginx.conf",
+            Balancer::Haproxy => "haproxy.cfg",
+        });
+        let template = conf.file_name().unwrap().to_str().unwrap().to_string();
+        let vars: Vec<(&str, String)> = vars.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+        render(&template, &conf, &vars);
+
+        check_balancer_config(kind, &conf, &lb_dir);
+        if kind == Balancer::Nginx {
+            // `nginx -t` with the README's RUNDIR leaves only the (empty)
+            // pid file there; its temp directories go to TEMPDIR.
+            let mut in_run: Vec<String> = std::fs::read_dir(&run)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            in_run.sort();
+            assert_eq!(in_run, ["nginx.pid"], "nginx -t left in RUNDIR: {in_run:?}");
+            assert_eq!(std::fs::metadata(run.join("nginx.pid")).unwrap().len(), 0);
+            for t in ["body", "proxy", "fastcgi", "uwsgi", "scgi"] {
+                assert!(temp.join(t).is_dir(), "no {t} in TEMPDIR");
+            }
+        }
+        let lb = launch_balancer(kind, &conf, &lb_dir, &log, &lb_addrs, cert.clone());
+
+        // A browser's first visit: an anonymous session, both cookies Secure.
+        let mut browser = lb.browser();
+        let first = browser.get("/api/session");
+        assert_eq!(first.status, 200, "{name}: {:?}", first.body);
+        assert_eq!(first.body["user_id"], "anonymous", "{name}");
+        let sid = browser
+            .cookie("session_id")
+            .expect("session_id cookie")
+            .to_string();
+        let line = Browser::cookie_line(&first, "session_id").expect("Set-Cookie session_id");
+        assert!(
+            line.contains("; Secure"),
+            "{name}: cookie_secure = true: {line}"
+        );
+        assert!(
+            browser.cookie(ROUTE_COOKIE).is_some(),
+            "{name}: no routing cookie"
+        );
+
+        // Logging it in, with the README's commands, through the internal
+        // listener.
+        let login = substitute(
+            "login commands",
+            &readme_block(&readme, "$B/api/sessions/$SID/rotate"),
+            &[("10.0.1.5:8088", lb_addrs.internal.clone())],
+        );
+        assert_loopback_only("login commands", &login);
+        let out = local_sh(&login, d)
+            .env("TOKEN", TOKEN)
+            .env("SID", &sid)
+            .output()
+            .expect("sh");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{name}: login commands: {text}");
+        let answers: Vec<Value> = serde_json::Deserializer::from_str(&text)
+            .into_iter::<Value>()
+            .collect::<Result<_, _>>()
+            .unwrap_or_else(|e| panic!("{name}: login answers {text:?}: {e}"));
+        assert_eq!(answers.len(), 2, "{name}: {text}");
+        assert_eq!(
+            answers[0]["session_id"],
+            sid.as_str(),
+            "{name}: PATCH: {text}"
+        );
+        assert_eq!(answers[0]["user_id"], "alice", "{name}: PATCH: {text}");
+        let new_sid = answers[1]["session_id"]
+            .as_str()
+            .expect("rotate: session_id")
+            .to_string();
+        assert_ne!(new_sid, sid, "{name}: rotate kept the id");
+        assert_eq!(answers[1]["user_id"], "alice", "{name}: rotate: {text}");
+
+        // A browser still on the old id: a new anonymous session.
+        let mut stale = lb.browser();
+        stale.cookies.insert("session_id".into(), sid.clone());
+        let page = stale.get("/api/session");
+        assert_eq!(page.status, 200, "{name}");
+        assert_eq!(
+            page.body["user_id"], "anonymous",
+            "{name}: old id after rotate"
+        );
+        assert_ne!(page.body["session_id"], sid.as_str(), "{name}");
+        assert_ne!(page.body["session_id"], new_sid.as_str(), "{name}");
+        // The application set the new id as the cookie: the logged-in session.
+        browser.cookies.insert("session_id".into(), new_sid.clone());
+        let page = browser.get("/api/session");
+        assert_eq!(page.status, 200, "{name}");
+        assert_eq!(page.body["session_id"], new_sid.as_str(), "{name}");
+        assert_eq!(page.body["user_id"], "alice", "{name}");
+        println!(
+            "walkthrough {name}: render, check, browser, login and rotate as deploy/README.md says"
+        );
+        drop(lb);
+    }
+    drop(nodes);
+}
+
+/// Runs `script` with `sh` in a private mount namespace (as root, or in
+/// an unprivileged user namespace that maps the caller to root), its
+/// stderr into `stderr`. None: `unshare` cannot be run (reason printed).
+fn in_mount_namespace(script: &Path, args: &[&str], stderr: &Path) -> Option<Proc> {
+    // SAFETY: geteuid(2) has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let mut cmd = Command::new("unshare");
+    if !root {
+        cmd.arg("--map-root-user");
+    }
+    cmd.args(["--mount", "--propagation", "private", "sh"])
+        .arg(script)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(stderr).unwrap());
+    match cmd.spawn() {
+        Ok(child) => Some(Proc {
+            child,
+            log: stderr.to_path_buf(),
+        }),
+        Err(e) => {
+            println!("SKIPPED install.sh without systemd: cannot run unshare: {e}");
+            None
+        }
+    }
+}
+
+/// What the namespace script does: the directories install.sh writes to
+/// become overlays whose changes stay in a tmpfs (this machine's files are
+/// never written), each directory itself the root of an overlay so that a
+/// user namespace's root may write there too; /run becomes an empty tmpfs:
+/// a machine not booted with systemd. Then
+/// install.sh from the unpacked release, as `sudo ./install.sh` would run
+/// it. `no-systemctl`: /run/systemd/system exists but PATH has no systemctl.
+/// `no-pid1`: afterwards, the commands install.sh printed are run as printed
+/// (the node's listen address set to a test port), the last one exec'd.
+const NO_SYSTEMD_SCRIPT: &str = r#"set -eu
+mode=$1 w=$2 rel=$3 port=$4
+mkdir -p "$w/ns"
+mount -t tmpfs tmpfs "$w/ns"
+for d in etc etc/systemd/system usr/local/bin var/lib; do
+    [ -d "/$d" ] || continue
+    n=$(echo "$d" | tr / _)
+    mkdir "$w/ns/$n.up" "$w/ns/$n.work"
+    mount -t overlay overlay -o "lowerdir=/$d,upperdir=$w/ns/$n.up,workdir=$w/ns/$n.work" "/$d"
+done
+mount -t tmpfs tmpfs /run
+touch "$w/mounted"
+path=$PATH
+if [ "$mode" = no-systemctl ]; then
+    mkdir -p /run/systemd/system
+    mkdir "$w/ns/bin"
+    for t in id mkdir cmp cp chmod mv rm grep dirname sed cat uname head; do
+        ln -s "$(command -v "$t")" "$w/ns/bin/$t"
+    done
+    path=$w/ns/bin
+fi
+cd "$rel"
+status=0
+PATH=$path /bin/sh ./install.sh >"$w/install.out" 2>&1 || status=$?
+echo "$status" >"$w/install.status"
+[ "$status" = 0 ]
+for f in /usr/local/bin/edgenode /etc/systemd/system/edgenode.service \
+         /etc/edgenode/edgenode.toml /etc/edgenode/edgenode.env; do
+    if [ -f "$f" ]; then echo "$f" >>"$w/installed"; fi
+done
+[ "$mode" = no-pid1 ] || exit 0
+printf 'listen = "127.0.0.1:%s"\n' "$port" >>/etc/edgenode/edgenode.toml
+sed -n 's/^install\.sh:   //p' "$w/install.out" >"$w/by-hand"
+[ "$(grep -c '' "$w/by-hand")" = 2 ]
+sh -c "$(head -n 1 "$w/by-hand")"
+eval "exec $(tail -n 1 "$w/by-hand")"
+"#;
+
+/// Section 2 of the README on a machine without systemd: the release's
+/// SHA256SUMS (written by release.sh's own command) checked with the
+/// README's command, the tarball unpacked as the README says, install.sh
+/// run where PID 1 is not systemd and where systemctl is missing. It must
+/// exit 0 with every file installed, say plainly that nothing runs, and
+/// print a command line that does run the node: run as printed, the node
+/// serves.
+#[test]
+fn install_script_without_systemd_says_nothing_runs_and_how_to_run_it() {
+    let readme = deploy_readme();
+    let work = tempdir();
+    let w = work.path();
+
+    // A release as release.sh packs it, and its SHA256SUMS.
+    let (version, target) = ("0.0.0", "x86_64-unknown-linux-musl");
+    let name = format!("edgenode-{version}-{target}");
+    let dist = w.join("dist");
+    release_files(&dist.join(&name));
+    let tar = Command::new("tar")
+        .current_dir(&dist)
+        .args(["czf", &format!("{name}.tar.gz"), &name])
+        .status()
+        .unwrap();
+    assert!(tar.success());
+    std::fs::remove_dir_all(dist.join(&name)).unwrap();
+    std::fs::write(dist.join(format!("edgenode-{version}-other.tar.gz")), "x").unwrap();
+    let release_sh = std::fs::read_to_string(Path::new(REPO).join("scripts/release.sh")).unwrap();
+    let sums_line = release_sh
+        .lines()
+        .find(|l| l.contains(">SHA256SUMS"))
+        .expect("release.sh writes SHA256SUMS");
+    let made = Command::new("bash")
+        .current_dir(w)
+        .arg("-c")
+        .arg(format!("version={version}; {sums_line}"))
+        .status()
+        .unwrap();
+    assert!(made.success(), "{sums_line}");
+
+    // What an operator downloads: one tarball and SHA256SUMS.
+    let dl = w.join("download");
+    std::fs::create_dir_all(&dl).unwrap();
+    for f in [format!("{name}.tar.gz"), "SHA256SUMS".to_string()] {
+        std::fs::copy(dist.join(&f), dl.join(&f)).unwrap();
+    }
+    let steps = readme_block(&readme, "sha256sum -c");
+    let step = |prefix: &str| -> String {
+        let line = steps
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("README section 2: no {prefix:?} line in:\n{steps}"));
+        line.replace("<version>", version)
+            .replace("<target>", target)
+    };
+    let check = local_sh(&step("sha256sum -c"), &dl).output().unwrap();
+    let said = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        check.status.success() && said.contains(&format!("{name}.tar.gz: OK")),
+        "{}: {said}{}",
+        step("sha256sum -c"),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    // A damaged download fails the same command.
+    let bad = w.join("damaged");
+    std::fs::create_dir_all(&bad).unwrap();
+    std::fs::copy(dl.join("SHA256SUMS"), bad.join("SHA256SUMS")).unwrap();
+    std::fs::write(bad.join(format!("{name}.tar.gz")), "not the release").unwrap();
+    assert!(!local_sh(&step("sha256sum -c"), &bad)
+        .output()
+        .unwrap()
+        .status
+        .success());
+    assert!(local_sh(&step("tar xzf"), &dl).status().unwrap().success());
+    let rel = dl.join(&name);
+    assert!(rel.join("install.sh").is_file());
+
+    let script = w.join("no-systemd.sh");
+    std::fs::write(&script, NO_SYSTEMD_SCRIPT).unwrap();
+    let run = |mode: &str, port: u16| -> Option<(Proc, PathBuf)> {
+        let wd = w.join(mode);
+        std::fs::create_dir_all(&wd).unwrap();
+        let args = [
+            mode,
+            wd.to_str().unwrap(),
+            rel.to_str().unwrap(),
+            &port.to_string(),
+        ];
+        in_mount_namespace(&script, &args, &wd.join("stderr")).map(|p| (p, wd))
+    };
+    let said_by = |wd: &Path| std::fs::read_to_string(wd.join("install.out")).unwrap_or_default();
+    // The script stopped before its mounts were made: this machine allows
+    // no mount namespace with overlays (not root, no user namespaces, or an
+    // old kernel).
+    let cannot_mount = |wd: &Path| -> bool {
+        if wd.join("mounted").exists() {
+            return false;
+        }
+        println!(
+            "SKIPPED install.sh without systemd: no private mount namespace with overlays here: {}",
+            std::fs::read_to_string(wd.join("stderr"))
+                .unwrap_or_default()
+                .trim()
+        );
+        true
+    };
+
+    // systemctl missing.
+    let Some((mut ns, wd)) = run("no-systemctl", 0) else {
+        return;
+    };
+    let status = ns.child.wait().unwrap();
+    if cannot_mount(&wd) {
+        return;
+    }
+    let said = said_by(&wd);
+    assert!(
+        status.success(),
+        "install.sh without systemctl failed:\n{said}{}",
+        std::fs::read_to_string(wd.join("stderr")).unwrap_or_default()
+    );
+    assert!(
+        said.contains("NOT running: systemctl not installed"),
+        "{said}"
+    );
+    assert!(!said.contains("installed and running"), "{said}");
+    let installed = std::fs::read_to_string(wd.join("installed")).unwrap_or_default();
+    assert_eq!(
+        installed.lines().count(),
+        4,
+        "installed: {installed}\n{said}"
+    );
+
+    // Not booted with systemd; then the printed command, run as printed.
+    let port = free_port();
+    let Some((mut ns, wd)) = run("no-pid1", port) else {
+        return;
+    };
+    let node = Client::new(format!("http://127.0.0.1:{port}"));
+    wait_until(Duration::from_secs(20), || {
+        matches!(ns.child.try_wait(), Ok(Some(_)))
+            || node
+                .try_request("GET", "/api/ready", &[], None)
+                .map(|a| a.status == 200)
+                .unwrap_or(false)
+    });
+    let said = said_by(&wd);
+    if let Some(st) = ns.child.try_wait().unwrap() {
+        if cannot_mount(&wd) {
+            return;
+        }
+        panic!(
+            "the namespace script ended ({st}) instead of running the node:\n{said}{}",
+            std::fs::read_to_string(wd.join("stderr")).unwrap_or_default()
+        );
+    }
+    assert!(
+        node.try_request("GET", "/api/ready", &[], None)
+            .map(|a| a.status == 200)
+            .unwrap_or(false),
+        "the command install.sh printed did not run a node in 20 s:\n{said}{}",
+        std::fs::read_to_string(wd.join("stderr")).unwrap_or_default()
+    );
+    // Stop it as the message says: SIGTERM drains and exits 0.
+    signal(ns.child.id(), libc::SIGTERM);
+    let stopped = ns.child.wait().unwrap();
+    assert!(stopped.success(), "node exited {stopped:?}");
+
+    assert_eq!(
+        std::fs::read_to_string(wd.join("install.status"))
+            .unwrap()
+            .trim(),
+        "0"
+    );
+    let installed = std::fs::read_to_string(wd.join("installed")).unwrap_or_default();
+    assert_eq!(
+        installed.lines().count(),
+        4,
+        "installed: {installed}\n{said}"
+    );
+    assert!(
+        said.contains("skipped (not booted with systemd): systemctl enable --now edgenode.service"),
+        "{said}"
+    );
+    assert!(
+        said.contains("edgenode is installed but NOT running: not booted with systemd"),
+        "{said}"
+    );
+    assert!(
+        said.contains(
+            "  sh -c 'set -a; . /etc/edgenode/edgenode.env; exec /usr/local/bin/edgenode \
+             --config /etc/edgenode/edgenode.toml --data-dir /var/lib/edgenode'"
+        ),
+        "{said}"
+    );
+    assert!(!said.contains("installed and running"), "{said}");
+    println!("install.sh without systemd:\n{said}");
 }
