@@ -253,7 +253,14 @@ ENV
     mv -f "$CONFDIR/edgenode.env.new.$$" "$CONFDIR/edgenode.env"
     say "installed  $CONFDIR/edgenode.env (mode 0600, for secrets)"
 else
-    say "kept       $CONFDIR/edgenode.env (never overwritten)"
+    # Kept as it is, but never left readable by others: it holds secrets.
+    mode=$(stat -c %a "$CONFDIR/edgenode.env")
+    if [ "$mode" != "600" ] && [ "$mode" != "400" ]; then
+        chmod 0600 "$CONFDIR/edgenode.env"
+        say "kept       $CONFDIR/edgenode.env (never overwritten; its mode was $mode, now 0600: it holds secrets)"
+    else
+        say "kept       $CONFDIR/edgenode.env (never overwritten)"
+    fi
 fi
 
 sysctl daemon-reload

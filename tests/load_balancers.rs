@@ -1517,11 +1517,30 @@ fn install_script_installs_and_uninstalls_into_a_root() {
         "listen = \"127.0.0.1:9999\"\n",
     )
     .unwrap();
-    run(&[]);
+    // ... and a secrets file left readable by others is kept but closed
+    use std::os::unix::fs::PermissionsExt;
+    let env = r("etc/edgenode/edgenode.env");
+    assert_eq!(
+        std::fs::metadata(&env).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    std::fs::write(&env, "EDGENODE_API_TOKEN=kept\n").unwrap();
+    std::fs::set_permissions(&env, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let said = run(&[]);
     assert_eq!(
         std::fs::read_to_string(r("etc/edgenode/edgenode.toml")).unwrap(),
         "listen = \"127.0.0.1:9999\"\n"
     );
+    assert_eq!(
+        std::fs::read_to_string(&env).unwrap(),
+        "EDGENODE_API_TOKEN=kept\n"
+    );
+    assert_eq!(
+        std::fs::metadata(&env).unwrap().permissions().mode() & 0o777,
+        0o600,
+        "{said}"
+    );
+    assert!(said.contains("its mode was 644, now 0600"), "{said}");
     run(&["--uninstall"]);
     assert!(!r("usr/local/bin/edgenode").exists());
     assert!(!r("etc/systemd/system/edgenode.service").exists());
