@@ -21,7 +21,7 @@ use edgenode::config::{Args, Config};
 use std::cell::RefCell;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
@@ -33,6 +33,8 @@ pub struct InProcNode {
     pub data_dir: PathBuf,
     log: LogBuffer,
     shutdown: Option<oneshot::Sender<()>>,
+    /// Disconnected when the node's thread ends.
+    ended: mpsc::Receiver<()>,
     thread: Option<JoinHandle<Result<(), String>>>,
     _owned_dir: Option<tempfile::TempDir>,
 }
@@ -89,11 +91,15 @@ impl InProcBuilder {
 
         let log = LogBuffer::default();
         let (tx, rx) = oneshot::channel();
+        let (ending, ended) = mpsc::channel();
         let thread = {
             let log = log.clone();
             std::thread::Builder::new()
                 .name(format!("inproc-node-{port}"))
-                .spawn(move || serve(config, started, listener, rx, log))
+                .spawn(move || {
+                    let _ending = ending;
+                    serve(config, started, listener, rx, log)
+                })
                 .expect("spawn the node's thread")
         };
         let mut node = InProcNode {
@@ -102,6 +108,7 @@ impl InProcBuilder {
             data_dir,
             log,
             shutdown: Some(tx),
+            ended,
             thread: Some(thread),
             _owned_dir: owned,
         };
@@ -195,15 +202,23 @@ impl InProcNode {
         self.log.text()
     }
 
+    /// Starts the shutdown, as SIGTERM does, and returns at once; the drop
+    /// waits for it to finish.
+    pub fn begin_shutdown(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+
     /// Shuts the node down and waits until `run_on` has returned.
     fn stop(&mut self) -> Result<(), String> {
         let Some(thread) = self.thread.take() else {
             return Ok(());
         };
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if !wait_until(Duration::from_secs(20), || thread.is_finished()) {
+        self.begin_shutdown();
+        if let Err(mpsc::RecvTimeoutError::Timeout) =
+            self.ended.recv_timeout(Duration::from_secs(20))
+        {
             return Err("did not stop within 20 s".into());
         }
         match thread.join() {
