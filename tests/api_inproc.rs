@@ -1,5 +1,6 @@
 //! The session API of a node with no Redis anywhere, in process
-//! (`common::inproc`): every endpoint, bad input, expiry, the token, health.
+//! (`common::inproc`): every endpoint, bad input, expiry, the token, health;
+//! and the shutdown's grace for a connection accepted just before it.
 //! What needs a node process of its own (restart, kill -9, signals, the
 //! command line, the environment) is in `sled_node.rs`.
 
@@ -8,6 +9,7 @@ mod common;
 use common::inproc::InProcNode;
 use common::*;
 use serde_json::{json, Value};
+use std::io::{Read, Write};
 use std::time::Duration;
 
 #[test]
@@ -498,4 +500,37 @@ fn a_corrupt_record_on_disk_is_logged_and_counted_not_fatal() {
         201,
         "node keeps serving"
     );
+}
+
+/// Under socket activation a client may connect just before a restart's
+/// SIGTERM and send its request just after: the connection was accepted, so
+/// it gets a moment (`FIRST_REQUEST_GRACE`, 100 ms) to start its request,
+/// which is then answered.
+#[test]
+fn a_connection_accepted_just_before_shutdown_is_still_answered() {
+    let mut node = InProcNode::start();
+    let open_connections = || {
+        let text = raw_http(
+            &node.addr,
+            b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        );
+        text.lines()
+            .find_map(|l| l.strip_prefix("edgenode_open_connections "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    // Only the asking connection open, then one more: ours, accepted.
+    assert!(wait_until(Duration::from_secs(5), || open_connections() == Some(1)));
+    let mut s = std::net::TcpStream::connect(&node.addr).expect("connect");
+    assert!(wait_until(Duration::from_secs(5), || open_connections() == Some(2)));
+
+    node.begin_shutdown();
+    assert!(wait_until(Duration::from_secs(5), || node
+        .log_text()
+        .contains("shutting down")));
+    s.write_all(b"GET /api/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    assert_eq!(raw_status(&out), 200, "{out:?}");
 }
