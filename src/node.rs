@@ -33,7 +33,8 @@ fn clock_floor() -> u64 {
         })
 }
 
-/// Runs the node until `shutdown` completes, then drains and returns.
+/// Runs the node until `shutdown` completes, then drains and returns. The
+/// listener is systemd's under socket activation, else `config.listen`.
 pub async fn run(
     config: Config,
     started: Instant,
@@ -50,8 +51,21 @@ pub async fn run(
                 .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?
         }
     };
+    run_on(config, started, listener, shutdown).await
+}
+
+/// Like [`run`], on a listener the caller bound (`config.listen` is not
+/// used): a test binds port 0 and learns the port from the listener. A
+/// non-loopback listener without an api token is refused, as in `run`; the
+/// process's open-files limit is left as the caller set it.
+pub async fn run_on(
+    config: Config,
+    started: Instant,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Box<dyn std::error::Error>> {
     let addr = listener.local_addr()?;
-    // Under socket activation the address is systemd's, not `listen`.
+    // Under socket activation (or a caller's listener) this is not `listen`.
     config.check_exposure(addr)?;
 
     let limits = Limits {

@@ -9,6 +9,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
@@ -22,11 +23,41 @@ const CONNECTION_REFUSED: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-
 /// request.
 const FIRST_REQUEST_GRACE: Duration = Duration::from_millis(100);
 
+/// Counts one accepted connection in `waiting` until its first request head
+/// has been read, or until the connection ends without one.
+struct AwaitingFirstRequest {
+    waiting: Arc<AtomicUsize>,
+    done: AtomicBool,
+}
+
+impl AwaitingFirstRequest {
+    fn new(waiting: &Arc<AtomicUsize>) -> AwaitingFirstRequest {
+        waiting.fetch_add(1, Ordering::AcqRel);
+        AwaitingFirstRequest {
+            waiting: waiting.clone(),
+            done: AtomicBool::new(false),
+        }
+    }
+
+    fn started(&self) {
+        if !self.done.load(Ordering::Relaxed) && !self.done.swap(true, Ordering::AcqRel) {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+impl Drop for AwaitingFirstRequest {
+    fn drop(&mut self) {
+        self.started();
+    }
+}
+
 /// Largest request head (request line and headers) accepted.
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 
 pub async fn run(app: Arc<App>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
     let graceful = GracefulShutdown::new();
+    let awaiting_first_request = Arc::new(AtomicUsize::new(0));
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -65,7 +96,11 @@ pub async fn run(app: Arc<App>, listener: TcpListener, mut shutdown: watch::Rece
         // whole life; our handler future is ~5.6 KB (every store path inlined).
         // Boxing it per request keeps an idle keep-alive connection ~5 KB
         // smaller for one allocation per request.
-        let service = service_fn(move |req| Box::pin(http::serve(app_for_conn.clone(), req, peer)));
+        let first = AwaitingFirstRequest::new(&awaiting_first_request);
+        let service = service_fn(move |req| {
+            first.started();
+            Box::pin(http::serve(app_for_conn.clone(), req, peer))
+        });
         let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
         connections.spawn(serve_connection(conn, slot));
     }
@@ -74,8 +109,14 @@ pub async fn run(app: Arc<App>, listener: TcpListener, mut shutdown: watch::Rece
     // yet, and hyper's graceful shutdown closes such a connection without an
     // answer. Under socket activation that client did nothing wrong (the
     // socket stayed open across the restart): give just-accepted connections
-    // a moment to start their request, which then finishes normally.
-    tokio::time::sleep(FIRST_REQUEST_GRACE).await;
+    // a moment to start their request, which then finishes normally. With
+    // none waiting for theirs, there is nothing to wait for.
+    let deadline = tokio::time::Instant::now() + FIRST_REQUEST_GRACE;
+    while awaiting_first_request.load(Ordering::Acquire) > 0
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
     tracing::info!("listener closed; waiting for in-flight requests");
     tokio::select! {
         _ = graceful.shutdown() => tracing::info!("all connections closed"),

@@ -2,9 +2,12 @@
 //!
 //! `Node` runs the built `edgenode` binary with a temp data dir; `Redis` runs a
 //! real `redis-server`. Both are killed when dropped. Readiness is polled
-//! (`/api/ready`, `PING`), never slept for.
+//! (`/api/ready`, `PING`), never slept for. `inproc::InProcNode` runs a node
+//! inside the test process instead, for tests that need no process of its own.
 
 #![allow(dead_code)]
+
+pub mod inproc;
 
 use serde_json::Value;
 use std::io::{Read, Write};
