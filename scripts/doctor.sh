@@ -5,7 +5,8 @@
 # (scripts/needs.sh).
 #
 # Usage: scripts/doctor.sh [GROUP...]
-#   GROUP   host, test, bench or a release target triple (see scripts/needs.sh);
+#   GROUP   host, test, bench, containers or a release target triple (see
+#           scripts/needs.sh);
 #           default: everything scripts/test.sh and scripts/release.sh need
 #
 # Exit status: 0 if nothing is missing, 1 otherwise.

@@ -14,6 +14,9 @@
 #               host         any build on this machine (the host C toolchain)
 #               test         scripts/test.sh, on top of host and the two ARM targets
 #               bench        scripts/bench.sh
+#               containers   the image part of tests/containers.rs (optional:
+#                            scripts/test.sh does not install it; without
+#                            podman or docker that part is skipped)
 #               <triple>     building, stripping and running that release target
 #   FILE      an absolute path; @SYSROOT@ is the Rust toolchain's sysroot
 #             (`rustc --print sysroot`)
@@ -36,6 +39,8 @@ test                           @SYSROOT@/bin/rustfmt                            
 bench                          /usr/bin/redis-server                                   redis-server
 bench                          /usr/bin/redis-benchmark                                redis-tools
 bench                          /usr/bin/wrk                                            wrk
+containers                     /usr/bin/podman                                         podman
+containers                     @SYSROOT@/lib/rustlib/x86_64-unknown-linux-musl/lib     rustup-target:x86_64-unknown-linux-musl
 aarch64-unknown-linux-musl     /usr/bin/aarch64-linux-gnu-gcc                          gcc-aarch64-linux-gnu
 aarch64-unknown-linux-musl     /usr/aarch64-linux-gnu/include/bits/libc-header-start.h libc6-dev-arm64-cross
 aarch64-unknown-linux-musl     /usr/bin/aarch64-linux-gnu-strip                        binutils-aarch64-linux-gnu

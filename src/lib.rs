@@ -8,6 +8,7 @@
 
 pub mod admission;
 pub mod config;
+pub mod healthcheck;
 pub mod http;
 pub mod metrics;
 pub mod node;

@@ -1,8 +1,9 @@
 //! The edgenode binary: configuration, logging and the runtime, then the
 //! modules of the library wired together. No logic lives here.
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use edgenode::config::{Args, Config, LogFormat};
+use edgenode::healthcheck;
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -31,10 +32,16 @@ fn return_freed_memory_at_once() {
 }
 
 fn main() -> ExitCode {
+    // `edgenode healthcheck`: probe the running node and exit (containers).
+    if healthcheck::requested(std::env::args_os()) {
+        return healthcheck::main(std::env::args_os());
+    }
     let started = Instant::now();
     #[cfg(target_env = "musl")]
     return_freed_memory_at_once();
-    let config = match Config::resolve(Args::parse()) {
+    let matches = healthcheck::documented(Args::command()).get_matches();
+    let args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let config = match Config::resolve(args) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("edgenode: {e}");

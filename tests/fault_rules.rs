@@ -163,8 +163,9 @@ fn redis_restarted_empty_is_reseeded_from_every_nodes_mirror() {
     std::thread::sleep(Duration::from_millis(700)); // one lazy flush interval
 
     redis.kill9();
-    redis.restart(); // no persistence: empty
-    assert_eq!(redis.cmd(&["DBSIZE"]), ":0\r\n");
+    // No persistence: it comes back empty (the nodes may write their first
+    // keys at once, so its size is not checked here).
+    redis.restart();
 
     let started = Instant::now();
     for (i, c) in cs.iter().enumerate() {
