@@ -455,13 +455,7 @@ impl SledStore {
     /// Journals the coalesced fallback touches: one entry per session.
     pub fn flush_pending_touches(&self) -> Result<()> {
         for shard in &self.inner.pending_touches {
-            let ids: Vec<[u8; 16]> = shard
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .keys()
-                .copied()
-                .collect();
-            for id in ids {
+            for id in ids_in(shard) {
                 let _guard = self.lock(&id);
                 self.journal_pending_touches_locked(&id)?;
             }
@@ -691,13 +685,7 @@ impl SledStore {
             return Ok(());
         }
         for shard in &self.inner.touched {
-            let ids: Vec<[u8; 16]> = shard
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .keys()
-                .copied()
-                .collect();
-            for id in ids {
+            for id in ids_in(shard) {
                 self.modify(&id, 0, Journal::Off, |current| {
                     Ok(match (self.take_touched(&id), current) {
                         (Some(b), Some(c)) => (Change::Put(newest(&b, c)), (), None),
@@ -1113,6 +1101,17 @@ impl SledStore {
         self.t().db.flush()?;
         Ok(())
     }
+}
+
+/// The session ids of one shard of a per-session buffer, copied out so the
+/// shard's lock is not held while each is handled.
+fn ids_in<V>(shard: &Mutex<HashMap<[u8; 16], V>>) -> Vec<[u8; 16]> {
+    shard
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .keys()
+        .copied()
+        .collect()
 }
 
 /// The lock stripe (and touch-buffer shard) of a session id. Ids are random,
