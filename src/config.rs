@@ -17,6 +17,42 @@ use std::time::Duration;
 
 const DEFAULT_CONFIG_FILE: &str = "/etc/edgenode/edgenode.toml";
 
+// The defaults with a fixed value, each written once: `--help` shows them
+// (`with_default`) and `Config::resolve` applies them.
+const DEFAULT_STORE_TIMEOUT_MS: u64 = 250;
+const DEFAULT_REDIS_PROBE_INTERVAL_MS: u64 = 200;
+const DEFAULT_REDIS_PROBE_MAX_MS: u64 = 2000;
+const DEFAULT_BLOCKING_THREADS: usize = 2;
+const DEFAULT_SESSION_TTL_SECS: u64 = 86400;
+const DEFAULT_SESSION_MAX_LIFETIME_SECS: u64 = 604800;
+const DEFAULT_MAX_METADATA_BYTES: usize = 16384;
+const DEFAULT_MAX_BODY_BYTES: usize = 65536;
+const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+const DEFAULT_MAX_IN_FLIGHT: usize = 256;
+const DEFAULT_RATE_LIMIT_PER_IP: u32 = 0;
+const DEFAULT_CACHE_CAPACITY_MB: u64 = 4;
+const DEFAULT_MAX_JOURNAL_MB: u64 = 64;
+const DEFAULT_MIN_FREE_MB: u64 = 64;
+const DEFAULT_MAX_SESSIONS_PER_USER: u64 = 64;
+const DEFAULT_MAX_SESSIONS: u64 = 500000;
+const DEFAULT_CREATE_RATE_PER_IP: u32 = 10;
+const DEFAULT_REQUIRE_REDIS: bool = false;
+const DEFAULT_REPLAY_BATCH: usize = 256;
+const DEFAULT_HEADER_TIMEOUT_MS: u64 = 10000;
+const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 10000;
+const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 10000;
+const DEFAULT_DRAIN_DELAY_MS: u64 = 0;
+
+const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+const DEFAULT_KEY_PREFIX: &str = "edgenode:";
+const DEFAULT_LOG_FORMAT: &str = "plain";
+const DEFAULT_LOG_LEVEL: &str = "info";
+
+/// A key's help text with its default, as `--help` shows it.
+fn with_default(text: &str, default: impl std::fmt::Display) -> String {
+    format!("{text} [default: {default}]")
+}
+
 /// Every key, declared once: the command line and environment (clap), and
 /// the TOML file (serde, same names; unknown keys are an error so a typo does
 /// not silently fall back to a default). Every value is optional so that "not
@@ -38,7 +74,7 @@ pub struct Args {
     #[serde(skip)]
     pub config: Option<PathBuf>,
 
-    /// Address to listen on (ignored under systemd socket activation) [default: 127.0.0.1:8080]
+    #[arg(help = with_default("Address to listen on (ignored under systemd socket activation)", DEFAULT_LISTEN))]
     #[arg(long, env = "EDGENODE_LISTEN", value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
 
@@ -55,20 +91,20 @@ pub struct Args {
     )]
     pub redis_url: Option<String>,
 
-    /// Prefix of every Redis key [default: edgenode:]
+    #[arg(help = with_default("Prefix of every Redis key", DEFAULT_KEY_PREFIX))]
     #[arg(long, env = "EDGENODE_KEY_PREFIX", value_name = "PREFIX")]
     pub key_prefix: Option<String>,
 
-    /// Longest any request waits on Redis before the node falls back to sled [default: 250]
     #[arg(long, env = "EDGENODE_STORE_TIMEOUT_MS", value_name = "MS")]
+    #[arg(help = with_default("Longest any request waits on Redis before the node falls back to sled", DEFAULT_STORE_TIMEOUT_MS))]
     pub store_timeout_ms: Option<u64>,
 
-    /// First delay between probes of an unreachable Redis; doubles up to the maximum [default: 200]
     #[arg(long, env = "EDGENODE_REDIS_PROBE_INTERVAL_MS", value_name = "MS")]
+    #[arg(help = with_default("First delay between probes of an unreachable Redis; doubles up to the maximum", DEFAULT_REDIS_PROBE_INTERVAL_MS))]
     pub redis_probe_interval_ms: Option<u64>,
 
-    /// Longest delay between probes of an unreachable Redis [default: 2000]
     #[arg(long, env = "EDGENODE_REDIS_PROBE_MAX_MS", value_name = "MS")]
+    #[arg(help = with_default("Longest delay between probes of an unreachable Redis", DEFAULT_REDIS_PROBE_MAX_MS))]
     pub redis_probe_max_ms: Option<u64>,
 
     /// Bearer token required on /api/sessions*, /api/users* and /metrics
@@ -92,24 +128,24 @@ pub struct Args {
     #[arg(long, env = "EDGENODE_WORKERS", value_name = "N")]
     pub workers: Option<usize>,
 
-    /// Threads for blocking disk work (fsync) [default: 2]
     #[arg(long, env = "EDGENODE_BLOCKING_THREADS", value_name = "N")]
+    #[arg(help = with_default("Threads for blocking disk work (fsync)", DEFAULT_BLOCKING_THREADS))]
     pub blocking_threads: Option<usize>,
 
-    /// Idle lifetime of a session; every request that uses it extends it [default: 86400]
     #[arg(long, env = "EDGENODE_SESSION_TTL_SECS", value_name = "SECS")]
+    #[arg(help = with_default("Idle lifetime of a session; every request that uses it extends it", DEFAULT_SESSION_TTL_SECS))]
     pub session_ttl_secs: Option<u64>,
 
-    /// Absolute lifetime of a session, whatever its activity [default: 604800]
     #[arg(long, env = "EDGENODE_SESSION_MAX_LIFETIME_SECS", value_name = "SECS")]
+    #[arg(help = with_default("Absolute lifetime of a session, whatever its activity", DEFAULT_SESSION_MAX_LIFETIME_SECS))]
     pub session_max_lifetime_secs: Option<u64>,
 
-    /// Largest accepted metadata, JSON-encoded [default: 16384]
     #[arg(long, env = "EDGENODE_MAX_METADATA_BYTES", value_name = "BYTES")]
+    #[arg(help = with_default("Largest accepted metadata, JSON-encoded", DEFAULT_MAX_METADATA_BYTES))]
     pub max_metadata_bytes: Option<usize>,
 
-    /// Largest accepted request body [default: 65536]
     #[arg(long, env = "EDGENODE_MAX_BODY_BYTES", value_name = "BYTES")]
+    #[arg(help = with_default("Largest accepted request body", DEFAULT_MAX_BODY_BYTES))]
     pub max_body_bytes: Option<usize>,
 
     /// Mark the session cookie Secure (set when clients reach the balancer over HTTPS)
@@ -121,17 +157,16 @@ pub struct Args {
     #[serde(default, with = "nets")]
     pub trusted_proxies: Option<Vec<IpNet>>,
 
-    /// Open connections above which new ones get a 503 and are closed [default: 1024]
     #[arg(long, env = "EDGENODE_MAX_CONNECTIONS", value_name = "N")]
+    #[arg(help = with_default("Open connections above which new ones get a 503 and are closed", DEFAULT_MAX_CONNECTIONS))]
     pub max_connections: Option<usize>,
 
-    /// Requests being served at once above which new ones get a 503 [default: 256]
     #[arg(long, env = "EDGENODE_MAX_IN_FLIGHT", value_name = "N")]
+    #[arg(help = with_default("Requests being served at once above which new ones get a 503", DEFAULT_MAX_IN_FLIGHT))]
     pub max_in_flight: Option<usize>,
 
-    /// Requests per second each client IP may make (X-Forwarded-For from a
-    /// trusted proxy names the client); above it: 429. 0 = off [default: 0]
     #[arg(long, env = "EDGENODE_RATE_LIMIT_PER_IP", value_name = "N")]
+    #[arg(help = with_default("Requests per second each client IP may make (X-Forwarded-For from a trusted proxy names the client); above it: 429. 0 = off", DEFAULT_RATE_LIMIT_PER_IP))]
     pub rate_limit_per_ip: Option<u32>,
 
     /// Requests a client IP may make at once before the per-second rate
@@ -139,44 +174,32 @@ pub struct Args {
     #[arg(long, env = "EDGENODE_RATE_LIMIT_BURST", value_name = "N")]
     pub rate_limit_burst: Option<u32>,
 
-    /// sled page cache size [default: 4]
     #[arg(long, env = "EDGENODE_CACHE_CAPACITY_MB", value_name = "MB")]
+    #[arg(help = with_default("sled page cache size", DEFAULT_CACHE_CAPACITY_MB))]
     pub cache_capacity_mb: Option<u64>,
 
-    /// Size of the outage journal above which creates, changes and rotations
-    /// made during a Redis outage are refused (507); logouts never are, and
-    /// touches stop being counted [default: 64]
     #[arg(long, env = "EDGENODE_MAX_JOURNAL_MB", value_name = "MB")]
+    #[arg(help = with_default("Size of the outage journal above which creates, changes and rotations made during a Redis outage are refused (507); logouts never are, and touches stop being counted", DEFAULT_MAX_JOURNAL_MB))]
     pub max_journal_mb: Option<u64>,
 
-    /// Free space kept on the data directory's file system: below it writes
-    /// are refused (507) and the node reports itself degraded and unready;
-    /// logouts may use half of it [default: 64]
     #[arg(long, env = "EDGENODE_MIN_FREE_MB", value_name = "MB")]
+    #[arg(help = with_default("Free space kept on the data directory's file system: below it writes are refused (507) and the node reports itself degraded and unready; logouts may use half of it", DEFAULT_MIN_FREE_MB))]
     pub min_free_mb: Option<u64>,
 
-    /// Sessions one user may hold; creating one more deletes the oldest
-    /// [default: 64]
     #[arg(long, env = "EDGENODE_MAX_SESSIONS_PER_USER", value_name = "N")]
+    #[arg(help = with_default("Sessions one user may hold; creating one more deletes the oldest", DEFAULT_MAX_SESSIONS_PER_USER))]
     pub max_sessions_per_user: Option<u64>,
 
-    /// Stored sessions (all users, the cluster's count in Redis mode) above
-    /// which new sessions are refused with 503, before Redis runs out of
-    /// memory [default: 500000]
     #[arg(long, env = "EDGENODE_MAX_SESSIONS", value_name = "N")]
+    #[arg(help = with_default("Stored sessions (all users, the cluster's count in Redis mode) above which new sessions are refused with 503, before Redis runs out of memory", DEFAULT_MAX_SESSIONS))]
     pub max_sessions: Option<u64>,
 
-    /// New sessions per second that GET /api/session may create for one
-    /// client address (an IPv6 client by its /64), with bursts of three
-    /// times that; above it: 429. 0 = no limit [default: 10]
     #[arg(long, env = "EDGENODE_CREATE_RATE_PER_IP", value_name = "N")]
+    #[arg(help = with_default("New sessions per second that GET /api/session may create for one client address (an IPv6 client by its /64), with bursts of three times that; above it: 429. 0 = no limit", DEFAULT_CREATE_RATE_PER_IP))]
     pub create_rate_per_ip: Option<u32>,
 
-    /// Unready (503 on /api/ready, so balancers send traffic elsewhere)
-    /// whenever the node is not serving from Redis (Redis unreachable, or
-    /// refusing the node's credentials); requests that still arrive are
-    /// served from the local store [default: false]
     #[arg(long, env = "EDGENODE_REQUIRE_REDIS", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    #[arg(help = with_default("Unready (503 on /api/ready, so balancers send traffic elsewhere) whenever the node is not serving from Redis (Redis unreachable, or refusing the node's credentials); requests that still arrive are served from the local store", DEFAULT_REQUIRE_REDIS))]
     pub require_redis: Option<bool>,
 
     /// Max-Age of the session cookie; 0 makes it a browser-session cookie
@@ -184,34 +207,31 @@ pub struct Args {
     #[arg(long, env = "EDGENODE_COOKIE_MAX_AGE_SECS", value_name = "SECS")]
     pub cookie_max_age_secs: Option<u64>,
 
-    /// Journal entries sent to Redis in one pipelined round trip when
-    /// replaying after an outage [default: 256]
     #[arg(long, env = "EDGENODE_REPLAY_BATCH", value_name = "N")]
+    #[arg(help = with_default("Journal entries sent to Redis in one pipelined round trip when replaying after an outage", DEFAULT_REPLAY_BATCH))]
     pub replay_batch: Option<usize>,
 
-    /// Time a client has to send a request's headers; also how long an idle
-    /// keep-alive connection is kept open (hyper runs one timer for both) [default: 10000]
     #[arg(long, env = "EDGENODE_HEADER_TIMEOUT_MS", value_name = "MS")]
+    #[arg(help = with_default("Time a client has to send a request's headers; also how long an idle keep-alive connection is kept open (hyper runs one timer for both)", DEFAULT_HEADER_TIMEOUT_MS))]
     pub header_timeout_ms: Option<u64>,
 
-    /// Time a request may take, body included, before it is answered 503 [default: 10000]
     #[arg(long, env = "EDGENODE_REQUEST_TIMEOUT_MS", value_name = "MS")]
+    #[arg(help = with_default("Time a request may take, body included, before it is answered 503", DEFAULT_REQUEST_TIMEOUT_MS))]
     pub request_timeout_ms: Option<u64>,
 
-    /// On SIGTERM, time in-flight requests get to finish [default: 10000]
     #[arg(long, env = "EDGENODE_SHUTDOWN_GRACE_MS", value_name = "MS")]
+    #[arg(help = with_default("On SIGTERM, time in-flight requests get to finish", DEFAULT_SHUTDOWN_GRACE_MS))]
     pub shutdown_grace_ms: Option<u64>,
 
-    /// On SIGTERM, time /api/ready answers 503 before the listener closes, so
-    /// balancers stop sending first; set it above the balancer's check interval [default: 0]
     #[arg(long, env = "EDGENODE_DRAIN_DELAY_MS", value_name = "MS")]
+    #[arg(help = with_default("On SIGTERM, time /api/ready answers 503 before the listener closes, so balancers stop sending first; set it above the balancer's check interval", DEFAULT_DRAIN_DELAY_MS))]
     pub drain_delay_ms: Option<u64>,
 
-    /// Log format: plain or json [default: plain]
+    #[arg(help = with_default("Log format: plain or json", DEFAULT_LOG_FORMAT))]
     #[arg(long, env = "EDGENODE_LOG_FORMAT", value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
 
-    /// Log level: error, warn, info, debug, trace [default: info]
+    #[arg(help = with_default("Log level: error, warn, info, debug, trace", DEFAULT_LOG_LEVEL))]
     #[arg(long, env = "EDGENODE_LOG_LEVEL", value_name = "LEVEL")]
     #[serde(default, with = "level")]
     pub log_level: Option<tracing::Level>,
@@ -297,52 +317,80 @@ impl Config {
             None => Args::default(),
         };
         let a = args.over(file)?;
-        let rate_limit_per_ip = a.rate_limit_per_ip.unwrap_or(0);
+        let rate_limit_per_ip = a.rate_limit_per_ip.unwrap_or(DEFAULT_RATE_LIMIT_PER_IP);
         let trusted_proxies = a.trusted_proxies.unwrap_or_default();
-        let log_level = a.log_level.unwrap_or(tracing::Level::INFO);
-        let session_ttl_secs = a.session_ttl_secs.unwrap_or(86_400);
+        let log_level = match a.log_level {
+            Some(l) => l,
+            None => DEFAULT_LOG_LEVEL
+                .parse()
+                .map_err(|_| ConfigError::Invalid("default log_level".into()))?,
+        };
+        let session_ttl_secs = a.session_ttl_secs.unwrap_or(DEFAULT_SESSION_TTL_SECS);
         let cores = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1);
         let config = Config {
-            listen: a.listen.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8080))),
+            listen: match a.listen {
+                Some(l) => l,
+                None => DEFAULT_LISTEN
+                    .parse()
+                    .map_err(|e| ConfigError::Invalid(format!("default listen: {e}")))?,
+            },
             data_dir: a.data_dir.unwrap_or_else(default_data_dir),
             redis_url: a.redis_url.filter(|u| !u.is_empty()),
-            key_prefix: a.key_prefix.unwrap_or_else(|| "edgenode:".into()),
-            store_timeout: ms(a.store_timeout_ms.unwrap_or(250)),
-            redis_probe_interval: ms(a.redis_probe_interval_ms.unwrap_or(200)),
-            redis_probe_max: ms(a.redis_probe_max_ms.unwrap_or(2_000)),
+            key_prefix: a.key_prefix.unwrap_or_else(|| DEFAULT_KEY_PREFIX.into()),
+            store_timeout: ms(a.store_timeout_ms.unwrap_or(DEFAULT_STORE_TIMEOUT_MS)),
+            redis_probe_interval: ms(a
+                .redis_probe_interval_ms
+                .unwrap_or(DEFAULT_REDIS_PROBE_INTERVAL_MS)),
+            redis_probe_max: ms(a.redis_probe_max_ms.unwrap_or(DEFAULT_REDIS_PROBE_MAX_MS)),
             api_token: a.api_token.filter(|t| !t.is_empty()),
             allow_unauthenticated: a.allow_unauthenticated.unwrap_or(false),
             instance_id: a.instance_id.unwrap_or_else(hostname),
             workers: a.workers.unwrap_or(cores),
-            blocking_threads: a.blocking_threads.unwrap_or(2),
+            blocking_threads: a.blocking_threads.unwrap_or(DEFAULT_BLOCKING_THREADS),
             session_ttl_secs,
-            session_max_lifetime_secs: a.session_max_lifetime_secs.unwrap_or(604_800),
-            max_metadata_bytes: a.max_metadata_bytes.unwrap_or(16 * 1024),
-            max_body_bytes: a.max_body_bytes.unwrap_or(64 * 1024),
+            session_max_lifetime_secs: a
+                .session_max_lifetime_secs
+                .unwrap_or(DEFAULT_SESSION_MAX_LIFETIME_SECS),
+            max_metadata_bytes: a.max_metadata_bytes.unwrap_or(DEFAULT_MAX_METADATA_BYTES),
+            max_body_bytes: a.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES),
             cookie_secure: a.cookie_secure.unwrap_or(false),
             trusted_proxies,
-            max_connections: a.max_connections.unwrap_or(1024),
-            max_in_flight: a.max_in_flight.unwrap_or(256),
+            max_connections: a.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+            max_in_flight: a.max_in_flight.unwrap_or(DEFAULT_MAX_IN_FLIGHT),
             rate_limit_per_ip,
             rate_limit_burst: a
                 .rate_limit_burst
                 .unwrap_or(rate_limit_per_ip.saturating_mul(2)),
-            cache_capacity_bytes: a.cache_capacity_mb.unwrap_or(4) * 1024 * 1024,
-            max_journal_bytes: a.max_journal_mb.unwrap_or(64).saturating_mul(1024 * 1024),
-            min_free_bytes: a.min_free_mb.unwrap_or(64).saturating_mul(1024 * 1024),
-            replay_batch: a.replay_batch.unwrap_or(256),
-            max_sessions_per_user: a.max_sessions_per_user.unwrap_or(64),
-            max_sessions: a.max_sessions.unwrap_or(500_000),
-            create_rate_per_ip: a.create_rate_per_ip.unwrap_or(10),
-            require_redis: a.require_redis.unwrap_or(false),
+            cache_capacity_bytes: a.cache_capacity_mb.unwrap_or(DEFAULT_CACHE_CAPACITY_MB)
+                * 1024
+                * 1024,
+            max_journal_bytes: a
+                .max_journal_mb
+                .unwrap_or(DEFAULT_MAX_JOURNAL_MB)
+                .saturating_mul(1024 * 1024),
+            min_free_bytes: a
+                .min_free_mb
+                .unwrap_or(DEFAULT_MIN_FREE_MB)
+                .saturating_mul(1024 * 1024),
+            replay_batch: a.replay_batch.unwrap_or(DEFAULT_REPLAY_BATCH),
+            max_sessions_per_user: a
+                .max_sessions_per_user
+                .unwrap_or(DEFAULT_MAX_SESSIONS_PER_USER),
+            max_sessions: a.max_sessions.unwrap_or(DEFAULT_MAX_SESSIONS),
+            create_rate_per_ip: a.create_rate_per_ip.unwrap_or(DEFAULT_CREATE_RATE_PER_IP),
+            require_redis: a.require_redis.unwrap_or(DEFAULT_REQUIRE_REDIS),
             cookie_max_age_secs: a.cookie_max_age_secs.unwrap_or(session_ttl_secs),
-            header_timeout: ms(a.header_timeout_ms.unwrap_or(10_000)),
-            request_timeout: ms(a.request_timeout_ms.unwrap_or(10_000)),
-            shutdown_grace: ms(a.shutdown_grace_ms.unwrap_or(10_000)),
-            drain_delay: ms(a.drain_delay_ms.unwrap_or(0)),
-            log_format: a.log_format.unwrap_or(LogFormat::Plain),
+            header_timeout: ms(a.header_timeout_ms.unwrap_or(DEFAULT_HEADER_TIMEOUT_MS)),
+            request_timeout: ms(a.request_timeout_ms.unwrap_or(DEFAULT_REQUEST_TIMEOUT_MS)),
+            shutdown_grace: ms(a.shutdown_grace_ms.unwrap_or(DEFAULT_SHUTDOWN_GRACE_MS)),
+            drain_delay: ms(a.drain_delay_ms.unwrap_or(DEFAULT_DRAIN_DELAY_MS)),
+            log_format: match a.log_format {
+                Some(f) => f,
+                None => <LogFormat as clap::ValueEnum>::from_str(DEFAULT_LOG_FORMAT, false)
+                    .map_err(|e| ConfigError::Invalid(format!("default log_format: {e}")))?,
+            },
             log_level,
         };
         config.validate()?;
