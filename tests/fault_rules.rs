@@ -156,11 +156,13 @@ fn redis_restarted_empty_is_reseeded_from_every_nodes_mirror() {
     // Deleted before the loss, on another node than the one that created it.
     let gone = id_of(&cs[0].create(r#"{"user_id":"gone"}"#));
     assert_eq!(cs[1].delete(&format!("/api/sessions/{gone}")).status, 204);
-    // The lazy mirror flush (every 500 ms) has written the copies.
+    // The deletion has reached the creating node's mirror (pub/sub).
     assert!(wait_until(Duration::from_secs(3), || {
-        cs.iter().all(|c| health(c)["store"]["pending_sync"] == 0)
+        health(&cs[0])["store"]["deletions_heard"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 1
     }));
-    std::thread::sleep(Duration::from_millis(700)); // one lazy flush interval
 
     redis.kill9();
     // No persistence: it comes back empty (the nodes may write their first
