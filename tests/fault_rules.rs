@@ -271,16 +271,45 @@ fn fill_until_refused(c: &Client, user: &str) -> (Vec<String>, Answer) {
     panic!("the disk never filled");
 }
 
+/// An 8 MiB tmpfs holding a node's data directory and a ballast file that
+/// leaves only a little space free.
+struct SmallDisk {
+    // Unmounted before the directory it is mounted on is removed.
+    _mount: TmpfsMount,
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    /// `None` (with the reason printed) where no tmpfs can be mounted.
+    fn new(leave_kb: u64) -> Option<SmallDisk> {
+        let dir = tempdir();
+        let mount = tmpfs(dir.path(), 8)?;
+        let disk = SmallDisk { _mount: mount, dir };
+        std::fs::create_dir_all(disk.data()).unwrap();
+        disk.fill(leave_kb);
+        Some(disk)
+    }
+
+    fn data(&self) -> std::path::PathBuf {
+        self.dir.path().join("node")
+    }
+
+    fn ballast(&self) -> std::path::PathBuf {
+        self.dir.path().join("ballast")
+    }
+
+    /// (Re)writes the ballast so that `leave_kb` KiB stay free.
+    fn fill(&self, leave_kb: u64) {
+        ballast(&self.ballast(), self.dir.path(), leave_kb);
+    }
+}
+
 #[test]
 fn a_full_disk_refuses_writes_in_time_loses_nothing_and_recovers_by_itself() {
-    let mnt = tempdir();
-    let Some(_mount) = tmpfs(mnt.path(), 8) else {
+    let Some(disk) = SmallDisk::new(3 * 1024) else {
         return;
     };
-    let data = mnt.path().join("node");
-    std::fs::create_dir_all(&data).unwrap();
-    let ballast_file = mnt.path().join("ballast");
-    ballast(&ballast_file, mnt.path(), 3 * 1024);
+    let (data, ballast_file) = (disk.data(), disk.ballast());
     let mut node = Node::builder()
         .data_dir(&data)
         .args(["--min-free-mb", "1", "--request-timeout-ms", "2000"])
@@ -347,7 +376,7 @@ fn a_full_disk_refuses_writes_in_time_loses_nothing_and_recovers_by_itself() {
     assert_eq!(c.get(&format!("/api/sessions/{logout}")).status, 404);
 
     // ... and a second full disk ended by kill -9.
-    ballast(&ballast_file, mnt.path(), 3 * 1024);
+    disk.fill(3 * 1024);
     let (more, refused) = fill_until_refused(&c, "v");
     assert_eq!(refused.status, 507, "{}", refused.text);
     assert!(!more.is_empty());
@@ -374,14 +403,10 @@ fn a_disk_filled_by_someone_else_is_a_fault_the_node_reopens_its_store_after() {
     // No reserve: the disk fills under sled itself (another program filled
     // it faster than the node could look), and sled refuses every write
     // from then on until the database is reopened.
-    let mnt = tempdir();
-    let Some(_mount) = tmpfs(mnt.path(), 8) else {
+    let Some(disk) = SmallDisk::new(2 * 1024) else {
         return;
     };
-    let data = mnt.path().join("node");
-    std::fs::create_dir_all(&data).unwrap();
-    let ballast_file = mnt.path().join("ballast");
-    ballast(&ballast_file, mnt.path(), 2 * 1024);
+    let (data, ballast_file) = (disk.data(), disk.ballast());
     let mut node = Node::builder()
         .data_dir(&data)
         .args(["--min-free-mb", "0", "--request-timeout-ms", "2000"])
