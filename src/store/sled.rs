@@ -646,13 +646,10 @@ impl SledStore {
     pub fn mirror_put(&self, session: &Session) -> Result<()> {
         self.check_space(Space::Write)?;
         self.modify(&session.id, 0, Journal::Off, |current| {
-            let mut merged = session.clone();
-            if let Some(b) = self.take_touched(&session.id) {
-                merged = newest(&merged, &b);
-            }
-            if let Some(c) = current {
-                merged = newest(&merged, c);
-            }
+            let merged = match current {
+                Some(c) => newest(session, c),
+                None => session.clone(),
+            };
             Ok((Change::Put(merged), (), None))
         })
     }
@@ -686,20 +683,15 @@ impl SledStore {
         }
         for shard in &self.inner.touched {
             for id in ids_in(shard) {
-                self.modify(&id, 0, Journal::Off, |current| {
-                    Ok(match (self.take_touched(&id), current) {
-                        (Some(b), Some(c)) => (Change::Put(newest(&b, c)), (), None),
-                        (Some(b), None) => (Change::Put(b), (), None),
-                        (None, _) => (Change::Keep, (), None),
-                    })
-                })?;
+                // `modify` writes a buffered touch before anything else.
+                self.modify(&id, 0, Journal::Off, |_| Ok((Change::Keep, (), None)))?;
             }
         }
         Ok(())
     }
 
-    /// Removes a buffered touch; called under the session's stripe lock so it
-    /// orders with the mirror write that follows.
+    /// Removes a buffered touch; called under the session's stripe lock (by
+    /// `modify`) so it orders with the mirror write that follows.
     fn take_touched(&self, id: &[u8; 16]) -> Option<Session> {
         self.inner.touched[stripe(id)]
             .lock()
@@ -711,9 +703,7 @@ impl SledStore {
     /// remembers the deletion.
     pub fn mirror_deleted(&self, id: &[u8; 16]) -> Result<bool> {
         self.modify(id, 0, Journal::Off, |current| {
-            self.take_touched(id);
-            let held = current.is_some();
-            Ok((Change::Tombstone, held, None))
+            Ok((Change::Tombstone, current.is_some(), None))
         })
     }
 
@@ -724,9 +714,8 @@ impl SledStore {
     pub fn deleted_elsewhere(&self, id: &[u8; 16]) -> Result<bool> {
         self.modify(id, 0, Journal::Off, |current| {
             // held: in the mirror, or only in the buffer of touches not yet
-            // written to it
-            let buffered = self.take_touched(id).is_some();
-            let held = current.is_some() || buffered;
+            // written to it (`modify` has written that already)
+            let held = current.is_some();
             Ok((
                 if held {
                     Change::Tombstone
@@ -743,7 +732,6 @@ impl SledStore {
     /// without recording a deletion.
     pub fn mirror_forget(&self, id: &[u8; 16]) -> Result<bool> {
         self.modify(id, 0, Journal::Off, |current| {
-            self.take_touched(id);
             let held = current.is_some();
             Ok((if held { Change::Remove } else { Change::Keep }, held, None))
         })
@@ -999,6 +987,17 @@ impl SledStore {
     ) -> Result<R> {
         let _guard = self.lock(id);
         let mut current = self.load(id);
+        // A touch Redis answered and the lazy flush has not written yet is
+        // the newest copy: it lands first, so whatever runs now (a fallback
+        // write just after a failover, racing the flush) sees it.
+        if let Some(buffered) = self.take_touched(id) {
+            let merged = match &current {
+                Some(c) => newest(&buffered, c),
+                None => buffered,
+            };
+            self.put_locked(current.as_ref(), &merged)?;
+            current = Some(merged);
+        }
         if let Some(s) = &current {
             if now != 0 && s.is_expired(now) {
                 self.remove_locked(s)?;
