@@ -38,6 +38,8 @@ const DEFAULT_MAX_SESSIONS: u64 = 500000;
 const DEFAULT_CREATE_RATE_PER_IP: u32 = 10;
 const DEFAULT_REQUIRE_REDIS: bool = false;
 const DEFAULT_REPLAY_BATCH: usize = 256;
+const DEFAULT_NEAR_CACHE_MB: u64 = 8;
+const DEFAULT_TOUCH_FLUSH_MS: u64 = 100;
 const DEFAULT_HEADER_TIMEOUT_MS: u64 = 10000;
 const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 10000;
 const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 10000;
@@ -207,6 +209,14 @@ pub struct Args {
     #[arg(long, env = "EDGENODE_COOKIE_MAX_AGE_SECS", value_name = "SECS")]
     pub cookie_max_age_secs: Option<u64>,
 
+    #[arg(long, env = "EDGENODE_NEAR_CACHE_MB", value_name = "MB")]
+    #[arg(help = with_default("Memory for the near cache: in Redis mode, the sessions this node serves are kept here, coherent with Redis (CLIENT TRACKING), so a touch costs no Redis round trip. 0 = off", DEFAULT_NEAR_CACHE_MB))]
+    pub near_cache_mb: Option<u64>,
+
+    #[arg(long, env = "EDGENODE_TOUCH_FLUSH_MS", value_name = "MS")]
+    #[arg(help = with_default("How often touches answered from the near cache are written to Redis (request counts, last access, sliding expiry): one command per session per interval. A node killed with SIGKILL loses at most this much of its counts", DEFAULT_TOUCH_FLUSH_MS))]
+    pub touch_flush_ms: Option<u64>,
+
     #[arg(long, env = "EDGENODE_REPLAY_BATCH", value_name = "N")]
     #[arg(help = with_default("Journal entries sent to Redis in one pipelined round trip when replaying after an outage", DEFAULT_REPLAY_BATCH))]
     pub replay_batch: Option<usize>,
@@ -274,6 +284,8 @@ pub struct Config {
     pub max_journal_bytes: u64,
     pub min_free_bytes: u64,
     pub replay_batch: usize,
+    pub near_cache_bytes: u64,
+    pub touch_flush: Duration,
     pub max_sessions_per_user: u64,
     pub max_sessions: u64,
     /// 0 = no limit.
@@ -375,6 +387,11 @@ impl Config {
                 .unwrap_or(DEFAULT_MIN_FREE_MB)
                 .saturating_mul(1024 * 1024),
             replay_batch: a.replay_batch.unwrap_or(DEFAULT_REPLAY_BATCH),
+            near_cache_bytes: a
+                .near_cache_mb
+                .unwrap_or(DEFAULT_NEAR_CACHE_MB)
+                .saturating_mul(1024 * 1024),
+            touch_flush: ms(a.touch_flush_ms.unwrap_or(DEFAULT_TOUCH_FLUSH_MS)),
             max_sessions_per_user: a
                 .max_sessions_per_user
                 .unwrap_or(DEFAULT_MAX_SESSIONS_PER_USER),
@@ -401,6 +418,9 @@ impl Config {
         let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
         if self.replay_batch == 0 {
             return bad("replay_batch must be at least 1");
+        }
+        if self.touch_flush.is_zero() || self.touch_flush > Duration::from_secs(10) {
+            return bad("touch_flush_ms must be between 1 and 10000");
         }
         if self.workers == 0 || self.blocking_threads == 0 {
             return bad("workers and blocking_threads must be at least 1");

@@ -100,6 +100,8 @@ pub async fn run_on(
             max_sessions: config.max_sessions,
             require_redis: config.require_redis,
             store_timeout: config.store_timeout,
+            near_cache_bytes: config.near_cache_bytes,
+            touch_flush: config.touch_flush,
         },
     );
     store.start_on_redis().await;

@@ -27,8 +27,9 @@
 //!   with it, so replay applies it exactly once (see `journal`).
 
 use super::journal::Op;
+use super::near::NearCache;
 use super::redis::RedisStore;
-use super::redis::{CreateReply, Replayed};
+use super::redis::{CreateReply, Flush, Flushed, Replayed};
 use super::sled::Journal;
 use super::sled::SledStore;
 use super::{Mode, PatchOutcome, StoreError, StoreStatus};
@@ -82,6 +83,14 @@ struct Inner {
     mirror_flush_wait: Duration,
     /// Why Redis refuses this node (credentials, database), until it stops.
     redis_config_error: Mutex<Option<String>>,
+    /// The near cache of sessions served in Redis mode (`None` without
+    /// Redis, or with `near_cache_mb = 0`).
+    near: Option<Arc<NearCache>>,
+    /// How often the near cache's counts are written behind.
+    touch_flush: Duration,
+    /// Held by a write-behind flush while it runs: a rotation waits for the
+    /// session's counts to land before moving the session.
+    flush_lock: tokio::sync::Mutex<()>,
 }
 
 /// How many times a journal entry that Redis rejects (a script error, not an
@@ -110,6 +119,9 @@ pub struct StoreLimits {
     pub max_sessions: u64,
     pub require_redis: bool,
     pub store_timeout: Duration,
+    /// The near cache's bound; 0 turns it off.
+    pub near_cache_bytes: u64,
+    pub touch_flush: Duration,
 }
 
 /// What a DELETE did.
@@ -125,6 +137,8 @@ pub enum Deleted {
 
 impl Store {
     pub fn new(sled: SledStore, redis: Option<RedisStore>, limits: StoreLimits) -> Store {
+        let near = (redis.is_some() && limits.near_cache_bytes > 0)
+            .then(|| Arc::new(NearCache::new(limits.near_cache_bytes, *sled.limits())));
         Store {
             inner: Arc::new(Inner {
                 sled,
@@ -148,6 +162,9 @@ impl Store {
                 require_redis: limits.require_redis,
                 mirror_flush_wait: limits.store_timeout,
                 redis_config_error: Mutex::new(None),
+                near,
+                touch_flush: limits.touch_flush,
+                flush_lock: tokio::sync::Mutex::new(()),
             }),
         }
     }
@@ -277,6 +294,14 @@ impl Store {
     fn redis_failed(&self, what: &str, err: &StoreError) {
         self.inner.redis_reachable.store(false, Ordering::Release);
         if self.inner.redis_mode.swap(false, Ordering::AcqRel) {
+            // The near cache's copies are not served in fallback, and may be
+            // stale when Redis returns; its counts not yet written go to the
+            // journal (coalesced, before any later entry of their session),
+            // its copies of them to the mirror.
+            if let Some(near) = &self.inner.near {
+                self.near_to_journal(near);
+                near.invalidate_all();
+            }
             // The mirror must hold the latest touches before it serves.
             if let Err(e) = self.inner.sled.flush_touched() {
                 tracing::error!(error = %e, "writing buffered touches to the mirror failed");
@@ -333,14 +358,69 @@ impl Store {
         }
     }
 
+    /// The near cache, in Redis mode.
+    fn near(&self) -> Option<&NearCache> {
+        self.inner
+            .near
+            .as_deref()
+            .filter(|_| self.inner.redis_mode.load(Ordering::Acquire))
+    }
+
+    /// Counts the near cache's unwritten counts into the journal (in
+    /// fallback, or when their write failed before it was sent), and their
+    /// sessions' copies into the mirror.
+    fn near_to_journal(&self, near: &NearCache) {
+        let taken = near.take_pending();
+        let ids: Vec<[u8; 16]> = taken.iter().map(|(id, _)| *id).collect();
+        for (id, p) in taken {
+            if let Some(copy) = near.copy(&id) {
+                self.mirror("touch", |m| m.mirror_touch(copy));
+            }
+            self.inner.sled.add_pending_touches(&id, p.count, p.at);
+        }
+        near.landed(&ids);
+    }
+
+    /// A change to a session made through this node: its near-cache copy
+    /// goes at once (Redis's own invalidation follows, asynchronously).
+    fn forget_near(&self, id: &[u8; 16]) {
+        if let Some(near) = &self.inner.near {
+            near.invalidate(id);
+        }
+    }
+
+    /// Before a rotation: the session's counts not yet written land first,
+    /// or they would be written to the old id, gone by then.
+    async fn settle_near(&self, id: &[u8; 16]) {
+        let Some(near) = self.inner.near.as_deref() else {
+            return;
+        };
+        near.invalidate(id);
+        if !near.has_unwritten(id) {
+            return;
+        }
+        // Held by a flush in progress: once it is ours, that flush landed.
+        let _flush = self.inner.flush_lock.lock().await;
+        if let Some(p) = near.take_pending_of(id) {
+            self.write_behind(near, vec![(*id, p)]).await;
+        }
+    }
+
     /// Counts one request and slides the expiry.
     pub async fn touch(&self, id: &[u8; 16]) -> Result<Option<Session>> {
         let now = self.now()?;
+        if let Some(s) = self.near().and_then(|near| near.touch(id, now)) {
+            return Ok(Some(s));
+        }
+        let near = self.inner.near.as_deref();
         let mut may_restore = true;
         loop {
             let sent = match self
                 .on_redis("touch", Some(id), |r, seq| async move {
-                    r.touch(id, now, seq).await
+                    match near {
+                        Some(near) => r.touch_and_cache(near, id, now, seq).await,
+                        None => r.touch(id, now, seq).await,
+                    }
                 })
                 .await?
             {
@@ -404,13 +484,16 @@ impl Store {
     ) -> Result<PatchOutcome> {
         let now = self.now()?;
         let mut may_restore = true;
+        self.forget_near(id);
         loop {
-            let sent = match self
+            let answer = self
                 .on_redis("patch", Some(id), |r, seq| async move {
                     r.patch(id, patch, if_match, now, seq).await
                 })
-                .await?
-            {
+                .await?;
+            // A fill racing the change may have stored the old copy.
+            self.forget_near(id);
+            let sent = match answer {
                 Answer::Redis(PatchOutcome::NotFound) => {
                     if std::mem::take(&mut may_restore) && self.restored_after_loss(id, now).await?
                     {
@@ -463,11 +546,17 @@ impl Store {
     /// here or not) and applied with a tombstone when Redis returns.
     pub async fn delete(&self, id: &[u8; 16]) -> Result<Deleted> {
         let now = now_ms();
+        if let Some(near) = &self.inner.near {
+            // Counts of a session about to go are moot.
+            near.take_pending_of(id);
+            near.invalidate(id);
+        }
         loop {
-            match self
+            let answer = self
                 .on_redis("delete", Some(id), |r, _| async move { r.delete(id).await })
-                .await?
-            {
+                .await?;
+            self.forget_near(id);
+            match answer {
                 Answer::Redis(existed) => {
                     self.mirror("delete", |m| m.mirror_deleted(id).map(|_| ()));
                     self.mirror_durable("deletion").await;
@@ -497,16 +586,18 @@ impl Store {
         // out, the fallback path and the later replay agree on the new id.
         let new_id = *uuid::Uuid::new_v4().as_bytes();
         let mut may_restore = true;
+        self.settle_near(id).await;
         loop {
             let new = &new_id;
-            match self
+            let answer = self
                 .on_redis(
                     "rotate",
                     Some(id),
                     |r, _| async move { r.rotate(id, new).await },
                 )
-                .await?
-            {
+                .await?;
+            self.forget_near(id);
+            match answer {
                 Answer::Redis(None) => {
                     if std::mem::take(&mut may_restore) && self.restored_after_loss(id, now).await?
                     {
@@ -585,6 +676,7 @@ impl Store {
                 .await?
             {
                 Answer::Redis(ids) => {
+                    ids.iter().for_each(|id| self.forget_near(id));
                     let sled = &self.inner.sled;
                     for id in sled.user_session_ids(user).iter().chain(ids.iter()) {
                         self.mirror("delete_user", |m| m.mirror_deleted(id).map(|_| ()));
@@ -742,8 +834,151 @@ impl Store {
         tokio::join!(
             self.clone()
                 .follow_deletions(redis.clone(), shutdown.clone()),
+            self.clone().near_link_loop(redis.clone(), shutdown.clone()),
+            self.clone().write_behind_loop(shutdown.clone()),
             self.probe_loop(redis, shutdown),
         );
+    }
+
+    /// Keeps the near cache's tracking connection up while in Redis mode:
+    /// opens it, checks it answers every second, and drops it (bypassing
+    /// the cache) in fallback.
+    async fn near_link_loop(
+        self,
+        redis: RedisStore,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let Some(near) = self.inner.near.clone() else {
+            return;
+        };
+        let mut last_check = std::time::Instant::now();
+        let mut last_failure = String::new();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                _ = shutdown.changed() => {
+                    redis.close_tracking(&near);
+                    return;
+                }
+            }
+            if self.mode() != Mode::Redis {
+                if near.is_up() {
+                    redis.close_tracking(&near);
+                }
+                continue;
+            }
+            if !near.is_up() {
+                match redis.open_tracking(&near).await {
+                    Ok(()) => {
+                        last_failure.clear();
+                        tracing::debug!("near cache up");
+                    }
+                    Err(e) => {
+                        let why = e.to_string();
+                        if why != last_failure {
+                            tracing::warn!(error = %why, "near cache unavailable; touches go to redis");
+                            last_failure = why;
+                        }
+                    }
+                }
+                last_check = std::time::Instant::now();
+            } else if last_check.elapsed() >= Duration::from_secs(1) {
+                redis.check_tracking(&near).await;
+                last_check = std::time::Instant::now();
+            }
+        }
+    }
+
+    /// Writes the near cache's counts behind every `touch_flush_ms`, and a
+    /// last time on shutdown.
+    async fn write_behind_loop(self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let Some(near) = self.inner.near.clone() else {
+            return;
+        };
+        let mut tick = tokio::time::interval(self.inner.touch_flush);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let last = tokio::select! {
+                _ = tick.tick() => false,
+                _ = shutdown.changed() => true,
+            };
+            let _flush = self.inner.flush_lock.lock().await;
+            let taken = near.take_pending();
+            if !taken.is_empty() {
+                self.write_behind(&near, taken).await;
+            }
+            if last {
+                return;
+            }
+        }
+    }
+
+    /// Writes counts to Redis, one touch per session, pipelined in chunks;
+    /// what Redis may not have applied is journaled under the id its call
+    /// carried (exactly once on replay), and the rest, in fallback, is
+    /// journaled as fallback touches. Called with `flush_lock` held.
+    async fn write_behind(&self, near: &NearCache, taken: Vec<([u8; 16], super::near::Pending)>) {
+        /// Sessions per pipelined round trip: a few milliseconds of Redis.
+        const CHUNK: usize = 256;
+        let ids: Vec<[u8; 16]> = taken.iter().map(|(id, _)| *id).collect();
+        let redis = match &self.inner.redis {
+            Some(r) if self.mode() == Mode::Redis => r,
+            _ => {
+                for (id, p) in taken {
+                    self.inner.sled.add_pending_touches(&id, p.count, p.at);
+                }
+                near.landed(&ids);
+                return;
+            }
+        };
+        let mut batch = Vec::with_capacity(taken.len());
+        for (id, pending) in taken {
+            match self.inner.sled.next_seq() {
+                Ok(seq) => batch.push(Flush { id, pending, seq }),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no operation id for a write-behind count; kept for the next flush");
+                    near.restore_pending(&id, pending);
+                }
+            }
+        }
+        let mut failed: Option<usize> = None;
+        for (n, chunk) in batch.chunks(CHUNK).enumerate() {
+            match redis.flush_touches(chunk, near).await {
+                Ok(results) => {
+                    for (f, result) in chunk.iter().zip(results) {
+                        match result {
+                            Flushed::Counted => {
+                                if let Some(copy) = near.copy(&f.id) {
+                                    self.mirror("touch", |m| m.mirror_touch(copy));
+                                }
+                            }
+                            Flushed::Gone | Flushed::Corrupt => near.invalidate(&f.id),
+                        }
+                    }
+                }
+                Err(e) => {
+                    self.redis_failed("touch write-behind", &e);
+                    failed = Some(n * CHUNK);
+                    break;
+                }
+            }
+        }
+        if let Some(from) = failed {
+            for f in &batch[from..] {
+                if let Some(copy) = near.copy(&f.id) {
+                    self.mirror("touch", |m| m.mirror_touch(copy));
+                }
+                let Flush { id, pending, seq } = *f;
+                if let Err(e) =
+                    self.inner
+                        .sled
+                        .journal_touches_at(&id, pending.count, pending.at, seq)
+                {
+                    tracing::error!(error = %e, "journaling write-behind counts failed; they are lost");
+                }
+            }
+        }
+        near.landed(&ids);
     }
 
     async fn probe_loop(self, redis: RedisStore, mut shutdown: tokio::sync::watch::Receiver<bool>) {

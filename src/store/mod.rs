@@ -9,6 +9,7 @@
 
 pub mod failover;
 pub mod journal;
+pub mod near;
 pub mod redis;
 pub mod sled;
 

@@ -480,6 +480,32 @@ impl SledStore {
         Ok(())
     }
 
+    /// Takes counts the near cache acknowledged in Redis mode and could not
+    /// write: they are journaled like fallback touches (coalesced, and before
+    /// any later entry of the session). The mirror's copy is not counted
+    /// again: the cache's copies reach it through `mirror_touch`.
+    pub fn add_pending_touches(&self, id: &[u8; 16], count: u64, at: u64) {
+        let mut map = self.inner.pending_touches[stripe(id)]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let entry = map.entry(*id).or_insert((0, at));
+        entry.0 += count;
+        entry.1 = entry.1.max(at);
+    }
+
+    /// Journals a write-behind count that Redis may or may not have applied
+    /// under the id its call carried, so a replay applies it exactly once.
+    pub fn journal_touches_at(&self, id: &[u8; 16], count: u64, at: u64, seq: u64) -> Result<()> {
+        let _guard = self.lock(id);
+        let op = Op::Touches { id: *id, count, at };
+        if !self.journal_append(&op, Some(seq))? {
+            self.inner
+                .touches_unjournaled
+                .fetch_add(count, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
     /// Reads without counting (used for mirror restores and tests).
     pub fn get(&self, id: &[u8; 16], now: u64) -> Option<Session> {
         self.load(id).filter(|s| !s.is_expired(now))

@@ -47,9 +47,11 @@ mod ops;
 mod record;
 mod replay;
 mod scripts;
+mod tracking;
 
 pub use replay::Replayed;
 pub(crate) use scripts::CreateReply;
+pub use tracking::{Flush, Flushed, TRACKING_CLIENT_NAME};
 
 use super::StoreError;
 use crate::config::Config;
@@ -80,6 +82,9 @@ struct Inner {
     max_per_user: u64,
     /// `o:<origin>`: this node's field in session hashes (see `journal`).
     origin_field: String,
+    origin: u64,
+    /// The near cache's connection (see `tracking`).
+    tracking: tracking::Tracking,
     conn: RwLock<Option<MultiplexedConnection>>,
     active: AtomicU64,
     /// Records found in Redis that no node could have written.
@@ -118,6 +123,8 @@ impl RedisStore {
                 probe_max: config.redis_probe_max,
                 limits,
                 origin_field: format!("o:{origin:016x}"),
+                origin,
+                tracking: tracking::Tracking::new(),
                 max_per_user: config.max_sessions_per_user,
                 conn: RwLock::new(None),
                 active: AtomicU64::new(0),
@@ -129,6 +136,11 @@ impl RedisStore {
 
     pub fn probe_delays(&self) -> (Duration, Duration) {
         (self.inner.probe_interval, self.inner.probe_max)
+    }
+
+    /// This node's origin id (see `journal`).
+    pub fn origin(&self) -> u64 {
+        self.inner.origin
     }
 
     pub fn cached_active(&self) -> u64 {

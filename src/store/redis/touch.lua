@@ -35,4 +35,8 @@ if ne >= e + 1000 then
   redis.call('PEXPIREAT', KEYS[1], string.format('%.0f', ne))
   redis.call('ZADD', index(KEYS[2], 'zset'), string.format('%.0f', ne), ARGV[4])
 end
+-- A read after the writes: Redis forgets who tracks a key whenever it is
+-- written, even for the writer under NOLOOP, so the near cache's connection
+-- (see tracking.rs) must read the key again to keep hearing of changes.
+redis.call('EXISTS', KEYS[1])
 return n

@@ -1,0 +1,533 @@
+//! The near cache: the sessions this node serves in Redis mode, held in
+//! memory so that a touch (`GET /api/session`) costs no Redis round trip.
+//!
+//! Redis keeps it coherent. The node reads sessions into the cache over a
+//! connection of its own on which Redis tracks what it read (`CLIENT
+//! TRACKING`, see `store::redis::tracking`); any later change of such a key,
+//! by any node or tool, and its expiry or eviction, makes Redis push an
+//! invalidation on that connection, which lands here
+//! ([`NearCache::invalidate`]). When the connection is down the cache is
+//! empty and bypassed ([`NearCache::link_down`]): nothing is served from it
+//! that Redis could not have invalidated.
+//!
+//! A touch of a cached session counts and slides the copy here and adds one
+//! to the session's *pending* count. The store's flusher writes pending counts
+//! behind, one Redis command per session per `touch_flush_ms`, pipelined
+//! ([`NearCache::take_pending`]). Pending counts live apart from the copies:
+//! an invalidation drops a copy, never a count a request was answered with.
+//!
+//! A copy read from Redis can race an invalidation of that very key (the
+//! read's answer and the invalidation arrive on different paths to the
+//! cache). So a fill takes a [`Ticket`] before it asks Redis: a count per slot
+//! of ids that every invalidation bumps. The copy is stored only if no
+//! invalidation of its slot (and no link change) happened in between.
+//!
+//! The cache is bounded in bytes (each copy's estimated heap size), split
+//! over shards; a full shard evicts copies not used since the last sweep
+//! (the clock algorithm) before older ones.
+
+use crate::session::{Limits, Session};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+const SHARDS: usize = 16;
+/// Invalidation slots: a fill is refused when an invalidation of any id
+/// sharing its slot happened meanwhile, so more slots mean fewer needless
+/// refusals under a storm of invalidations.
+const SLOTS: usize = 4096;
+/// What a copy costs besides its strings: the map slot, the key, the
+/// session's fixed part and the allocator's rounding.
+const ENTRY_OVERHEAD: usize = 16 + 8 + std::mem::size_of::<Entry>() + 32;
+
+/// Requests counted here and not yet written to Redis, for one session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pending {
+    pub count: u64,
+    /// The latest request's time: Redis's `last_accessed` and expiry follow it.
+    pub at: u64,
+}
+
+type PendingMap = HashMap<[u8; 16], Pending>;
+
+/// Taken before a fill asks Redis; see the module doc.
+#[derive(Debug, Clone, Copy)]
+pub struct Ticket {
+    slot: u32,
+    generation: u64,
+}
+
+struct Entry {
+    session: Session,
+    size: usize,
+    /// Used since the last eviction sweep passed it.
+    referenced: bool,
+}
+
+#[derive(Default)]
+struct Shard {
+    map: HashMap<[u8; 16], Entry>,
+    bytes: usize,
+}
+
+/// Counters for health and metrics.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NearStats {
+    pub hits: u64,
+    pub misses: u64,
+    pub invalidations: u64,
+    pub evictions: u64,
+    pub bytes: u64,
+    pub entries: u64,
+    pub capacity_bytes: u64,
+    pub link_up: bool,
+    /// Requests counted here and not yet written to Redis.
+    pub pending: u64,
+}
+
+pub struct NearCache {
+    shards: Box<[Mutex<Shard>]>,
+    shard_capacity: usize,
+    limits: Limits,
+    slots: Box<[AtomicU32]>,
+    /// Bumped whenever the link goes down or up and on a flush of
+    /// everything: fills that began before are not stored.
+    generation: AtomicU64,
+    /// The tracking connection is up: the cache may serve.
+    up: AtomicBool,
+    pending: Box<[Mutex<PendingMap>]>,
+    /// Sessions whose counts a flush has taken and not yet written.
+    in_flight: Mutex<HashSet<[u8; 16]>>,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    invalidations: AtomicU64,
+    evictions: AtomicU64,
+}
+
+fn shard_of(id: &[u8; 16]) -> usize {
+    // Ids are random (UUID v4 from the OS CSPRNG): any byte spreads them.
+    usize::from(id[0]) % SHARDS
+}
+
+fn slot_of(id: &[u8; 16]) -> usize {
+    usize::from(u16::from_le_bytes([id[1], id[2]])) % SLOTS
+}
+
+fn size_of_copy(s: &Session) -> usize {
+    ENTRY_OVERHEAD + s.user_id.capacity() + s.metadata.capacity()
+}
+
+impl NearCache {
+    /// A cache of at most `capacity_bytes` of session copies.
+    pub fn new(capacity_bytes: u64, limits: Limits) -> NearCache {
+        let capacity = usize::try_from(capacity_bytes).unwrap_or(usize::MAX);
+        NearCache {
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+            shard_capacity: capacity / SHARDS,
+            limits,
+            slots: (0..SLOTS).map(|_| AtomicU32::new(0)).collect(),
+            generation: AtomicU64::new(0),
+            up: AtomicBool::new(false),
+            pending: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            in_flight: Mutex::new(HashSet::new()),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            invalidations: AtomicU64::new(0),
+            evictions: AtomicU64::new(0),
+        }
+    }
+
+    fn shard(&self, id: &[u8; 16]) -> std::sync::MutexGuard<'_, Shard> {
+        self.shards[shard_of(id)]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn pending_shard(
+        &self,
+        id: &[u8; 16],
+    ) -> std::sync::MutexGuard<'_, HashMap<[u8; 16], Pending>> {
+        self.pending[shard_of(id)]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+
+    /// Counts a request on a cached session and returns it; `None` when the
+    /// session is not cached (or the cache is bypassed): ask Redis.
+    pub fn touch(&self, id: &[u8; 16], now: u64) -> Option<Session> {
+        if !self.is_up() {
+            return None;
+        }
+        let mut shard = self.shard(id);
+        let Some(entry) = shard.map.get_mut(id) else {
+            drop(shard);
+            self.misses.fetch_add(1, Ordering::Relaxed);
+            return None;
+        };
+        if entry.session.is_expired(now) {
+            // Redis drops it at the same time; its answer (404, or a new
+            // session) is Redis's to give.
+            let size = entry.size;
+            shard.map.remove(id);
+            shard.bytes -= size;
+            drop(shard);
+            self.misses.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        entry.session.touch(now, &self.limits);
+        entry.referenced = true;
+        let answer = entry.session.clone();
+        drop(shard);
+        self.add_pending(id, 1, now);
+        self.hits.fetch_add(1, Ordering::Relaxed);
+        Some(answer)
+    }
+
+    fn add_pending(&self, id: &[u8; 16], count: u64, at: u64) {
+        let mut pending = self.pending_shard(id);
+        let p = pending.entry(*id).or_insert(Pending { count: 0, at });
+        p.count += count;
+        p.at = p.at.max(at);
+    }
+
+    /// Before a fill asks Redis.
+    pub fn ticket(&self, id: &[u8; 16]) -> Ticket {
+        // The generation first: a link change between the two reads then
+        // shows as a generation change.
+        let generation = self.generation.load(Ordering::Acquire);
+        Ticket {
+            slot: self.slots[slot_of(id)].load(Ordering::Acquire),
+            generation,
+        }
+    }
+
+    /// Stores what a touch read from Redis (over the tracking connection,
+    /// after `ticket`), unless an invalidation or a link change came in
+    /// between. Returns the session as the request should see it: Redis's
+    /// count plus the counts this node has not written yet.
+    pub fn fill(&self, mut session: Session, ticket: Ticket) -> Session {
+        let id = session.id;
+        if let Some(p) = self.pending_shard(&id).get(&id) {
+            session.request_count = session.request_count.saturating_add(p.count);
+        }
+        if !self.is_up() || self.shard_capacity == 0 {
+            return session;
+        }
+        let size = size_of_copy(&session);
+        let mut shard = self.shard(&id);
+        // Checked under the shard lock, which `invalidate` also takes after
+        // bumping the slot: an invalidation either shows here or removes the
+        // copy after it is stored.
+        if self.slots[slot_of(&id)].load(Ordering::Acquire) != ticket.slot
+            || self.generation.load(Ordering::Acquire) != ticket.generation
+        {
+            return session;
+        }
+        if size > self.shard_capacity {
+            return session;
+        }
+        if let Some(old) = shard.map.remove(&id) {
+            shard.bytes -= old.size;
+        }
+        let evicted = evict(&mut shard, self.shard_capacity - size);
+        shard.bytes += size;
+        shard.map.insert(
+            id,
+            Entry {
+                session: session.clone(),
+                size,
+                referenced: false,
+            },
+        );
+        drop(shard);
+        if evicted > 0 {
+            self.evictions.fetch_add(evicted, Ordering::Relaxed);
+        }
+        session
+    }
+
+    /// Redis (or this node) changed the session: its copy goes, and a fill
+    /// in progress is not stored.
+    pub fn invalidate(&self, id: &[u8; 16]) {
+        self.slots[slot_of(id)].fetch_add(1, Ordering::AcqRel);
+        let mut shard = self.shard(id);
+        if let Some(old) = shard.map.remove(id) {
+            shard.bytes -= old.size;
+            drop(shard);
+            self.invalidations.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Drops every copy (Redis flushed its data, or the node cannot tell
+    /// what changed).
+    pub fn invalidate_all(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            let n = shard.map.len() as u64;
+            shard.map = HashMap::new();
+            shard.bytes = 0;
+            drop(shard);
+            self.invalidations.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// The tracking connection is gone: nothing cached can be trusted and
+    /// nothing is served from the cache until [`link_up`](Self::link_up).
+    pub fn link_down(&self) {
+        if self.up.swap(false, Ordering::AcqRel) {
+            tracing::debug!("near cache bypassed: its invalidation stream is down");
+        }
+        self.invalidate_all();
+    }
+
+    /// A new tracking connection is up (and empty-handed: the cache was
+    /// emptied when the last one went down).
+    pub fn link_up(&self) {
+        self.invalidate_all();
+        self.up.store(true, Ordering::Release);
+    }
+
+    /// The counts waiting to be written, taken (the flusher writes them, or
+    /// journals them in an outage). Marks them in flight.
+    pub fn take_pending(&self) -> Vec<([u8; 16], Pending)> {
+        let mut out = Vec::new();
+        for shard in self.pending.iter() {
+            let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            if shard.is_empty() {
+                continue;
+            }
+            out.extend(shard.drain());
+        }
+        if !out.is_empty() {
+            let mut flying = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+            flying.extend(out.iter().map(|(id, _)| *id));
+        }
+        out
+    }
+
+    /// One session's counts waiting to be written, taken.
+    pub fn take_pending_of(&self, id: &[u8; 16]) -> Option<Pending> {
+        self.pending_shard(id).remove(id)
+    }
+
+    /// Counts that could not be written go back (Redis refused the batch
+    /// as a whole without applying any of it).
+    pub fn restore_pending(&self, id: &[u8; 16], p: Pending) {
+        self.add_pending(id, p.count, p.at);
+    }
+
+    /// A flush's counts are written (or journaled).
+    pub fn landed(&self, ids: &[[u8; 16]]) {
+        let mut flying = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        for id in ids {
+            flying.remove(id);
+        }
+    }
+
+    /// Whether the session has counts not yet written, waiting or in a
+    /// flush that has not answered.
+    pub fn has_unwritten(&self, id: &[u8; 16]) -> bool {
+        self.pending_shard(id).contains_key(id)
+            || self
+                .in_flight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(id)
+    }
+
+    /// The cached copy, for the mirror.
+    pub fn copy(&self, id: &[u8; 16]) -> Option<Session> {
+        self.shard(id).map.get(id).map(|e| e.session.clone())
+    }
+
+    pub fn stats(&self) -> NearStats {
+        let (mut bytes, mut entries) = (0u64, 0u64);
+        for shard in self.shards.iter() {
+            let shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            bytes += shard.bytes as u64;
+            entries += shard.map.len() as u64;
+        }
+        let pending = self
+            .pending
+            .iter()
+            .map(|s| {
+                s.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .values()
+                    .map(|p| p.count)
+                    .sum::<u64>()
+            })
+            .sum();
+        NearStats {
+            hits: self.hits.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
+            invalidations: self.invalidations.load(Ordering::Relaxed),
+            evictions: self.evictions.load(Ordering::Relaxed),
+            bytes,
+            entries,
+            capacity_bytes: (self.shard_capacity * SHARDS) as u64,
+            link_up: self.is_up(),
+            pending,
+        }
+    }
+}
+
+/// Evicts copies until the shard holds at most `keep` bytes: first those
+/// not used since the sweep last passed them, clearing the mark of the
+/// others as it goes (two passes at most). Returns how many went.
+fn evict(shard: &mut Shard, keep: usize) -> u64 {
+    let mut evicted = 0;
+    for _ in 0..2 {
+        if shard.bytes <= keep {
+            break;
+        }
+        let mut victims = Vec::new();
+        let mut freed = 0;
+        for (id, e) in shard.map.iter_mut() {
+            if shard.bytes - freed <= keep {
+                break;
+            }
+            if std::mem::take(&mut e.referenced) {
+                continue;
+            }
+            freed += e.size;
+            victims.push(*id);
+        }
+        for id in victims {
+            if let Some(e) = shard.map.remove(&id) {
+                shard.bytes -= e.size;
+                evicted += 1;
+            }
+        }
+    }
+    evicted
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits {
+        ttl_ms: 60_000,
+        max_lifetime_ms: 600_000,
+        max_metadata_bytes: 16384,
+    };
+
+    fn session(n: u8) -> Session {
+        let mut s = Session::new("u".into(), "{}".into(), 1_000, &LIMITS);
+        s.id = [n; 16];
+        s
+    }
+
+    fn cache() -> NearCache {
+        let c = NearCache::new(1 << 20, LIMITS);
+        c.link_up();
+        c
+    }
+
+    #[test]
+    fn a_cached_touch_counts_and_queues_the_count() {
+        let c = cache();
+        let s = session(1);
+        let t = c.ticket(&s.id);
+        c.fill(s.clone(), t);
+        let a = c.touch(&s.id, 2_000).unwrap();
+        let b = c.touch(&s.id, 3_000).unwrap();
+        assert_eq!((a.request_count, b.request_count), (1, 2));
+        assert_eq!(b.last_accessed, 3_000);
+        assert_eq!(b.expires_at, 63_000);
+        let pending = c.take_pending();
+        assert_eq!(
+            pending,
+            vec![(
+                s.id,
+                Pending {
+                    count: 2,
+                    at: 3_000
+                }
+            )]
+        );
+        assert!(c.has_unwritten(&s.id), "in flight until landed");
+        c.landed(&[s.id]);
+        assert!(!c.has_unwritten(&s.id));
+    }
+
+    #[test]
+    fn an_invalidation_during_a_fill_keeps_the_copy_out() {
+        let c = cache();
+        let s = session(2);
+        let t = c.ticket(&s.id);
+        c.invalidate(&s.id);
+        c.fill(s.clone(), t);
+        assert!(c.touch(&s.id, 2_000).is_none());
+        // a fresh ticket after it is fine
+        let t = c.ticket(&s.id);
+        c.fill(s.clone(), t);
+        assert!(c.touch(&s.id, 2_000).is_some());
+        c.invalidate(&s.id);
+        assert!(c.touch(&s.id, 2_000).is_none());
+    }
+
+    #[test]
+    fn nothing_is_served_while_the_link_is_down_nor_filled_across_it() {
+        let c = cache();
+        let s = session(3);
+        let t = c.ticket(&s.id);
+        c.fill(s.clone(), t);
+        c.link_down();
+        assert!(c.touch(&s.id, 2_000).is_none());
+        let t = c.ticket(&s.id);
+        c.link_up();
+        c.fill(s.clone(), t);
+        assert!(
+            c.touch(&s.id, 2_000).is_none(),
+            "ticket from before the link came up"
+        );
+    }
+
+    #[test]
+    fn a_fill_adds_the_counts_not_yet_written() {
+        let c = cache();
+        let s = session(4);
+        let t = c.ticket(&s.id);
+        c.fill(s.clone(), t);
+        c.touch(&s.id, 2_000);
+        c.touch(&s.id, 2_000);
+        c.invalidate(&s.id);
+        let mut again = s.clone();
+        again.request_count = 7; // another node counted meanwhile
+        let t = c.ticket(&s.id);
+        assert_eq!(c.fill(again, t).request_count, 9);
+        assert_eq!(c.touch(&s.id, 2_000).unwrap().request_count, 10);
+    }
+
+    #[test]
+    fn the_cache_stays_within_its_bytes() {
+        let c = NearCache::new(64 * 1024, LIMITS);
+        c.link_up();
+        for i in 0..10_000u32 {
+            let mut s = session(0);
+            s.id[..4].copy_from_slice(&i.to_le_bytes());
+            let t = c.ticket(&s.id);
+            c.fill(s, t);
+        }
+        let st = c.stats();
+        assert!(st.bytes <= 64 * 1024, "{st:?}");
+        assert!(st.entries > 100, "{st:?}");
+        assert!(st.evictions > 0);
+    }
+
+    #[test]
+    fn an_expired_copy_is_not_served() {
+        let c = cache();
+        let s = session(5);
+        let t = c.ticket(&s.id);
+        c.fill(s.clone(), t);
+        assert!(c.touch(&s.id, s.expires_at).is_none());
+    }
+}

@@ -1,0 +1,413 @@
+//! The near cache's own connection to Redis (see `store::near`).
+//!
+//! One RESP3 connection per node with `CLIENT TRACKING ON NOLOOP`: Redis
+//! remembers every session key this connection reads and pushes an
+//! `invalidate` message on it when such a key changes afterwards, whoever
+//! changed it (another node, a script, `redis-cli`), and when it expires or
+//! is evicted. RESP3 pushes arrive on the same connection as the replies, in
+//! order, and redis-rs hands them to [`on_push`] as they are read, so there is
+//! no second subscriber connection whose death could go unnoticed: when this
+//! connection dies, the invalidations die with it and the cache is emptied
+//! and bypassed until a new one is up.
+//!
+//! `NOLOOP`: the node's own writes on this connection (the write-behind
+//! touches and the touches of cache fills) do not invalidate its own copies;
+//! the cache has already counted them. Everything else the node writes goes
+//! over the main connection and does invalidate, like any other client's.
+//!
+//! Redis older than 6 has neither RESP3 nor tracking: the connection fails
+//! and the node serves every touch from Redis, as without a near cache.
+
+use super::record::{as_array, unexpected};
+use super::scripts::TouchReply;
+use super::{RedisStore, Result};
+use crate::session::{format_id, parse_session_id, Session};
+use crate::store::near::{NearCache, Pending};
+use crate::store::StoreError;
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Client, PushInfo, PushKind, Value};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// What the name of the tracking connection starts with in `CLIENT LIST`.
+pub const TRACKING_CLIENT_NAME: &str = "edgenode-near";
+
+/// The current tracking connection, numbered so that the death of an older
+/// one does not take the cache down again.
+pub(super) struct Tracking {
+    pub(super) conn: std::sync::RwLock<Option<MultiplexedConnection>>,
+    pub(super) current: Arc<AtomicU64>,
+}
+
+impl Tracking {
+    pub(super) fn new() -> Tracking {
+        Tracking {
+            conn: std::sync::RwLock::new(None),
+            current: Arc::new(AtomicU64::new(0)),
+        }
+    }
+}
+
+/// One write-behind count, with the operation id it carries (see `journal`).
+#[derive(Debug, Clone, Copy)]
+pub struct Flush {
+    pub id: [u8; 16],
+    pub pending: Pending,
+    pub seq: u64,
+}
+
+/// What Redis did with one [`Flush`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flushed {
+    Counted,
+    /// The session is gone (deleted, expired): nothing to count.
+    Gone,
+    /// The record is not one a node wrote; counted as corrupt.
+    Corrupt,
+}
+
+/// Handles what Redis pushes on the tracking connection; runs in the
+/// connection's reader, before any reply that came after the push.
+fn on_push(near: &NearCache, key_prefix: &str, current: &AtomicU64, number: u64, push: PushInfo) {
+    match push.kind {
+        PushKind::Invalidate => match push.data.first() {
+            Some(Value::Array(keys)) => {
+                for key in keys {
+                    let key: &[u8] = match key {
+                        Value::BulkString(b) => b,
+                        Value::SimpleString(s) => s.as_bytes(),
+                        _ => continue,
+                    };
+                    let id = std::str::from_utf8(key)
+                        .ok()
+                        .and_then(|k| k.strip_prefix(key_prefix))
+                        .and_then(parse_session_id);
+                    if let Some(id) = id {
+                        near.invalidate(&id);
+                    }
+                }
+            }
+            // A null: Redis flushed its data (FLUSHALL, FLUSHDB).
+            _ => near.invalidate_all(),
+        },
+        PushKind::Disconnection if current.load(Ordering::Acquire) == number => {
+            tracing::info!(
+                "the near cache's connection to redis closed; cache bypassed until it is back"
+            );
+            near.link_down();
+        }
+        _ => {}
+    }
+}
+
+impl RedisStore {
+    /// Opens the tracking connection and brings the near cache up on it.
+    /// Any previous one is dropped first (and the cache with it).
+    pub async fn open_tracking(&self, near: &Arc<NearCache>) -> Result<()> {
+        self.close_tracking(near);
+        let client = self.client().await?;
+        let info = client.get_connection_info().clone();
+        let settings = info
+            .redis_settings()
+            .clone()
+            .set_protocol(redis::ProtocolVersion::RESP3);
+        let client = Client::open(info.set_redis_settings(settings))
+            .map_err(|e| StoreError::Redis(e.to_string()))?;
+        let tracking = &self.inner.tracking;
+        let number = tracking.current.fetch_add(1, Ordering::AcqRel) + 1;
+        let (cache, prefix, current) = (near.clone(), self.key("s:", ""), tracking.current.clone());
+        let handler = move |push: PushInfo| -> std::result::Result<(), std::convert::Infallible> {
+            on_push(&cache, &prefix, &current, number, push);
+            Ok(())
+        };
+        let cfg = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.inner.timeout))
+            .set_response_timeout(None)
+            .set_push_sender(handler);
+        let setup = async {
+            let mut conn = client
+                .get_multiplexed_async_connection_with_config(&cfg)
+                .await?;
+            let mut pipe = self.load_scripts_pipe();
+            pipe.cmd("CLIENT")
+                .arg("SETNAME")
+                .arg(format!("{TRACKING_CLIENT_NAME}-{:x}", self.origin()))
+                .ignore()
+                .cmd("CLIENT")
+                .arg("TRACKING")
+                .arg("ON")
+                .arg("NOLOOP")
+                .ignore();
+            pipe.query_async::<()>(&mut conn).await?;
+            Ok::<_, redis::RedisError>(conn)
+        };
+        let conn = tokio::time::timeout(self.inner.timeout * 4, setup)
+            .await
+            .map_err(|_| StoreError::Redis("near cache connection timed out".into()))?
+            .map_err(|e| StoreError::Redis(format!("near cache connection: {e}")))?;
+        *tracking.conn.write().unwrap_or_else(|p| p.into_inner()) = Some(conn);
+        near.link_up();
+        Ok(())
+    }
+
+    /// Drops the tracking connection and bypasses the cache.
+    pub fn close_tracking(&self, near: &NearCache) {
+        let tracking = &self.inner.tracking;
+        tracking.current.fetch_add(1, Ordering::AcqRel);
+        *tracking.conn.write().unwrap_or_else(|p| p.into_inner()) = None;
+        near.link_down();
+    }
+
+    fn tracking_conn(&self) -> Option<MultiplexedConnection> {
+        self.inner
+            .tracking
+            .conn
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Whether the tracking connection answers within the store timeout;
+    /// when it does not, it is dropped and the cache bypassed (a connection
+    /// that silently stopped delivering could also be withholding
+    /// invalidations).
+    pub async fn check_tracking(&self, near: &NearCache) -> bool {
+        let Some(mut conn) = self.tracking_conn() else {
+            return false;
+        };
+        let ping = redis::cmd("PING");
+        match tokio::time::timeout(self.inner.timeout, ping.query_async::<String>(&mut conn)).await
+        {
+            Ok(Ok(_)) => true,
+            _ => {
+                self.close_tracking(near);
+                false
+            }
+        }
+    }
+
+    /// A touch that also fills the near cache: counted in Redis over the
+    /// tracking connection (so Redis tracks the key for this node), stored
+    /// in the cache unless an invalidation raced it. Without a tracking
+    /// connection, a plain [`touch`](Self::touch).
+    pub async fn touch_and_cache(
+        &self,
+        near: &NearCache,
+        id: &[u8; 16],
+        now: u64,
+        seq: u64,
+    ) -> Result<Option<Session>> {
+        let Some(mut conn) = self.tracking_conn().filter(|_| near.is_up()) else {
+            return self.touch(id, now, seq).await;
+        };
+        let ticket = near.ticket(id);
+        let ids = format_id(id);
+        let session_key = self.key("s:", &ids);
+        let inv = self.touch_inv(&ids, &session_key, now, 1, seq, false);
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .invoke_script(&inv)
+            .cmd("HGETALL")
+            .arg(&session_key);
+        let call = async {
+            match pipe.query_async::<(Value, Value)>(&mut conn).await {
+                Err(e)
+                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                {
+                    inv.load_async(&mut conn).await?;
+                    pipe.query_async(&mut conn).await
+                }
+                other => other,
+            }
+        };
+        let (reply, fields) = match tokio::time::timeout(self.inner.timeout, call).await {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) if super::conn::is_bad_record(&e) => {
+                return Err(self.bad_record(e.to_string()))
+            }
+            Ok(Err(e)) => {
+                self.close_tracking(near);
+                return Err(StoreError::Redis(format!("near cache connection: {e}")));
+            }
+            Err(_) => {
+                self.close_tracking(near);
+                return Err(StoreError::Redis(format!(
+                    "no answer within {} ms",
+                    self.inner.timeout.as_millis()
+                )));
+            }
+        };
+        match TouchReply::decode(&reply) {
+            Some(TouchReply::Counted(_)) => {
+                let session = self.session_from(id, &flat_fields(fields)?)?;
+                Ok(Some(near.fill(session, ticket)))
+            }
+            Some(TouchReply::Corrupt) => Err(self.unreadable(id)),
+            Some(TouchReply::Gone | TouchReply::Deleted | TouchReply::AlreadyApplied) => Ok(None),
+            None => Err(unexpected(&reply)),
+        }
+    }
+
+    /// Writes counts behind: one touch per session, all in one pipelined
+    /// round trip, over the tracking connection when there is one (so they
+    /// do not invalidate this node's own copies), else the main one.
+    /// An error means Redis may have applied any part of it.
+    pub async fn flush_touches(&self, batch: &[Flush], near: &NearCache) -> Result<Vec<Flushed>> {
+        let keys: Vec<(String, String)> = batch
+            .iter()
+            .map(|f| {
+                let ids = format_id(&f.id);
+                let key = self.key("s:", &ids);
+                (ids, key)
+            })
+            .collect();
+        let invocations: Vec<_> = batch
+            .iter()
+            .zip(&keys)
+            .map(|(f, (ids, key))| {
+                self.touch_inv(ids, key, f.pending.at, f.pending.count, f.seq, false)
+            })
+            .collect();
+        let mut pipe = redis::pipe();
+        for inv in &invocations {
+            pipe.invoke_script(inv);
+        }
+        let load = self.load_scripts_pipe();
+        let (pipe, load) = (&pipe, &load);
+        let replies: Vec<Value> = match self.tracking_conn().filter(|_| near.is_up()) {
+            Some(mut conn) => {
+                let call = async {
+                    match pipe.query_async::<Vec<Value>>(&mut conn).await {
+                        // NOSCRIPT is refused before anything runs; every
+                        // EVALSHA of the batch names the same script.
+                        Err(e)
+                            if e.kind()
+                                == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                        {
+                            load.query_async::<()>(&mut conn).await?;
+                            pipe.query_async(&mut conn).await
+                        }
+                        other => other,
+                    }
+                };
+                match tokio::time::timeout(self.inner.timeout, call).await {
+                    Ok(Ok(v)) => v,
+                    Ok(Err(e)) => {
+                        self.close_tracking(near);
+                        return Err(StoreError::Redis(format!("writing touches behind: {e}")));
+                    }
+                    Err(_) => {
+                        self.close_tracking(near);
+                        return Err(StoreError::Redis(format!(
+                            "writing touches behind: no answer within {} ms",
+                            self.inner.timeout.as_millis()
+                        )));
+                    }
+                }
+            }
+            None => {
+                self.call(self.inner.timeout, |mut c| async move {
+                    match pipe.query_async::<Vec<Value>>(&mut c).await {
+                        Err(e)
+                            if e.kind()
+                                == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                        {
+                            load.query_async::<()>(&mut c).await?;
+                            pipe.query_async(&mut c).await
+                        }
+                        other => other,
+                    }
+                })
+                .await?
+            }
+        };
+        Ok(replies
+            .iter()
+            .zip(batch)
+            .map(|(reply, f)| match TouchReply::decode(reply) {
+                Some(TouchReply::Counted(_)) => Flushed::Counted,
+                Some(TouchReply::Corrupt) => {
+                    let _ = self.unreadable(&f.id);
+                    Flushed::Corrupt
+                }
+                _ => Flushed::Gone,
+            })
+            .collect())
+    }
+}
+
+/// A HGETALL reply as field/value pairs: a map in RESP3, a flat array in
+/// RESP2.
+fn flat_fields(v: Value) -> Result<Vec<Value>> {
+    match v {
+        Value::Map(pairs) => Ok(pairs.into_iter().flat_map(|(k, v)| [k, v]).collect()),
+        other => as_array(&other).map(<[Value]>::to_vec),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::Limits;
+
+    #[test]
+    fn invalidations_drop_the_named_sessions_and_a_null_drops_all() {
+        let limits = Limits {
+            ttl_ms: 60_000,
+            max_lifetime_ms: 600_000,
+            max_metadata_bytes: 1024,
+        };
+        let near = NearCache::new(1 << 20, limits);
+        near.link_up();
+        let mut a = Session::new("u".into(), "{}".into(), 1_000, &limits);
+        a.id = [1; 16];
+        let mut b = a.clone();
+        b.id = [2; 16];
+        for s in [&a, &b] {
+            let t = near.ticket(&s.id);
+            near.fill((*s).clone(), t);
+        }
+        let current = AtomicU64::new(1);
+        let key = format!("p:s:{}", format_id(&a.id));
+        let push = |data| PushInfo {
+            kind: PushKind::Invalidate,
+            data,
+        };
+        on_push(
+            &near,
+            "p:s:",
+            &current,
+            1,
+            push(vec![Value::Array(vec![Value::BulkString(
+                key.into_bytes(),
+            )])]),
+        );
+        assert!(near.touch(&a.id, 2_000).is_none());
+        assert!(near.touch(&b.id, 2_000).is_some());
+        on_push(&near, "p:s:", &current, 1, push(vec![Value::Nil]));
+        assert!(near.touch(&b.id, 2_000).is_none());
+        // the death of an older connection leaves the current one up
+        on_push(
+            &near,
+            "p:s:",
+            &current,
+            0,
+            PushInfo {
+                kind: PushKind::Disconnection,
+                data: vec![],
+            },
+        );
+        assert!(near.is_up());
+        on_push(
+            &near,
+            "p:s:",
+            &current,
+            1,
+            PushInfo {
+                kind: PushKind::Disconnection,
+                data: vec![],
+            },
+        );
+        assert!(!near.is_up());
+    }
+}
