@@ -245,6 +245,56 @@ impl Collector for StateCollector {
             "1 while health says degraded: a disk fault or the disk at its reserve, an unset clock, a Redis configuration error, or no Redis under require_redis",
             i64::from(st.degraded.is_some()),
         )?;
+        if let Some(near) = st.near {
+            gauge(
+                &mut enc,
+                "edgenode_near_cache_up",
+                "1 while the near cache's invalidation stream from Redis is up and the cache serves",
+                i64::from(near.link_up),
+            )?;
+            counter(
+                &mut enc,
+                "edgenode_near_cache_hits",
+                "Touches answered from the near cache, without a Redis round trip",
+                near.hits,
+            )?;
+            counter(
+                &mut enc,
+                "edgenode_near_cache_misses",
+                "Touches of sessions the near cache did not hold (read from Redis and cached)",
+                near.misses,
+            )?;
+            counter(
+                &mut enc,
+                "edgenode_near_cache_invalidations",
+                "Near-cache copies dropped because the session changed (anywhere) or the stream went down",
+                near.invalidations,
+            )?;
+            counter(
+                &mut enc,
+                "edgenode_near_cache_evictions",
+                "Near-cache copies evicted to stay within near_cache_mb",
+                near.evictions,
+            )?;
+            gauge(
+                &mut enc,
+                "edgenode_near_cache_bytes",
+                "Estimated memory held by near-cache copies (bound: near_cache_mb)",
+                near.bytes as i64,
+            )?;
+            gauge(
+                &mut enc,
+                "edgenode_near_cache_entries",
+                "Sessions held in the near cache",
+                near.entries as i64,
+            )?;
+            gauge(
+                &mut enc,
+                "edgenode_near_cache_pending_touches",
+                "Requests counted in the near cache and not yet written to Redis",
+                near.pending as i64,
+            )?;
+        }
         gauge(
             &mut enc,
             "edgenode_pool_workers",

@@ -383,6 +383,17 @@ fn health(app: &App) -> Response<Body> {
             "corrupt_records": st.corrupt_records,
             "journal_bytes": st.journal_bytes,
             "touches_unjournaled": st.touches_unjournaled,
+            "near_cache": st.near.map(|n| serde_json::json!({
+                "up": n.link_up,
+                "entries": n.entries,
+                "bytes": n.bytes,
+                "capacity_bytes": n.capacity_bytes,
+                "hits": n.hits,
+                "misses": n.misses,
+                "invalidations": n.invalidations,
+                "evictions": n.evictions,
+                "pending_touches": n.pending,
+            })),
         },
         "sessions": { "active": st.sessions_active },
         "pool": {

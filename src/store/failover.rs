@@ -759,6 +759,7 @@ impl Store {
             degraded: unready.clone().or_else(|| config_error.clone()),
             unready,
             redis_config_error: config_error.is_some(),
+            near: self.inner.near.as_ref().map(|n| n.stats()),
         }
     }
 

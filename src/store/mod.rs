@@ -106,4 +106,6 @@ pub struct StoreStatus {
     pub unready: Option<String>,
     /// Redis refuses the node's credentials or database.
     pub redis_config_error: bool,
+    /// The near cache, when there is one.
+    pub near: Option<near::NearStats>,
 }

@@ -164,8 +164,6 @@ impl NearCache {
         }
         let mut shard = self.shard(id);
         let Some(entry) = shard.map.get_mut(id) else {
-            drop(shard);
-            self.misses.fetch_add(1, Ordering::Relaxed);
             return None;
         };
         if entry.session.is_expired(now) {
@@ -174,8 +172,6 @@ impl NearCache {
             let size = entry.size;
             shard.map.remove(id);
             shard.bytes -= size;
-            drop(shard);
-            self.misses.fetch_add(1, Ordering::Relaxed);
             return None;
         }
         entry.session.touch(now, &self.limits);
@@ -205,15 +201,19 @@ impl NearCache {
         }
     }
 
-    /// Stores what a touch read from Redis (over the tracking connection,
-    /// after `ticket`), unless an invalidation or a link change came in
-    /// between. Returns the session as the request should see it: Redis's
-    /// count plus the counts this node has not written yet.
-    pub fn fill(&self, mut session: Session, ticket: Ticket) -> Session {
+    /// Counts a request on a session read from Redis (over the tracking
+    /// connection, after `ticket`) and stores the copy, unless an
+    /// invalidation or a link change came in between. Returns the session as
+    /// the request should see it: Redis's count plus the counts this node has
+    /// not written yet, this request's included.
+    pub fn fill(&self, mut session: Session, ticket: Ticket, now: u64) -> Session {
         let id = session.id;
         if let Some(p) = self.pending_shard(&id).get(&id) {
             session.request_count = session.request_count.saturating_add(p.count);
         }
+        session.touch(now, &self.limits);
+        self.add_pending(&id, 1, now);
+        self.misses.fetch_add(1, Ordering::Relaxed);
         if !self.is_up() || self.shard_capacity == 0 {
             return session;
         }
@@ -435,10 +435,11 @@ mod tests {
         let c = cache();
         let s = session(1);
         let t = c.ticket(&s.id);
-        c.fill(s.clone(), t);
+        c.fill(s.clone(), t, 1_000);
         let a = c.touch(&s.id, 2_000).unwrap();
         let b = c.touch(&s.id, 3_000).unwrap();
-        assert_eq!((a.request_count, b.request_count), (1, 2));
+        // the fill counted its own request
+        assert_eq!((a.request_count, b.request_count), (2, 3));
         assert_eq!(b.last_accessed, 3_000);
         assert_eq!(b.expires_at, 63_000);
         let pending = c.take_pending();
@@ -447,7 +448,7 @@ mod tests {
             vec![(
                 s.id,
                 Pending {
-                    count: 2,
+                    count: 3,
                     at: 3_000
                 }
             )]
@@ -463,11 +464,11 @@ mod tests {
         let s = session(2);
         let t = c.ticket(&s.id);
         c.invalidate(&s.id);
-        c.fill(s.clone(), t);
+        c.fill(s.clone(), t, 1_000);
         assert!(c.touch(&s.id, 2_000).is_none());
         // a fresh ticket after it is fine
         let t = c.ticket(&s.id);
-        c.fill(s.clone(), t);
+        c.fill(s.clone(), t, 1_000);
         assert!(c.touch(&s.id, 2_000).is_some());
         c.invalidate(&s.id);
         assert!(c.touch(&s.id, 2_000).is_none());
@@ -478,12 +479,12 @@ mod tests {
         let c = cache();
         let s = session(3);
         let t = c.ticket(&s.id);
-        c.fill(s.clone(), t);
+        c.fill(s.clone(), t, 1_000);
         c.link_down();
         assert!(c.touch(&s.id, 2_000).is_none());
         let t = c.ticket(&s.id);
         c.link_up();
-        c.fill(s.clone(), t);
+        c.fill(s.clone(), t, 1_000);
         assert!(
             c.touch(&s.id, 2_000).is_none(),
             "ticket from before the link came up"
@@ -495,15 +496,16 @@ mod tests {
         let c = cache();
         let s = session(4);
         let t = c.ticket(&s.id);
-        c.fill(s.clone(), t);
+        c.fill(s.clone(), t, 1_000);
         c.touch(&s.id, 2_000);
         c.touch(&s.id, 2_000);
         c.invalidate(&s.id);
         let mut again = s.clone();
         again.request_count = 7; // another node counted meanwhile
         let t = c.ticket(&s.id);
-        assert_eq!(c.fill(again, t).request_count, 9);
-        assert_eq!(c.touch(&s.id, 2_000).unwrap().request_count, 10);
+        // 7 in redis, 3 here not yet written, and this request
+        assert_eq!(c.fill(again, t, 2_000).request_count, 11);
+        assert_eq!(c.touch(&s.id, 2_000).unwrap().request_count, 12);
     }
 
     #[test]
@@ -514,7 +516,7 @@ mod tests {
             let mut s = session(0);
             s.id[..4].copy_from_slice(&i.to_le_bytes());
             let t = c.ticket(&s.id);
-            c.fill(s, t);
+            c.fill(s, t, 1_000);
         }
         let st = c.stats();
         assert!(st.bytes <= 64 * 1024, "{st:?}");
@@ -527,7 +529,7 @@ mod tests {
         let c = cache();
         let s = session(5);
         let t = c.ticket(&s.id);
-        c.fill(s.clone(), t);
+        c.fill(s.clone(), t, 1_000);
         assert!(c.touch(&s.id, s.expires_at).is_none());
     }
 }

@@ -18,7 +18,7 @@
 //! Redis older than 6 has neither RESP3 nor tracking: the connection fails
 //! and the node serves every touch from Redis, as without a near cache.
 
-use super::record::{as_array, unexpected};
+use super::record::as_array;
 use super::scripts::TouchReply;
 use super::{RedisStore, Result};
 use crate::session::{format_id, parse_session_id, Session};
@@ -186,10 +186,12 @@ impl RedisStore {
         }
     }
 
-    /// A touch that also fills the near cache: counted in Redis over the
-    /// tracking connection (so Redis tracks the key for this node), stored
-    /// in the cache unless an invalidation raced it. Without a tracking
-    /// connection, a plain [`touch`](Self::touch).
+    /// A touch of a session the near cache does not hold: read over the
+    /// tracking connection (so Redis tracks the key for this node) and
+    /// stored in the cache unless an invalidation raced it; the request is
+    /// counted like a cached touch, written behind. The read writes
+    /// nothing, so filling one node's cache does not invalidate another's.
+    /// Without a tracking connection, a plain [`touch`](Self::touch).
     pub async fn touch_and_cache(
         &self,
         near: &NearCache,
@@ -201,26 +203,11 @@ impl RedisStore {
             return self.touch(id, now, seq).await;
         };
         let ticket = near.ticket(id);
-        let ids = format_id(id);
-        let session_key = self.key("s:", &ids);
-        let inv = self.touch_inv(&ids, &session_key, now, 1, seq, false);
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .invoke_script(&inv)
-            .cmd("HGETALL")
-            .arg(&session_key);
-        let call = async {
-            match pipe.query_async::<(Value, Value)>(&mut conn).await {
-                Err(e)
-                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
-                {
-                    inv.load_async(&mut conn).await?;
-                    pipe.query_async(&mut conn).await
-                }
-                other => other,
-            }
-        };
-        let (reply, fields) = match tokio::time::timeout(self.inner.timeout, call).await {
+        let session_key = self.key("s:", &format_id(id));
+        let mut read = redis::cmd("HGETALL");
+        read.arg(&session_key);
+        let call = read.query_async::<Value>(&mut conn);
+        let fields = match tokio::time::timeout(self.inner.timeout, call).await {
             Ok(Ok(v)) => v,
             Ok(Err(e)) if super::conn::is_bad_record(&e) => {
                 return Err(self.bad_record(e.to_string()))
@@ -237,15 +224,16 @@ impl RedisStore {
                 )));
             }
         };
-        match TouchReply::decode(&reply) {
-            Some(TouchReply::Counted(_)) => {
-                let session = self.session_from(id, &flat_fields(fields)?)?;
-                Ok(Some(near.fill(session, ticket)))
-            }
-            Some(TouchReply::Corrupt) => Err(self.unreadable(id)),
-            Some(TouchReply::Gone | TouchReply::Deleted | TouchReply::AlreadyApplied) => Ok(None),
-            None => Err(unexpected(&reply)),
+        let fields = flat_fields(fields)?;
+        if fields.is_empty() {
+            return Ok(None);
         }
+        let session = self.session_from(id, &fields)?;
+        if session.is_expired(now) {
+            // Redis drops it at its expiry time, by its own clock.
+            return Ok(None);
+        }
+        Ok(Some(near.fill(session, ticket, now)))
     }
 
     /// Writes counts behind: one touch per session, all in one pipelined
@@ -365,7 +353,7 @@ mod tests {
         b.id = [2; 16];
         for s in [&a, &b] {
             let t = near.ticket(&s.id);
-            near.fill((*s).clone(), t);
+            near.fill((*s).clone(), t, 1_000);
         }
         let current = AtomicU64::new(1);
         let key = format!("p:s:{}", format_id(&a.id));

@@ -1,0 +1,379 @@
+//! The near cache, as a cluster operator meets it: three nodes on one Redis
+//! serve sessions from memory, and still every change made anywhere (on
+//! another node, or with `redis-cli` by hand) is seen everywhere within
+//! 50 ms; counts stay exact; a node killed with SIGKILL loses at most one
+//! flush interval of counts and nothing else; a node whose invalidation
+//! stream is cut serves nothing from its cache until it is back. Real
+//! redis-server and edgenode processes on 127.0.0.1.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const FLUSH_MS: u64 = 100;
+
+/// These tests time things in milliseconds on a 2-core machine: they run
+/// one at a time, so one's traffic is not another's latency.
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn cluster(redis: &Redis) -> (Vec<Node>, Vec<Client>) {
+    cluster_flushing_every(redis, FLUSH_MS)
+}
+
+fn cluster_flushing_every(redis: &Redis, flush_ms: u64) -> (Vec<Node>, Vec<Client>) {
+    let nodes: Vec<Node> = ["a", "b", "c"]
+        .iter()
+        .map(|name| {
+            Node::builder()
+                .args(["--redis-url", &redis.url(), "--instance-id", name])
+                .args(["--touch-flush-ms", &flush_ms.to_string()])
+                .start()
+        })
+        .collect();
+    let clients: Vec<Client> = nodes.iter().map(Node::client).collect();
+    for c in &clients {
+        assert!(
+            wait_until(Duration::from_secs(5), || near_up(c)),
+            "near cache did not come up: {}",
+            c.get("/api/health").text
+        );
+    }
+    (nodes, clients)
+}
+
+fn near(c: &Client) -> Value {
+    c.get("/api/health").json()["store"]["near_cache"].clone()
+}
+
+fn near_up(c: &Client) -> bool {
+    near(c)["up"] == true
+}
+
+fn read(c: &Client, id: &str) -> Answer {
+    c.get(&format!("/api/sessions/{id}"))
+}
+
+/// Reads the session on `c` twice, so that it is cached there (the first
+/// read fills the cache), and checks the second came from the cache. (A
+/// write-behind of another node's counts invalidates the copy like any
+/// change: the clusters that need copies on all nodes flush rarely.)
+fn warm(c: &Client, id: &str) {
+    let hits = near(c)["hits"].as_u64().unwrap_or(0);
+    assert_eq!(read(c, id).status, 200);
+    assert_eq!(read(c, id).status, 200);
+    assert!(
+        near(c)["hits"].as_u64().unwrap_or(0) > hits,
+        "the second read did not come from the near cache: {}",
+        near(c)
+    );
+}
+
+/// Polls `c` until `seen` holds for the session's answer; the time it took.
+fn time_to_see(c: &Client, id: &str, seen: impl Fn(&Answer) -> bool) -> Duration {
+    let t0 = Instant::now();
+    loop {
+        let a = read(c, id);
+        if seen(&a) {
+            return t0.elapsed();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(2),
+            "change never seen on {}: {} {}",
+            c.base,
+            a.status,
+            a.text
+        );
+    }
+}
+
+fn p99(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[(v.len() * 99 / 100).min(v.len() - 1)]
+}
+
+fn redis_cli(redis: &Redis, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &redis.port.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli (installed with redis-server by scripts/test.sh)");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn a_change_made_anywhere_reaches_every_nodes_cache_within_50_ms() {
+    let _one = one_at_a_time();
+    let redis = Redis::start(false);
+    // Counts written behind rarely: each write invalidates the other nodes'
+    // copies, and every trial wants the copies in place when it changes.
+    let (_nodes, cs) = cluster_flushing_every(&redis, 5_000);
+    const TRIALS: usize = 200;
+    let kinds = ["patch", "rotate", "delete", "logout"];
+    let mut report = Vec::new();
+    for kind in kinds {
+        let mut times = Vec::with_capacity(TRIALS * 2);
+        for trial in 0..TRIALS {
+            let user = format!("u{trial}");
+            let s = cs[0].create(&format!(r#"{{"user_id":"{user}"}}"#));
+            let id = id_of(&s);
+            warm(&cs[1], &id);
+            warm(&cs[2], &id);
+            let done = match kind {
+                "patch" => cs[0].patch(
+                    &format!("/api/sessions/{id}"),
+                    &format!(r#"{{"metadata":{{"trial":{trial}}}}}"#),
+                ),
+                "rotate" => cs[0].post(&format!("/api/sessions/{id}/rotate"), ""),
+                "delete" => cs[0].delete(&format!("/api/sessions/{id}")),
+                _ => cs[0].delete(&format!("/api/users/{user}/sessions")),
+            };
+            assert!(done.status < 300, "{kind}: {} {}", done.status, done.text);
+            for c in &cs[1..] {
+                times.push(time_to_see(c, &id, |a| match kind {
+                    "patch" => a.json()["metadata"]["trial"] == trial,
+                    _ => a.status == 404,
+                }));
+            }
+        }
+        let worst = *times.iter().max().unwrap();
+        let p = p99(times);
+        report.push(format!("{kind}: p99 {p:?}, worst {worst:?}"));
+        assert!(p < Duration::from_millis(50), "{}", report.join("; "));
+    }
+    // A change nobody made through edgenode: redis-cli on the hash itself.
+    let mut times = Vec::new();
+    for trial in 0..20 {
+        let id = id_of(&cs[0].create("{}"));
+        for c in &cs {
+            warm(c, &id);
+        }
+        let out = redis_cli(
+            &redis,
+            &[
+                "HSET",
+                &format!("edgenode:s:{id}"),
+                "m:\"by_hand\"",
+                &trial.to_string(),
+            ],
+        );
+        assert_eq!(out, "1", "redis-cli HSET");
+        for c in &cs {
+            times.push(time_to_see(c, &id, |a| {
+                a.json()["metadata"]["by_hand"] == trial
+            }));
+        }
+    }
+    // Seen on every node (`time_to_see` bounds it); timed like the rest.
+    times.sort();
+    let median = times[times.len() / 2];
+    report.push(format!(
+        "redis-cli: median {median:?}, worst {:?}",
+        times.last().unwrap()
+    ));
+    assert!(median < Duration::from_millis(50), "{}", report.join("; "));
+    eprintln!(
+        "propagation over {TRIALS} trials each: {}",
+        report.join("; ")
+    );
+}
+
+#[test]
+fn with_its_invalidation_connection_killed_no_node_serves_from_its_cache_until_it_is_back() {
+    let _one = one_at_a_time();
+    let redis = Redis::start(false);
+    // Rare write-behind, so the three copies stay in place (see warm).
+    let (_nodes, cs) = cluster_flushing_every(&redis, 5_000);
+    let id = id_of(&cs[0].create(r#"{"metadata":{"v":0}}"#));
+    for round in 1..=3 {
+        for c in &cs {
+            warm(c, &id);
+        }
+        // Every node's tracking connection, by the name it gives itself.
+        let list = redis_cli(&redis, &["CLIENT", "LIST"]);
+        let ids: Vec<&str> = list
+            .lines()
+            .filter(|l| l.contains("name=edgenode-near-"))
+            .filter_map(|l| l.split_whitespace().next()?.strip_prefix("id="))
+            .collect();
+        assert_eq!(ids.len(), 3, "one tracking connection per node: {list}");
+        for cid in &ids {
+            assert_eq!(redis_cli(&redis, &["CLIENT", "KILL", "ID", cid]), "1");
+        }
+        // Changed by hand while no node hears invalidations: each node must
+        // answer from Redis, not from its copy.
+        redis_cli(
+            &redis,
+            &[
+                "HSET",
+                &format!("edgenode:s:{id}"),
+                "m:\"v\"",
+                &round.to_string(),
+            ],
+        );
+        for c in &cs {
+            let a = read(c, &id);
+            assert_eq!(a.status, 200);
+            assert_eq!(
+                a.json()["metadata"]["v"],
+                round,
+                "stale copy served: {}",
+                a.text
+            );
+        }
+        // Each node comes back on a new connection, and serves from its cache
+        // again, coherently.
+        for c in &cs {
+            assert!(
+                wait_until(Duration::from_secs(5), || near_up(c)),
+                "near cache not back: {}",
+                near(c)
+            );
+            warm(c, &id);
+        }
+        let list = redis_cli(&redis, &["CLIENT", "LIST"]);
+        assert_eq!(list.matches("name=edgenode-near-").count(), 3, "{list}");
+    }
+    redis_cli(
+        &redis,
+        &["HSET", &format!("edgenode:s:{id}"), "m:\"v\"", "99"],
+    );
+    for c in &cs {
+        time_to_see(c, &id, |a| a.json()["metadata"]["v"] == 99);
+    }
+}
+
+#[test]
+fn three_hundred_touches_over_three_nodes_read_301_within_one_flush_interval() {
+    let _one = one_at_a_time();
+    let redis = Redis::start(false);
+    let (_nodes, cs) = cluster(&redis);
+    let first = cs[0].get("/api/session");
+    let id = id_of(&first.json());
+    assert_eq!(first.json()["request_count"], 1);
+    // 300 browser requests, 100 per node, from three clients at once.
+    let highest: Vec<u64> = std::thread::scope(|scope| {
+        let handles: Vec<_> = cs
+            .iter()
+            .map(|c| {
+                let id = id.clone();
+                scope.spawn(move || {
+                    let mut highest = 0;
+                    for _ in 0..100 {
+                        let a = c.request("GET", "/api/session", &[("X-Session-ID", &id)], None);
+                        assert_eq!(a.status, 200, "{}", a.text);
+                        assert_eq!(a.json()["session_id"], id.as_str());
+                        highest = highest.max(a.json()["request_count"].as_u64().unwrap());
+                    }
+                    highest
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let last = Instant::now();
+    let hits: u64 = cs.iter().map(|c| near(c)["hits"].as_u64().unwrap()).sum();
+    assert!(
+        hits >= 250,
+        "most touches came from the near caches: {hits}"
+    );
+    // Redis itself, not through a node (a read through one counts too).
+    let count = || redis.cmd(&["HGET", &format!("edgenode:s:{id}"), "n"]);
+    let landed = wait_until(Duration::from_secs(2), || count().contains("\r\n301\r\n"));
+    let took = last.elapsed();
+    assert!(landed, "redis holds {} after 300 touches", count());
+    // One flush interval, plus the flush's own round trip and scheduling.
+    assert!(
+        took <= Duration::from_millis(FLUSH_MS + 60),
+        "301 only after {took:?}"
+    );
+    assert!(highest.iter().all(|&h| h <= 301), "{highest:?}");
+    // A read now counts itself too, on any node.
+    assert_eq!(read(&cs[1], &id).json()["request_count"], 302);
+    eprintln!("301 in redis {took:?} after the last touch; highest per node {highest:?}; {hits} cache hits");
+}
+
+#[test]
+fn a_node_killed_with_sigkill_loses_at_most_one_flush_interval_of_counts_and_nothing_else() {
+    let _one = one_at_a_time();
+    let redis = Redis::start(false);
+    let (mut nodes, cs) = cluster(&redis);
+    let created = cs[0].get("/api/session");
+    let id = id_of(&created.json());
+    let c = cs[0].clone();
+    // Touches in a loop, each acknowledged one timed; a PATCH every 50.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (acks, patches) = std::thread::scope(|scope| {
+        let worker = scope.spawn(|| {
+            let mut acks: Vec<Instant> = Vec::new();
+            let mut patches: Vec<u32> = Vec::new();
+            let mut i = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                i += 1;
+                if i % 50 == 0 {
+                    let body = format!(r#"{{"metadata":{{"p{i}":true}}}}"#);
+                    if let Ok(a) =
+                        c.try_request("PATCH", &format!("/api/sessions/{id}"), &[], Some(&body))
+                    {
+                        if a.status == 200 {
+                            patches.push(i);
+                        }
+                    }
+                    continue;
+                }
+                match c.try_request("GET", "/api/session", &[("X-Session-ID", &id)], None) {
+                    Ok(a) if a.status == 200 => acks.push(Instant::now()),
+                    _ => break,
+                }
+            }
+            (acks, patches)
+        });
+        std::thread::sleep(Duration::from_millis(1500));
+        nodes[0].kill9();
+        let killed = Instant::now();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (acks, patches) = worker.join().unwrap();
+        (
+            acks.into_iter()
+                .map(|t| killed.saturating_duration_since(t))
+                .collect::<Vec<_>>(),
+            patches,
+        )
+    });
+    // Redis now, read without counting.
+    let n: u64 = redis
+        .cmd(&["HGET", &format!("edgenode:s:{id}"), "n"])
+        .lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse().ok())
+        .expect("the session is still in redis");
+    let acknowledged = acks.len() as u64 + 1;
+    let lost = acknowledged.saturating_sub(n);
+    // What was acknowledged in the last flush interval (and the slack of
+    // a flush in progress) is all that may be missing.
+    let window = Duration::from_millis(FLUSH_MS * 2);
+    let recent = acks.iter().filter(|&&ago| ago <= window).count() as u64;
+    eprintln!(
+        "{} touches acknowledged, redis counts {n}: {lost} lost, {recent} acknowledged in the last {window:?}",
+        acknowledged
+    );
+    assert!(acknowledged > 200, "too little traffic to mean anything");
+    assert!(
+        lost <= recent,
+        "lost {lost}, more than the last interval's {recent}"
+    );
+    assert!(n <= acknowledged + 1, "counted more than was sent");
+    // Every acknowledged PATCH is there, on every surviving node.
+    assert!(!patches.is_empty());
+    for c in &cs[1..] {
+        let s = read(c, &id).json();
+        for i in &patches {
+            assert_eq!(s["metadata"][format!("p{i}")], true, "PATCH {i} lost: {s}");
+        }
+    }
+}
