@@ -163,9 +163,7 @@ impl NearCache {
             return None;
         }
         let mut shard = self.shard(id);
-        let Some(entry) = shard.map.get_mut(id) else {
-            return None;
-        };
+        let entry = shard.map.get_mut(id)?;
         if entry.session.is_expired(now) {
             // Redis drops it at the same time; its answer (404, or a new
             // session) is Redis's to give.
