@@ -2,8 +2,10 @@
 # Measures what the performance targets (docs/performance.md) talk about, in one run:
 #
 #   - session touch (GET /api/session with a cookie) req/s and p99 with wrk at
-#     $CONNS connections, in sled mode and in Redis mode;
-#   - redis-benchmark -t get at the same concurrency, and the Redis-mode ratio;
+#     $CONNS connections over $HOT hot sessions, in sled mode and in Redis mode
+#     (near cache on, the default), and the CPU each costs the node and Redis;
+#   - redis-benchmark -t get at the same concurrency and its Redis CPU per GET;
+#   - the near cache's own memory with $SESSIONS sessions cached;
 #   - idle RSS and threads; RSS and threads with 1 000 open connections and
 #     100 000 stored sessions;
 #   - start-to-ready time and the stripped binary sizes.
@@ -20,6 +22,7 @@ DURATION="${1:-10}"
 CONNS="${CONNS:-64}"
 SESSIONS="${SESSIONS:-100000}"
 OPEN_CONNS="${OPEN_CONNS:-1000}"
+HOT="${HOT:-1000}"
 
 # wrk, redis-server and redis-benchmark, from the list test.sh uses (scripts/needs.sh).
 # shellcheck source=scripts/needs.sh
@@ -74,11 +77,27 @@ start_node() {  # name port [args...]; sets NODE_PID, READY_MS
 
 touch_bench() {  # port → prints "req/s p99"
   local url="http://127.0.0.1:$1"
-  local id
-  id=$(curl -fs "$url/api/session" | python3 -c 'import sys,json; print(json.load(sys.stdin)["session_id"])')
-  cat >"$WORK/touch.lua" <<LUA
-wrk.headers["Cookie"] = "session_id=$id"
+  # $HOT sessions, used in turn: each connection walks the list from its
+  # own place, so every request names another session than the last.
+  python3 - "$1" "$HOT" >"$WORK/hot.lua" <<'PY'
+import http.client, json, sys
+port, n = int(sys.argv[1]), int(sys.argv[2])
+c = http.client.HTTPConnection("127.0.0.1", port)
+ids = []
+for i in range(n):
+    c.request("POST", "/api/sessions", body='{"user_id":"hot%d"}' % i,
+              headers={"Content-Type": "application/json"})
+    ids.append(json.loads(c.getresponse().read())["session_id"])
+print("local ids = {" + ",".join('"%s"' % i for i in ids) + "}")
+PY
+  cat >>"$WORK/hot.lua" <<'LUA'
+local i = math.random(#ids)
+request = function()
+  i = i % #ids + 1
+  return wrk.format("GET", "/api/session", {["Cookie"] = "session_id=" .. ids[i]})
+end
 LUA
+  cp "$WORK/hot.lua" "$WORK/touch.lua"
   wrk -t2 -c"$CONNS" -d"${DURATION}s" --latency -s "$WORK/touch.lua" "$url/api/session" >"$WORK/wrk.out"
   local rps p99
   rps=$(awk '/^Requests\/sec/ { print $2 }' "$WORK/wrk.out")
@@ -100,7 +119,9 @@ SLED_READY_MS=$READY_MS
 sleep 1  # let start-up allocations settle before reading idle RSS
 IDLE_RSS=$(proc_field "$SLED_PID" VmRSS)
 IDLE_THREADS=$(proc_field "$SLED_PID" Threads)
+S0=$(cpu_ticks "$SLED_PID")
 read -r SLED_RPS SLED_P99 < <(touch_bench "$SLED_PORT")
+SLED_NODE_US=$(us_per "$S0" "$(cpu_ticks "$SLED_PID")" "$(python3 -c "print(int(float('$SLED_RPS') * $DURATION))")")
 SLED_THREADS_LOAD=$(proc_field "$SLED_PID" Threads)
 
 # --- Redis mode ----------------------------------------------------------------
@@ -129,8 +150,52 @@ R0=$(cpu_ticks "$REDIS_PID")
 GET_RPS=$(redis-benchmark -p "$REDIS_PORT" -t get -c "$CONNS" -n "$GETS" -q 2>/dev/null \
   | tr '\r' '\n' | awk '/^GET: [0-9.]+ requests per second/ { print $2 }' | tail -1)
 REDIS_GET_US=$(us_per "$R0" "$(cpu_ticks "$REDIS_PID")" "$GETS")
-RATIO=$(python3 -c "print(f'{float(\"$REDIS_RPS\") / float(\"$GET_RPS\"):.2f}')")
+ratio() { python3 -c "print(f'{float(\"$1\") / max(float(\"$2\"), 1e-9):.2f}')"; }
+RATIO=$(ratio "$REDIS_RPS" "$GET_RPS")
+MODE_RATIO=$(ratio "$REDIS_RPS" "$SLED_RPS")
+REDIS_CPU_RATIO=$(ratio "$REDIS_TOUCH_US" "$REDIS_GET_US")
+NODE_CPU_RATIO=$(ratio "$NODE_US" "$SLED_NODE_US")
+NEAR_HITS=$(curl -fs "http://127.0.0.1:$REDIS_NODE_PORT/api/health" | python3 -c 'import sys,json; n=json.load(sys.stdin)["store"]["near_cache"]; print(n["hits"], "hits,", n["misses"], "misses")')
 kill "$REDIS_NODE_PID"
+
+# --- the near cache's own memory: $SESSIONS sessions created and each read
+# once on a Redis-mode node whose cache holds them all ----------------------
+NEAR_PORT=$(free_port)
+start_node nearnode "$NEAR_PORT" --redis-url "redis://127.0.0.1:$REDIS_PORT/" --near-cache-mb 256
+NEAR_PID=$NODE_PID
+for _ in $(seq 1 300); do
+  curl -fs "http://127.0.0.1:$NEAR_PORT/api/health" | grep -q '"up":true' && break
+  sleep 0.01
+done
+NEAR_RSS0=$(proc_field "$NEAR_PID" VmRSS)
+near_stat() { curl -fs "http://127.0.0.1:$NEAR_PORT/api/health" | python3 -c "import sys,json; print(json.load(sys.stdin)['store']['near_cache']['$1'])"; }
+# Each create's answer names the session the next request on that thread reads.
+for _ in 1 2 3 4 5 6; do
+  MISSING=$(( SESSIONS - $(near_stat entries) ))
+  [ "$MISSING" -le 0 ] && break
+  cat >"$WORK/fill_near.lua" <<LUA
+local quota = math.ceil($MISSING / 2)
+local made, ids = 0, {}
+request = function()
+  if #ids > 0 then
+    return wrk.format("GET", "/api/session", {["Cookie"] = "session_id=" .. table.remove(ids)})
+  end
+  made = made + 1
+  if made > quota then return wrk.format("GET", "/api/ready") end
+  return wrk.format("POST", "/api/sessions", {["Content-Type"] = "application/json"},
+    '{"user_id":"n' .. (made % 5000) .. '","metadata":{"cart":[1,2,3],"theme":"dark"}}')
+end
+response = function(status, headers, body)
+  local id = body:match('"session_id":"([0-9a-f-]+)"')
+  if status == 201 and id then ids[#ids + 1] = id end
+end
+LUA
+  wrk -t2 -c"$CONNS" -d5s -s "$WORK/fill_near.lua" "http://127.0.0.1:$NEAR_PORT" >"$WORK/fill_near.out"
+done
+NEAR_ENTRIES=$(near_stat entries)
+NEAR_BYTES=$(near_stat bytes)
+NEAR_RSS1=$(proc_field "$NEAR_PID" VmRSS)
+kill "$NEAR_PID"
 
 # --- memory with many sessions and connections (sled mode) -------------------
 # Exactly $SESSIONS sessions (the target's figure), spread over many users so
@@ -200,9 +265,14 @@ cat <<REPORT
 sled mode       : $SLED_RPS req/s   p99 $SLED_P99   (target >= 40000 req/s)
 redis mode      : $REDIS_RPS req/s   p99 $REDIS_P99
 redis-benchmark : $GET_RPS GET/s at -c $CONNS
-ratio           : $RATIO x redis GET   (target >= 0.75)
-CPU per request : node $NODE_US us + redis $REDIS_TOUCH_US us per touch; redis $REDIS_GET_US us per GET
+                  $HOT hot sessions, each request another; redis mode with its near cache ($NEAR_HITS)
+redis/sled      : $MODE_RATIO x   (target >= 0.9)
+redis/GET rate  : $RATIO x redis-benchmark GET
+CPU per touch   : node $SLED_NODE_US us in sled mode, $NODE_US us in redis mode ($NODE_CPU_RATIO x; target <= 1.2)
+                  redis $REDIS_TOUCH_US us per touch, $REDIS_GET_US us per redis-benchmark GET ($REDIS_CPU_RATIO x; target <= 0.2)
                   (all of it shares $(nproc) cores with the load generator)
+near cache      : $NEAR_ENTRIES sessions cached in $(python3 -c "print(f'{$NEAR_BYTES/1048576:.1f}')") MB by its own estimate ($(python3 -c "print(round($NEAR_BYTES/max($NEAR_ENTRIES,1)))") bytes each);
+                  the node's RSS grew $(kb_mb "$(( NEAR_RSS1 - NEAR_RSS0 ))") while creating and caching them
 
 == footprint
 idle RSS        : $(kb_mb "$IDLE_RSS")   (target < 12 MB)

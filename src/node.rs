@@ -179,6 +179,9 @@ pub async fn run_on(
     shutdown.await;
     tracing::info!("shutting down: readiness off, draining");
     app.ready.store(false, Ordering::Release);
+    // From here every use of a session goes to Redis, so the node that
+    // takes a browser over sees every count at once.
+    store.begin_drain();
     systemd::stopping();
     tokio::time::sleep(app.config.drain_delay).await;
     let _ = shutdown_tx.send(true);

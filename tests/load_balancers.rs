@@ -619,6 +619,8 @@ fn cluster_story(kind: Balancer) {
         .collect();
     let ok: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
     assert_eq!(ok, 40);
+    // (written behind by each node's near cache within a flush interval)
+    assert!(redis.wait_request_count(counted, 40), "{name}");
     assert_eq!(
         mgmt(&nodes[2])
             .get(&format!("/api/sessions/{counted}"))
@@ -961,26 +963,35 @@ fn route_cookie_story(kind: Balancer) {
         );
     }
     let mut count = 21;
-    let mut visit = |browser: &mut Browser, what: &str| {
-        count += 1;
+    // Each visit counts itself. A node serves from its near cache and writes
+    // counts behind; a node killed with SIGKILL loses the counts it had not
+    // written yet (at most one flush interval's: `may_lose` visits here).
+    // A draining node writes through, so a move off it loses nothing.
+    let mut visit = |browser: &mut Browser, what: &str, may_lose: u64| {
         let page = browser.get("/api/session");
         assert_eq!(page.status, 200, "{name}: {what}: {:?}", page.body);
         assert_eq!(id_of(&page.body), id, "{name}: {what}: another session");
-        assert_eq!(page.body["request_count"], count, "{name}: {what}");
+        let got = page.body["request_count"].as_u64().unwrap_or(0);
+        assert!(
+            got <= count + 1 && got + may_lose >= count + 1,
+            "{name}: {what}: request_count {got} after {count}"
+        );
+        count = got;
     };
     let drain_started = Instant::now();
     signal(nodes[home].pid(), libc::SIGTERM);
     // one visit per 50 ms, under the balancer's rate limit
     let moved = wait_until(Duration::from_secs(10), || {
         std::thread::sleep(Duration::from_millis(50));
-        visit(&mut browser, "visit while its node drains");
+        visit(&mut browser, "visit while its node drains", 0);
         browser.routed_to() != home
     });
     assert!(moved, "{name}: browser still routed to its draining node");
     let drain_moved_in = drain_started.elapsed();
     let second = browser.routed_to();
     nodes[second].kill9();
-    visit(&mut browser, "first visit after its node died");
+    // its one visit on that node was not written yet
+    visit(&mut browser, "first visit after its node died", 1);
     let third = browser.routed_to();
     assert!(
         third != second && third != home,
@@ -989,7 +1000,7 @@ fn route_cookie_story(kind: Balancer) {
         home + 1,
         second + 1
     );
-    visit(&mut browser, "second visit after its node died");
+    visit(&mut browser, "second visit after its node died", 0);
     assert_eq!(browser.routed_to(), third);
 
     // A routing cookie that names no node is ignored and replaced.

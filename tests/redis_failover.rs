@@ -64,8 +64,16 @@ fn three_nodes_share_every_session_through_redis() {
         "node 1 sees node 3's patch at once"
     );
 
-    // 300 concurrent touches over the three nodes are counted exactly
-    let before = cs[1].get(&path).json()["request_count"].as_u64().unwrap();
+    // 300 concurrent touches over the three nodes are counted exactly. Each
+    // node's near cache writes its counts behind within a flush interval, so
+    // the exact total is Redis's once they are written (two nodes may
+    // briefly answer the same number): the two reads above, and these.
+    let before = 2;
+    assert!(
+        redis.wait_request_count(&id, before),
+        "{:?}",
+        redis.request_count(&id)
+    );
     let handles: Vec<_> = (0..300)
         .map(|i| {
             let c = cs[i % 3].clone();
@@ -76,6 +84,12 @@ fn three_nodes_share_every_session_through_redis() {
     for h in handles {
         assert_eq!(h.join().unwrap(), 200);
     }
+    assert!(
+        redis.wait_request_count(&id, before + 300),
+        "redis holds {:?}, expected {before} + 300",
+        redis.request_count(&id)
+    );
+    // Then a read anywhere counts itself on top of all of them.
     let after = cs[2].get(&path).json()["request_count"].as_u64().unwrap();
     assert_eq!(after, before + 300 + 1);
 
@@ -387,7 +401,20 @@ fn outage_drill(how: Outage, keep_data: bool) {
         s["metadata"]["during"], 1,
         "node 1's outage patch was replayed"
     );
-    assert_eq!(s["request_count"], touches + 1, "request counts add up");
+    let counted = s["request_count"].as_u64().unwrap_or(0);
+    if keep_data {
+        assert_eq!(counted, touches + 1, "request counts add up");
+    } else {
+        // Redis lost the 3 uses made before the outage. Whichever node
+        // re-seeds the session first brings its mirror's copy, and node 2's
+        // predates node 1's uses (a documented window: a mirror copy is as
+        // fresh as the node's last use). The 5 uses made during the outage
+        // are journaled and replayed: never lost, never doubled.
+        assert!(
+            (5 + 1..=touches + 1).contains(&counted),
+            "request counts: {counted}, made {touches} (+1 this read)"
+        );
+    }
     for c in [&c1, &c2] {
         assert_eq!(
             c.get(&format!("/api/sessions/{revoked}")).status,

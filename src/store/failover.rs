@@ -91,6 +91,8 @@ struct Inner {
     /// Held by a write-behind flush while it runs: a rotation waits for the
     /// session's counts to land before moving the session.
     flush_lock: tokio::sync::Mutex<()>,
+    /// Set at shutdown: the near cache stays bypassed.
+    draining: AtomicBool,
 }
 
 /// How many times a journal entry that Redis rejects (a script error, not an
@@ -165,6 +167,7 @@ impl Store {
                 near,
                 touch_flush: limits.touch_flush,
                 flush_lock: tokio::sync::Mutex::new(()),
+                draining: AtomicBool::new(false),
             }),
         }
     }
@@ -862,7 +865,7 @@ impl Store {
                     return;
                 }
             }
-            if self.mode() != Mode::Redis {
+            if self.mode() != Mode::Redis || self.inner.draining.load(Ordering::Acquire) {
                 if near.is_up() {
                     redis.close_tracking(&near);
                 }
@@ -1352,9 +1355,27 @@ impl Store {
         }
     }
 
+    /// Shutdown begins: the near cache is bypassed from now on, so every
+    /// use is written through to Redis while in-flight requests finish.
+    pub fn begin_drain(&self) {
+        self.inner.draining.store(true, Ordering::Release);
+        if let Some(near) = &self.inner.near {
+            near.link_down();
+        }
+    }
+
     /// Flushes everything; called on shutdown, after every background task
-    /// has returned.
+    /// has returned and the last request was answered: the near cache's
+    /// last counts go to Redis (or the journal), then the disk is flushed.
     pub async fn close(&self) -> Result<()> {
+        if let Some(near) = &self.inner.near {
+            let _flush = self.inner.flush_lock.lock().await;
+            let taken = near.take_pending();
+            if !taken.is_empty() {
+                self.write_behind(near, taken).await;
+            }
+            self.inner.sled.flush_pending_touches()?;
+        }
         self.inner.sled.close().await
     }
 }

@@ -549,6 +549,21 @@ impl Redis {
         redis_cmd(self.port, args).unwrap_or_default()
     }
 
+    /// A session's request count as Redis holds it, read without counting
+    /// a request (as a read through a node would); default key prefix.
+    pub fn request_count(&self, id: &str) -> Option<u64> {
+        self.cmd(&["HGET", &format!("edgenode:s:{id}"), "n"])
+            .lines()
+            .nth(1)
+            .and_then(|l| l.trim().parse().ok())
+    }
+
+    /// Waits until Redis holds `n` requests for the session: uses served
+    /// from a node's near cache reach Redis within one flush interval.
+    pub fn wait_request_count(&self, id: &str, n: u64) -> bool {
+        wait_until(Duration::from_secs(3), || self.request_count(id) == Some(n))
+    }
+
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
