@@ -4,6 +4,7 @@
 #   - session touch (GET /api/session with a cookie) req/s and p99 with wrk at
 #     $CONNS connections over $HOT hot sessions, in sled mode and in Redis mode
 #     (near cache on, the default), and the CPU each costs the node and Redis;
+#     then Redis mode again over $SPREAD sessions;
 #   - redis-benchmark -t get at the same concurrency and its Redis CPU per GET;
 #   - the near cache's own memory with $SESSIONS sessions cached;
 #   - idle RSS and threads; RSS and threads with 1 000 open connections and
@@ -22,7 +23,10 @@ DURATION="${1:-10}"
 CONNS="${CONNS:-64}"
 SESSIONS="${SESSIONS:-100000}"
 OPEN_CONNS="${OPEN_CONNS:-1000}"
-HOT="${HOT:-1000}"
+# Hot sessions in the touch runs: one per connection (a browser each), and
+# a second Redis-mode run spread over $SPREAD sessions.
+HOT="${HOT:-$CONNS}"
+SPREAD="${SPREAD:-1000}"
 
 # wrk, redis-server and redis-benchmark, from the list test.sh uses (scripts/needs.sh).
 # shellcheck source=scripts/needs.sh
@@ -75,11 +79,11 @@ start_node() {  # name port [args...]; sets NODE_PID, READY_MS
   READY_MS=$(( $(ms_now) - t0 ))
 }
 
-touch_bench() {  # port → prints "req/s p99"
-  local url="http://127.0.0.1:$1"
+touch_bench() {  # port [sessions] → prints "req/s p99"
+  local url="http://127.0.0.1:$1" hot="${2:-$HOT}"
   # $HOT sessions, used in turn: each connection walks the list from its
   # own place, so every request names another session than the last.
-  python3 - "$1" "$HOT" >"$WORK/hot.lua" <<'PY'
+  python3 - "$1" "$hot" >"$WORK/hot.lua" <<'PY'
 import http.client, json, sys
 port, n = int(sys.argv[1]), int(sys.argv[2])
 c = http.client.HTTPConnection("127.0.0.1", port)
@@ -156,6 +160,14 @@ MODE_RATIO=$(ratio "$REDIS_RPS" "$SLED_RPS")
 REDIS_CPU_RATIO=$(ratio "$REDIS_TOUCH_US" "$REDIS_GET_US")
 NODE_CPU_RATIO=$(ratio "$NODE_US" "$SLED_NODE_US")
 NEAR_HITS=$(curl -fs "http://127.0.0.1:$REDIS_NODE_PORT/api/health" | python3 -c 'import sys,json; n=json.load(sys.stdin)["store"]["near_cache"]; print(n["hits"], "hits,", n["misses"], "misses")')
+# The same over $SPREAD sessions: fewer uses of each per flush interval, so
+# each written-behind command covers fewer uses.
+N0=$(cpu_ticks "$REDIS_NODE_PID"); R0=$(cpu_ticks "$REDIS_PID")
+read -r SPREAD_RPS SPREAD_P99 < <(touch_bench "$REDIS_NODE_PORT" "$SPREAD")
+N1=$(cpu_ticks "$REDIS_NODE_PID"); R1=$(cpu_ticks "$REDIS_PID")
+SPREAD_TOUCHES=$(python3 -c "print(int(float('$SPREAD_RPS') * $DURATION))")
+SPREAD_NODE_US=$(us_per "$N0" "$N1" "$SPREAD_TOUCHES"); SPREAD_REDIS_US=$(us_per "$R0" "$R1" "$SPREAD_TOUCHES")
+SPREAD_CPU_RATIO=$(ratio "$SPREAD_REDIS_US" "$REDIS_GET_US")
 kill "$REDIS_NODE_PID"
 
 # --- the near cache's own memory: $SESSIONS sessions created and each read
@@ -265,12 +277,13 @@ cat <<REPORT
 sled mode       : $SLED_RPS req/s   p99 $SLED_P99   (target >= 40000 req/s)
 redis mode      : $REDIS_RPS req/s   p99 $REDIS_P99
 redis-benchmark : $GET_RPS GET/s at -c $CONNS
-                  $HOT hot sessions, each request another; redis mode with its near cache ($NEAR_HITS)
+                  $HOT hot sessions (one per connection); redis mode with its near cache ($NEAR_HITS)
 redis/sled      : $MODE_RATIO x   (target >= 0.9)
 redis/GET rate  : $RATIO x redis-benchmark GET
 CPU per touch   : node $SLED_NODE_US us in sled mode, $NODE_US us in redis mode ($NODE_CPU_RATIO x; target <= 1.2)
                   redis $REDIS_TOUCH_US us per touch, $REDIS_GET_US us per redis-benchmark GET ($REDIS_CPU_RATIO x; target <= 0.2)
                   (all of it shares $(nproc) cores with the load generator)
+spread over $SPREAD: redis mode $SPREAD_RPS req/s p99 $SPREAD_P99; node $SPREAD_NODE_US us + redis $SPREAD_REDIS_US us per touch ($SPREAD_CPU_RATIO x a GET)
 near cache      : $NEAR_ENTRIES sessions cached in $(python3 -c "print(f'{$NEAR_BYTES/1048576:.1f}')") MB by its own estimate ($(python3 -c "print(round($NEAR_BYTES/max($NEAR_ENTRIES,1)))") bytes each);
                   the node's RSS grew $(kb_mb "$(( NEAR_RSS1 - NEAR_RSS0 ))") while creating and caching them
 

@@ -504,9 +504,13 @@ impl Store {
                     }
                     return Ok(PatchOutcome::NotFound);
                 }
-                Answer::Redis(outcome) => {
-                    if let PatchOutcome::Updated(s) = &outcome {
+                Answer::Redis(mut outcome) => {
+                    if let PatchOutcome::Updated(s) = &mut outcome {
                         self.mirror("patch", |m| m.mirror_put(s));
+                        // Uses this node counted and has not written yet.
+                        if let Some(near) = &self.inner.near {
+                            s.request_count += near.pending_count(id);
+                        }
                     }
                     return Ok(outcome);
                 }

@@ -308,6 +308,11 @@ impl NearCache {
         out
     }
 
+    /// One session's counts waiting to be written (not taken).
+    pub fn pending_count(&self, id: &[u8; 16]) -> u64 {
+        self.pending_shard(id).get(id).map_or(0, |p| p.count)
+    }
+
     /// One session's counts waiting to be written, taken.
     pub fn take_pending_of(&self, id: &[u8; 16]) -> Option<Pending> {
         self.pending_shard(id).remove(id)
