@@ -22,21 +22,11 @@ const DELETE: &str = include_str!("delete.lua");
 const ROTATE: &str = include_str!("rotate.lua");
 const LIST_USER: &str = include_str!("list_user.lua");
 const DELETE_USER: &str = include_str!("delete_user.lua");
-const FLUSH: &str = include_str!("flush.lua");
 
 /// Every script, for loading them all ahead of a pipeline (a pipelined
 /// `EVALSHA` does not load a missing script, and a Redis that restarted empty
 /// has none).
-pub(super) const ALL: [&str; 8] = [
-    CREATE,
-    TOUCH,
-    PATCH,
-    DELETE,
-    ROTATE,
-    LIST_USER,
-    DELETE_USER,
-    FLUSH,
-];
+pub(super) const ALL: [&str; 7] = [CREATE, TOUCH, PATCH, DELETE, ROTATE, LIST_USER, DELETE_USER];
 
 /// A script's full source: the prelude, its body as a function, then the
 /// replay chain that calls it.
@@ -59,7 +49,6 @@ pub(super) struct Scripts {
     pub rotate: Script,
     pub list_user: Script,
     pub delete_user: Script,
-    pub flush: Script,
 }
 
 impl Scripts {
@@ -72,7 +61,6 @@ impl Scripts {
             rotate: Script::new(&source(ROTATE)),
             list_user: Script::new(&source(LIST_USER)),
             delete_user: Script::new(&source(DELETE_USER)),
-            flush: Script::new(&source(FLUSH)),
         }
     }
 }

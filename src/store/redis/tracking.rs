@@ -18,7 +18,8 @@
 //! Redis older than 6 has neither RESP3 nor tracking: the connection fails
 //! and the node serves every touch from Redis, as without a near cache.
 
-use super::record::{as_array, unexpected};
+use super::record::as_array;
+use super::scripts::TouchReply;
 use super::{RedisStore, Result};
 use crate::session::{format_id, parse_session_id, Session};
 use crate::store::near::{NearCache, Pending};
@@ -235,29 +236,53 @@ impl RedisStore {
         Ok(Some(near.fill(session, ticket, now)))
     }
 
-    /// Writes counts behind: one script call for the whole chunk (each
-    /// session as a touch of its count would), over the tracking connection
-    /// when there is one (so it does not invalidate this node's own copies),
-    /// else the main one. An error means Redis may have applied any part.
+    /// Writes counts behind: one touch per session, all in one pipelined
+    /// round trip, over the tracking connection when there is one (so they
+    /// do not invalidate this node's own copies), else the main one.
+    /// An error means Redis may have applied any part of it.
+    ///
+    /// One script call per session, not one for the whole batch: on a
+    /// tracking connection Redis 7.0 charges a script for every key it names
+    /// on every read inside it, so a batch script over n sessions cost
+    /// n² (measured: 17 ms for 256 sessions instead of 1 ms untracked).
     pub async fn flush_touches(&self, batch: &[Flush], near: &NearCache) -> Result<Vec<Flushed>> {
-        let mut inv = self.inner.scripts.flush.prepare_invoke();
-        inv.key(self.key("active", ""))
-            .arg(self.inner.limits.ttl_ms)
-            .arg(self.inner.limits.max_lifetime_ms)
-            .arg(&self.inner.origin_field);
-        for f in batch {
-            let ids = format_id(&f.id);
-            inv.key(self.key("s:", &ids))
-                .arg(ids)
-                .arg(f.pending.at)
-                .arg(f.pending.count)
-                .arg(f.seq);
+        let keys: Vec<(String, String)> = batch
+            .iter()
+            .map(|f| {
+                let ids = format_id(&f.id);
+                let key = self.key("s:", &ids);
+                (ids, key)
+            })
+            .collect();
+        let invocations: Vec<_> = batch
+            .iter()
+            .zip(&keys)
+            .map(|(f, (ids, key))| {
+                self.touch_inv(ids, key, f.pending.at, f.pending.count, f.seq, false)
+            })
+            .collect();
+        let mut pipe = redis::pipe();
+        for inv in &invocations {
+            pipe.invoke_script(inv);
         }
-        let inv = &inv;
-        let reply: Value = match self.tracking_conn().filter(|_| near.is_up()) {
+        let load = self.load_scripts_pipe();
+        let (pipe, load) = (&pipe, &load);
+        let replies: Vec<Value> = match self.tracking_conn().filter(|_| near.is_up()) {
             Some(mut conn) => {
-                // `invoke_async` loads the script when Redis lacks it.
-                let call = inv.invoke_async::<Value>(&mut conn);
+                let call = async {
+                    match pipe.query_async::<Vec<Value>>(&mut conn).await {
+                        // NOSCRIPT is refused before anything runs; every
+                        // EVALSHA of the batch names the same script.
+                        Err(e)
+                            if e.kind()
+                                == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                        {
+                            load.query_async::<()>(&mut conn).await?;
+                            pipe.query_async(&mut conn).await
+                        }
+                        other => other,
+                    }
+                };
                 match tokio::time::timeout(self.inner.timeout, call).await {
                     Ok(Ok(v)) => v,
                     Ok(Err(e)) => {
@@ -275,21 +300,26 @@ impl RedisStore {
             }
             None => {
                 self.call(self.inner.timeout, |mut c| async move {
-                    inv.invoke_async::<Value>(&mut c).await
+                    match pipe.query_async::<Vec<Value>>(&mut c).await {
+                        Err(e)
+                            if e.kind()
+                                == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                        {
+                            load.query_async::<()>(&mut c).await?;
+                            pipe.query_async(&mut c).await
+                        }
+                        other => other,
+                    }
                 })
                 .await?
             }
         };
-        let codes = as_array(&reply)?;
-        if codes.len() != batch.len() {
-            return Err(unexpected(&reply));
-        }
-        Ok(codes
+        Ok(replies
             .iter()
             .zip(batch)
-            .map(|(code, f)| match code {
-                Value::Int(n) if *n > 0 => Flushed::Counted,
-                Value::Int(-2) => {
+            .map(|(reply, f)| match TouchReply::decode(reply) {
+                Some(TouchReply::Counted(_)) => Flushed::Counted,
+                Some(TouchReply::Corrupt) => {
                     let _ = self.unreadable(&f.id);
                     Flushed::Corrupt
                 }
