@@ -377,3 +377,40 @@ fn a_node_killed_with_sigkill_loses_at_most_one_flush_interval_of_counts_and_not
         }
     }
 }
+
+#[test]
+fn a_redis_user_not_allowed_client_tracking_leaves_the_cache_off_and_the_node_serving() {
+    let _one = one_at_a_time();
+    let redis = Redis::start(false);
+    // An ACL user that may do everything but HELLO and CLIENT: no RESP3, no
+    // tracking. (Redis 5 and older have neither at all.)
+    assert_eq!(
+        redis.cmd(&[
+            "ACL", "SETUSER", "plain", "on", ">pw", "~*", "&*", "+@all", "-hello", "-client"
+        ]),
+        "+OK\r\n"
+    );
+    let url = format!("redis://plain:pw@127.0.0.1:{}/", redis.port);
+    let node = Node::builder().args(["--redis-url", &url]).start();
+    let c = node.client();
+    assert!(wait_until(Duration::from_secs(5), || c
+        .get("/api/health")
+        .json()["store"]["active"]
+        == "redis"));
+    let id = id_of(&c.create("{}"));
+    for n in 1..=5 {
+        assert_eq!(read(&c, &id).json()["request_count"], n);
+    }
+    // Every use went to Redis at once.
+    assert_eq!(redis.request_count(&id), Some(5));
+    let nc = near(&c);
+    assert_eq!(nc["up"], false, "{nc}");
+    assert_eq!(nc["hits"], 0, "{nc}");
+    assert!(
+        wait_until(Duration::from_secs(5), || node
+            .log_text()
+            .contains("near cache unavailable")),
+        "the reason is logged: {}",
+        node.log_text()
+    );
+}
