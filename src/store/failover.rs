@@ -849,7 +849,7 @@ impl Store {
     }
 
     /// Keeps the near cache's tracking connection up while in Redis mode:
-    /// opens it, checks it answers every second, and drops it (bypassing
+    /// opens it, checks it answers every 250 ms, and drops it (bypassing
     /// the cache) in fallback.
     async fn near_link_loop(
         self,
@@ -890,7 +890,7 @@ impl Store {
                     }
                 }
                 last_check = std::time::Instant::now();
-            } else if last_check.elapsed() >= Duration::from_secs(1) {
+            } else if last_check.elapsed() >= Duration::from_millis(250) {
                 redis.check_tracking(&near).await;
                 last_check = std::time::Instant::now();
             }
