@@ -414,3 +414,32 @@ fn a_redis_user_not_allowed_client_tracking_leaves_the_cache_off_and_the_node_se
         node.log_text()
     );
 }
+
+#[test]
+fn a_silent_redis_takes_the_cache_out_of_service_within_a_ping_and_a_store_timeout() {
+    let _one = one_at_a_time();
+    let redis = Redis::start(false);
+    let node = Node::builder()
+        .args(["--redis-url", &redis.url(), "--store-timeout-ms", "250"])
+        .start();
+    let c = node.client();
+    assert!(wait_until(Duration::from_secs(5), || near_up(&c)));
+    let id = id_of(&c.create("{}"));
+    warm(&c, &id);
+    // SIGSTOP: the connection stays open and nothing comes back, as when a
+    // cable is pulled. No request is made meanwhile: the ping alone notices.
+    redis.stop();
+    let t0 = Instant::now();
+    let noticed = wait_until(Duration::from_secs(3), || !near_up(&c));
+    let took = t0.elapsed();
+    redis.cont();
+    assert!(noticed, "the near cache stayed up with redis silent");
+    assert!(
+        took <= Duration::from_millis(250 + 250 + 150),
+        "noticed after {took:?}"
+    );
+    // Back, with a new connection; the session is still right.
+    assert!(wait_until(Duration::from_secs(5), || near_up(&c)));
+    assert_eq!(read(&c, &id).status, 200);
+    eprintln!("a silent redis took the near cache out of service in {took:?}");
+}
