@@ -4,6 +4,10 @@
 #   - session touch (GET /api/session with a cookie) req/s and p99 with wrk at
 #     $CONNS connections, in sled mode and in Redis mode;
 #   - redis-benchmark -t get at the same concurrency, and the Redis-mode ratio;
+#   - shared cache: GET hits served by a node's memory tier, req/s with wrk at
+#     $CONNS connections against that redis-benchmark GET figure, and the
+#     node's memory per cached byte (RSS growth over $CACHE_FILL values of
+#     1 KiB, divided by their bytes);
 #   - idle RSS and threads; RSS and threads with 1 000 open connections and
 #     100 000 stored sessions;
 #   - start-to-ready time and the stripped binary sizes.
@@ -20,6 +24,7 @@ DURATION="${1:-10}"
 CONNS="${CONNS:-64}"
 SESSIONS="${SESSIONS:-100000}"
 OPEN_CONNS="${OPEN_CONNS:-1000}"
+CACHE_FILL="${CACHE_FILL:-6000}"
 
 # wrk, redis-server and redis-benchmark, from the list test.sh uses (scripts/needs.sh).
 # shellcheck source=scripts/needs.sh
@@ -130,6 +135,40 @@ GET_RPS=$(redis-benchmark -p "$REDIS_PORT" -t get -c "$CONNS" -n "$GETS" -q 2>/d
   | tr '\r' '\n' | awk '/^GET: [0-9.]+ requests per second/ { print $2 }' | tail -1)
 REDIS_GET_US=$(us_per "$R0" "$(cpu_ticks "$REDIS_PID")" "$GETS")
 RATIO=$(python3 -c "print(f'{float(\"$REDIS_RPS\") / float(\"$GET_RPS\"):.2f}')")
+
+# --- shared cache (same Redis-mode node) ---------------------------------------
+# A 1 KiB value, then wrk GETs of it: after the PUT it sits in the node's
+# memory tier, so no request goes to Redis.
+CACHE_URL="http://127.0.0.1:$REDIS_NODE_PORT/api/cache/bench/hot"
+python3 -c 'import sys; sys.stdout.write("x" * 1024)' >"$WORK/value"
+curl -fs -XPUT -H 'Content-Type: text/html' --data-binary @"$WORK/value" "$CACHE_URL"
+[ "$(curl -fs -o /dev/null -w '%header{x-cache}' "$CACHE_URL")" = memory ] \
+  || echo "warning: the cache bench value is not served from memory" >&2
+wrk -t2 -c"$CONNS" -d"${DURATION}s" --latency "$CACHE_URL" >"$WORK/cache.out"
+CACHE_RPS=$(awk '/^Requests\/sec/ { print $2 }' "$WORK/cache.out")
+CACHE_P99=$(awk '$1 == "99%" { print $2 }' "$WORK/cache.out")
+CACHE_NON2XX=$(awk '/Non-2xx/ { print $5 }' "$WORK/cache.out")
+[ -n "$CACHE_NON2XX" ] && echo "warning: $CACHE_NON2XX non-2xx cache answers" >&2
+CACHE_RATIO=$(python3 -c "print(f'{float(\"$CACHE_RPS\") / float(\"$GET_RPS\"):.2f}')")
+# Memory per cached byte: $CACHE_FILL values of 1 KiB (within the default
+# 8 MB tier, so none is evicted), RSS before and after, on one keep-alive
+# connection.
+sleep 1
+CACHE_RSS0=$(proc_field "$REDIS_NODE_PID" VmRSS)
+python3 - "$REDIS_NODE_PORT" "$CACHE_FILL" <<'PY'
+import http.client, sys
+port, n = int(sys.argv[1]), int(sys.argv[2])
+c = http.client.HTTPConnection("127.0.0.1", port)
+body = b"v" * 1024
+for i in range(n):
+    c.request("PUT", f"/api/cache/fill/key-{i:06d}", body, {"Content-Type": "text/plain"})
+    r = c.getresponse(); r.read()
+    assert r.status == 204, r.status
+PY
+sleep 1
+CACHE_RSS1=$(proc_field "$REDIS_NODE_PID" VmRSS)
+CACHE_TIER_BYTES=$(curl -fs "http://127.0.0.1:$REDIS_NODE_PORT/metrics" | awk '$1 == "edgenode_cache_bytes{tier=\"memory\"}" { print $2 }')
+PER_BYTE=$(python3 -c "print(f'{($CACHE_RSS1 - $CACHE_RSS0) * 1024 / ($CACHE_FILL * 1024):.2f}')")
 kill "$REDIS_NODE_PID"
 
 # --- memory with many sessions and connections (sled mode) -------------------
@@ -203,6 +242,10 @@ redis-benchmark : $GET_RPS GET/s at -c $CONNS
 ratio           : $RATIO x redis GET   (target >= 0.75)
 CPU per request : node $NODE_US us + redis $REDIS_TOUCH_US us per touch; redis $REDIS_GET_US us per GET
                   (all of it shares $(nproc) cores with the load generator)
+
+== shared cache
+GET hit (memory tier): $CACHE_RPS req/s   p99 $CACHE_P99   = $CACHE_RATIO x redis-benchmark GET ($GET_RPS/s)
+memory per cached byte: $PER_BYTE   (RSS $(kb_mb "$CACHE_RSS0") -> $(kb_mb "$CACHE_RSS1") for $CACHE_FILL values of 1 KiB; the tier counts $CACHE_TIER_BYTES bytes)
 
 == footprint
 idle RSS        : $(kb_mb "$IDLE_RSS")   (target < 12 MB)

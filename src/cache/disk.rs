@@ -36,8 +36,12 @@ type Result<T> = std::result::Result<T, crate::store::StoreError>;
 impl Disk {
     /// The tier, emptied (see the module doc); `budget` 0 turns it off.
     pub fn open(sled: SledStore, budget: u64) -> Result<Disk> {
-        sled.tree(VALUES)?.clear()?;
-        sled.tree(AGE)?.clear()?;
+        for name in [VALUES, AGE] {
+            let t = sled.tree(name)?;
+            for k in t.iter().keys() {
+                t.remove(k?)?;
+            }
+        }
         Ok(Disk {
             sled,
             budget,
@@ -61,7 +65,7 @@ impl Disk {
 
     /// The entry under `key` and the `seq` it was written under.
     pub fn get(&self, key: &str) -> Option<(u64, Entry)> {
-        let v = self.sled.tree(VALUES).ok()?.get(key).ok()??;
+        let v = self.sled.tree(VALUES).ok()?.get(key.as_bytes()).ok()??;
         let seq = u64::from_be_bytes(v.get(..8)?.try_into().ok()?);
         Some((seq, decode(bytes::Bytes::copy_from_slice(&v[8..]))?))
     }
@@ -80,13 +84,16 @@ impl Disk {
         }
         let (values, age) = (self.sled.tree(VALUES)?, self.sled.tree(AGE)?);
         let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(old) = values.insert(key, record)? {
+        if let Some(old) = values.insert(key.as_bytes(), record)? {
             self.forget(&age, key, &old)?;
         }
-        age.insert(seq.to_be_bytes(), key)?;
+        age.insert(seq.to_be_bytes(), key.as_bytes().to_vec())?;
         let mut total = self.bytes.fetch_add(size, Ordering::Relaxed) + size;
         while total > self.budget {
-            let Some((s, k)) = age.pop_min()? else { break };
+            let Some((s, k)) = age.iter().next().transpose()? else {
+                break;
+            };
+            age.remove(&s)?;
             if let Some(v) = values.get(&k)? {
                 if v.get(..8) == Some(&s[..]) {
                     values.remove(&k)?;
@@ -102,12 +109,12 @@ impl Disk {
     /// key still costs sled a write). Whether it was held.
     pub fn remove(&self, key: &str) -> Result<bool> {
         let values = self.sled.tree(VALUES)?;
-        if !values.contains_key(key)? {
+        if values.get(key.as_bytes())?.is_none() {
             return Ok(false);
         }
         let age = self.sled.tree(AGE)?;
         let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        match values.remove(key)? {
+        match values.remove(key.as_bytes())? {
             Some(old) => self.forget(&age, key, &old).map(|_| true),
             None => Ok(false),
         }

@@ -47,10 +47,12 @@ use disk::Disk;
 use memory::Memory;
 use redis::{CacheRedis, Fetched, Op};
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 
 /// Longest a namespace may be.
 pub const MAX_NAMESPACE_LEN: usize = 64;
@@ -251,7 +253,8 @@ struct Inner {
     seq: AtomicU64,
     global_floor: AtomicU64,
     floors: RwLock<HashMap<Box<str>, u64>>,
-    waiters: Mutex<HashMap<Box<str>, Arc<Notify>>>,
+    /// Per key with lease waiters: toggled by every write heard or made.
+    waiters: Mutex<HashMap<Box<str>, watch::Sender<bool>>>,
     waiting: AtomicUsize,
     max_waiters: usize,
     local_leases: Mutex<HashMap<Box<str>, (String, Instant)>>,
@@ -416,6 +419,9 @@ impl Cache {
     /// `lease`, a miss takes the fill lease or waits for another's fill.
     pub async fn get(&self, ns: &str, key: &str, lease: bool) -> Lookup {
         let mkey = format!("{ns}/{key}");
+        if let Some(e) = self.memory_hit(ns, &mkey) {
+            return Lookup::Hit(e, Tier::Memory);
+        }
         match self.find(ns, key, &mkey, lease).await {
             Found::Hit(e, t) => Lookup::Hit(e, t),
             Found::Miss => Lookup::Miss { waited: false },
@@ -430,92 +436,104 @@ impl Cache {
         }
     }
 
-    async fn find(&self, ns: &str, key: &str, mkey: &str, lease: bool) -> Found {
-        let i = &self.inner;
-        let now = now_ms();
-        if self.memory_trusted() {
-            let floor = self.floor(ns);
-            if let Some(e) = i.memory.get(mkey, now, |seq| seq > floor) {
-                self.count(Tier::Memory, true);
-                return Found::Hit(e, Tier::Memory);
-            }
-            self.count(Tier::Memory, false);
+    /// The memory tier's entry, when the tier can be believed.
+    fn memory_hit(&self, ns: &str, mkey: &str) -> Option<Arc<Entry>> {
+        if !self.memory_trusted() {
+            return None;
         }
-        if let Some(r) = self.redis_if_up() {
-            let ticket = i.memory.ticket(mkey);
-            let seq = self.next_seq();
-            let token = if lease {
-                format!("r{}", uuid::Uuid::new_v4().simple())
-            } else {
-                String::new()
-            };
-            let mut op = self.op(ns, key, b'f');
-            op.token = &token;
-            op.ttl_ms = i.lease_ttl.as_millis() as u64;
-            match r
-                .run(&op, &self.fresh_gen(seq))
-                .await
-                .map(CacheRedis::fetched)
-            {
-                Ok(Fetched::Value(b)) => match decode(Bytes::from(b)) {
-                    Some(e) if e.expires_at > now => {
-                        let e = Arc::new(e);
-                        i.memory.insert(mkey, e.clone(), seq, Some(ticket));
-                        self.count(Tier::Redis, true);
-                        return Found::Hit(e, Tier::Redis);
+        let floor = self.floor(ns);
+        let hit = self.inner.memory.get(mkey, now_ms(), |seq| seq > floor);
+        self.count(Tier::Memory, hit.is_some());
+        hit
+    }
+
+    /// Beyond the memory tier: Redis, or while it is unreachable (or
+    /// absent) the disk tier and a lease of this node's own. Boxed: two
+    /// callers, one state machine in the binary.
+    fn find<'a>(
+        &'a self,
+        ns: &'a str,
+        key: &'a str,
+        mkey: &'a str,
+        lease: bool,
+    ) -> Pin<Box<dyn Future<Output = Found> + Send + 'a>> {
+        Box::pin(async move {
+            let i = &self.inner;
+            let now = now_ms();
+            if let Some(r) = self.redis_if_up() {
+                let ticket = i.memory.ticket(mkey);
+                let seq = self.next_seq();
+                let token = if lease {
+                    format!("r{}", uuid::Uuid::new_v4().simple())
+                } else {
+                    String::new()
+                };
+                let mut op = self.op(ns, key, b'f');
+                op.token = &token;
+                op.ttl_ms = i.lease_ttl.as_millis() as u64;
+                let found = match r.run(&op, &self.fresh_gen(seq)).await {
+                    Ok(v) => match CacheRedis::fetched(v) {
+                        Fetched::Value(b) => match decode(Bytes::from(b)) {
+                            Some(e) if e.expires_at > now => {
+                                let e = Arc::new(e);
+                                i.memory.insert(mkey, e.clone(), seq, Some(ticket));
+                                self.count(Tier::Redis, true);
+                                return Found::Hit(e, Tier::Redis);
+                            }
+                            _ => Some(Found::Miss),
+                        },
+                        Fetched::Miss => Some(Found::Miss),
+                        Fetched::LeaseGranted => Some(Found::Granted(token)),
+                        Fetched::LeaseHeld => Some(Found::Held),
+                    },
+                    Err(e) => {
+                        self.mark_down(&e);
+                        None
                     }
-                    _ => {}
-                },
-                Ok(Fetched::LeaseGranted) => {
+                };
+                if let Some(found) = found {
                     self.count(Tier::Redis, false);
-                    return Found::Granted(token);
+                    return found;
                 }
-                Ok(Fetched::LeaseHeld) => {
-                    self.count(Tier::Redis, false);
-                    return Found::Held;
-                }
-                Ok(Fetched::Miss) => {}
-                Err(e) => {
-                    self.mark_down(&e);
-                    return Box::pin(self.find(ns, key, mkey, lease)).await;
+                // Now an outage: the memory tier is believed again.
+                if let Some(e) = self.memory_hit(ns, mkey) {
+                    return Found::Hit(e, Tier::Memory);
                 }
             }
-            self.count(Tier::Redis, false);
-            return Found::Miss;
-        }
-        // Redis unreachable (or none): what this node holds is all there is.
-        if let Some((seq, e)) = i.disk.get(mkey) {
-            if e.expires_at > now && seq > self.floor(ns) {
-                let e = Arc::new(e);
-                i.memory.insert(mkey, e.clone(), seq, None);
-                self.count(Tier::Disk, true);
-                return Found::Hit(e, Tier::Disk);
+            // Redis unreachable (or none): what this node holds is all there is.
+            if let Some((seq, e)) = i.disk.get(mkey) {
+                if e.expires_at > now && seq > self.floor(ns) {
+                    let e = Arc::new(e);
+                    i.memory.insert(mkey, e.clone(), seq, None);
+                    self.count(Tier::Disk, true);
+                    return Found::Hit(e, Tier::Disk);
+                }
             }
-        }
-        self.count(Tier::Disk, false);
-        if !lease {
-            return Found::Miss;
-        }
-        // A lease of this node only: nobody else can be asked.
-        let mut leases = i.local_leases.lock().unwrap_or_else(|p| p.into_inner());
-        let t = Instant::now();
-        if leases.get(mkey).is_some_and(|(_, until)| *until > t) {
-            return Found::Held;
-        }
-        if leases.len() >= MAX_LOCAL_LEASES {
-            leases.retain(|_, (_, until)| *until > t);
-            if leases.len() >= MAX_LOCAL_LEASES {
+            self.count(Tier::Disk, false);
+            if !lease {
                 return Found::Miss;
             }
-        }
-        let token = format!("l{}", uuid::Uuid::new_v4().simple());
-        leases.insert(mkey.into(), (token.clone(), t + i.lease_ttl));
-        Found::Granted(token)
+            // A lease of this node only: nobody else can be asked.
+            let mut leases = i.local_leases.lock().unwrap_or_else(|p| p.into_inner());
+            let t = Instant::now();
+            if leases.get(mkey).is_some_and(|(_, until)| *until > t) {
+                return Found::Held;
+            }
+            if leases.len() >= MAX_LOCAL_LEASES {
+                leases.retain(|_, (_, until)| *until > t);
+                if leases.len() >= MAX_LOCAL_LEASES {
+                    return Found::Miss;
+                }
+            }
+            let token = format!("l{}", uuid::Uuid::new_v4().simple());
+            leases.insert(mkey.into(), (token.clone(), t + i.lease_ttl));
+            Found::Granted(token)
+        })
     }
 
     /// A lease request while another client holds the lease: waits (without
-    /// a thread) until a write of the key is heard, re-reading at least
-    /// every [`RECHECK`], up to `cache_lease_wait_ms`.
+    /// a thread) until a write of the key is heard or made here, re-reading
+    /// at least every [`RECHECK`], up to `cache_lease_wait_ms`.
     async fn wait_for_fill(&self, ns: &str, key: &str, mkey: &str) -> Lookup {
         let i = &self.inner;
         if i.waiting.fetch_add(1, Ordering::AcqRel) >= i.max_waiters {
@@ -523,23 +541,25 @@ impl Cache {
             return Lookup::Miss { waited: false };
         }
         i.counters.lease_waits.fetch_add(1, Ordering::Relaxed);
-        let notify = i
+        let rx = i
             .waiters
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .entry(mkey.into())
-            .or_default()
-            .clone();
-        let _guard = Waiting {
+            .or_insert_with(|| watch::channel(false).0)
+            .subscribe();
+        let mut w = Waiting {
             cache: self,
             key: mkey,
-            notify: &notify,
+            rx,
         };
         let deadline = Instant::now() + i.lease_wait;
         loop {
-            let notified = notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
+            // Seen: a write from here on wakes this waiter.
+            w.rx.borrow_and_update();
+            if let Some(e) = self.memory_hit(ns, mkey) {
+                return Lookup::Hit(e, Tier::Memory);
+            }
             if let Found::Hit(e, t) = self.find(ns, key, mkey, false).await {
                 return Lookup::Hit(e, t);
             }
@@ -550,9 +570,11 @@ impl Cache {
                     .fetch_add(1, Ordering::Relaxed);
                 return Lookup::Miss { waited: true };
             }
+            let nap = tokio::time::sleep((deadline - now).min(RECHECK));
+            tokio::pin!(nap);
             tokio::select! {
-                _ = notified => {}
-                _ = tokio::time::sleep((deadline - now).min(RECHECK)) => {}
+                changed = w.rx.changed() => if changed.is_err() { nap.await },
+                _ = &mut nap => {}
             }
         }
     }
@@ -567,7 +589,7 @@ impl Cache {
                 .unwrap_or_else(|p| p.into_inner())
                 .get(mkey)
             {
-                n.notify_waiters();
+                let _ = n.send(true);
             }
         }
     }
@@ -653,9 +675,9 @@ impl Cache {
     /// its waiters.
     fn keep(&self, mkey: &str, entry: &Arc<Entry>, seq: u64, ticket: Option<u64>) {
         self.inner.memory.insert(mkey, entry.clone(), seq, ticket);
-        if let Err(e) = self.inner.disk.put(mkey, entry, seq) {
-            tracing::debug!(error = %e, "cache: disk tier write failed");
-        }
+        // A value the disk tier cannot take (disk at its reserve, a fault)
+        // is served from memory and Redis all the same.
+        let _ = self.inner.disk.put(mkey, entry, seq);
         self.wake(mkey);
     }
 
@@ -816,10 +838,7 @@ impl Cache {
                         return;
                     }
                 }
-                Err(e) => {
-                    self.mark_down(&e);
-                    tracing::debug!(error = %e, "cache: cannot subscribe to invalidations");
-                }
+                Err(e) => self.mark_down(&e),
             }
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
@@ -834,16 +853,19 @@ impl Cache {
     async fn recover(&self, r: &CacheRedis) -> bool {
         if let Err(e) = self.replay(r).await {
             self.mark_down(&e);
-            tracing::warn!(error = %e, "cache: journal replay interrupted; will retry");
             return false;
         }
         let i = &self.inner;
         i.global_floor.store(self.next_seq(), Ordering::Release);
         i.subscribed.store(true, Ordering::Release);
-        if !i.redis_up.swap(true, Ordering::AcqRel) {
+        self.back_up();
+        true
+    }
+
+    fn back_up(&self) {
+        if !self.inner.redis_up.swap(true, Ordering::AcqRel) {
             tracing::info!("cache: redis reachable; serving the cache from redis");
         }
-        true
     }
 
     /// Hears events until the subscription breaks; meanwhile brings Redis
@@ -876,11 +898,7 @@ impl Cache {
                             Err(e) => Err(e),
                         };
                         match back {
-                            Ok(()) => {
-                                if !i.redis_up.swap(true, Ordering::AcqRel) {
-                                    tracing::info!("cache: redis reachable; serving the cache from redis");
-                                }
-                            }
+                            Ok(()) => self.back_up(),
                             // The subscription may be as dead as the
                             // connection: start over (and drop what is
                             // held locally once it is back).
@@ -902,15 +920,15 @@ impl Cache {
 struct Waiting<'a> {
     cache: &'a Cache,
     key: &'a str,
-    notify: &'a Arc<Notify>,
+    rx: watch::Receiver<bool>,
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         let i = &self.cache.inner;
         let mut w = i.waiters.lock().unwrap_or_else(|p| p.into_inner());
-        // the map's reference and this waiter's
-        if Arc::strong_count(self.notify) <= 2 {
+        // this waiter's receiver is the only one left
+        if w.get(self.key).is_some_and(|tx| tx.receiver_count() <= 1) {
             w.remove(self.key);
         }
         i.waiting.fetch_sub(1, Ordering::AcqRel);

@@ -36,7 +36,7 @@ pub async fn entry(
         Method::GET => get(app, ns, key, &req).await,
         Method::PUT => put(app, ns, key, req).await,
         Method::DELETE => {
-            query(&req, &[])?;
+            query(&req, "")?;
             removed(app.cache.delete(ns, key).await, "no such cache key")
         }
         _ => Err(method_not_allowed("GET, PUT, DELETE")),
@@ -52,7 +52,7 @@ pub async fn namespace(
     check_namespace(ns)?;
     match *req.method() {
         Method::DELETE => {
-            query(&req, &[])?;
+            query(&req, "")?;
             removed(app.cache.purge(ns).await, "")
         }
         _ => Err(method_not_allowed("DELETE")),
@@ -71,35 +71,29 @@ fn check_namespace(ns: &str) -> Result<(), ApiError> {
     ))
 }
 
-/// The query's parameters, each one of `allowed` (anything else is a 400:
-/// a misspelt `ttl` must not silently become the default).
-fn query<'r>(
-    req: &'r Request<Incoming>,
-    allowed: &[&str],
-) -> Result<Vec<(&'r str, &'r str)>, ApiError> {
-    let pairs: Vec<(&str, &str)> = req
+/// The value of the query's `allowed` parameter (the last one given), if
+/// any; any other parameter is a 400: a misspelt `ttl` must not silently
+/// become the default.
+fn query<'r>(req: &'r Request<Incoming>, allowed: &str) -> Result<Option<&'r str>, ApiError> {
+    let mut found = None;
+    for p in req
         .uri()
         .query()
         .unwrap_or("")
         .split('&')
         .filter(|p| !p.is_empty())
-        .map(|p| p.split_once('=').unwrap_or((p, "")))
-        .collect();
-    match pairs.iter().find(|(k, _)| !allowed.contains(k)) {
-        Some((k, _)) => Err(ApiError::bad_request(
-            "invalid_query",
-            format!(
-                "unknown query parameter {:?}; this endpoint takes: {}",
-                k.chars().take(64).collect::<String>(),
-                if allowed.is_empty() {
-                    "none"
-                } else {
-                    allowed[0]
-                }
-            ),
-        )),
-        None => Ok(pairs),
+    {
+        match p.split_once('=') {
+            Some((k, v)) if k == allowed => found = Some(v),
+            _ => {
+                return Err(ApiError::bad_request(
+                    "invalid_query",
+                    "unknown query parameter (GET takes lease, PUT takes ttl, DELETE none)",
+                ))
+            }
+        }
     }
+    Ok(found)
 }
 
 async fn get(
@@ -108,19 +102,16 @@ async fn get(
     key: &str,
     req: &Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    let mut lease = false;
-    for (_, v) in query(req, &["lease"])? {
-        lease = match v {
-            "1" | "true" => true,
-            "0" | "false" => false,
-            _ => {
-                return Err(ApiError::bad_request(
-                    "invalid_lease",
-                    "lease must be 1 or 0",
-                ))
-            }
-        };
-    }
+    let lease = match query(req, "lease")? {
+        None | Some("0" | "false") => false,
+        Some("1" | "true") => true,
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "invalid_lease",
+                "lease must be 1 or 0",
+            ))
+        }
+    };
     match app.cache.get(ns, key, lease).await {
         Lookup::Hit(e, tier) => Ok(value_response(&e, tier, req.headers())),
         Lookup::Miss { waited: false } => Err(ApiError::not_found("no such cache key")),
@@ -181,10 +172,7 @@ async fn put(
     key: &str,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    let mut ttl = None;
-    for (_, v) in query(&req, &["ttl"])? {
-        ttl = Some(parse_ttl(v)?);
-    }
+    let ttl = query(&req, "ttl")?.map(parse_ttl).transpose()?;
     let headers = req.headers();
     let ttl = match ttl {
         Some(t) => t,
@@ -316,14 +304,11 @@ fn api_error(e: CacheError) -> ApiError {
         CacheError::LeaseMismatch(why) => {
             ApiError::new(StatusCode::CONFLICT, "lease_mismatch", why)
         }
-        e @ CacheError::JournalFull(_) => {
-            tracing::warn!(error = %e, "cache deletion refused");
-            ApiError::new(
-                StatusCode::INSUFFICIENT_STORAGE,
-                "journal_full",
-                "the cache's outage journal is full; deletions are refused until redis returns",
-            )
-        }
+        CacheError::JournalFull(_) => ApiError::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            "journal_full",
+            "the cache's outage journal is full; deletions are refused until redis returns",
+        ),
         CacheError::Store(e) => e.into(),
     }
 }
