@@ -33,7 +33,7 @@ NEEDS_WHO=bench.sh needs_install host bench
 
 if [ -z "${BIN:-}" ]; then
   cargo build --release --quiet
-  BIN=target/release/edgenode
+  BIN="${CARGO_TARGET_DIR:-target}/release/edgenode"
 fi
 WORK=$(mktemp -d /tmp/edgenode-bench.XXXXXX)
 PIDS=()
