@@ -7,6 +7,10 @@
 #     then Redis mode again over $SPREAD sessions;
 #   - redis-benchmark -t get at the same concurrency and its Redis CPU per GET;
 #   - the near cache's own memory with $SESSIONS sessions cached;
+#   - shared cache: GET hits served by a node's memory tier, req/s with wrk at
+#     $CONNS connections against that redis-benchmark GET figure, and the
+#     node's memory per cached byte (RSS growth over $CACHE_FILL values of
+#     1 KiB, divided by their bytes);
 #   - idle RSS and threads; RSS and threads with 1 000 open connections and
 #     100 000 stored sessions;
 #   - start-to-ready time and the stripped binary sizes.
@@ -27,6 +31,7 @@ OPEN_CONNS="${OPEN_CONNS:-1000}"
 # a second Redis-mode run spread over $SPREAD sessions.
 HOT="${HOT:-$CONNS}"
 SPREAD="${SPREAD:-1000}"
+CACHE_FILL="${CACHE_FILL:-6000}"
 
 # wrk, redis-server and redis-benchmark, from the list test.sh uses (scripts/needs.sh).
 # shellcheck source=scripts/needs.sh
@@ -35,7 +40,7 @@ NEEDS_WHO=bench.sh needs_install host bench
 
 if [ -z "${BIN:-}" ]; then
   cargo build --release --quiet
-  BIN=target/release/edgenode
+  BIN="${CARGO_TARGET_DIR:-target}/release/edgenode"
 fi
 WORK=$(mktemp -d /tmp/edgenode-bench.XXXXXX)
 PIDS=()
@@ -168,6 +173,40 @@ N1=$(cpu_ticks "$REDIS_NODE_PID"); R1=$(cpu_ticks "$REDIS_PID")
 SPREAD_TOUCHES=$(python3 -c "print(int(float('$SPREAD_RPS') * $DURATION))")
 SPREAD_NODE_US=$(us_per "$N0" "$N1" "$SPREAD_TOUCHES"); SPREAD_REDIS_US=$(us_per "$R0" "$R1" "$SPREAD_TOUCHES")
 SPREAD_CPU_RATIO=$(ratio "$SPREAD_REDIS_US" "$REDIS_GET_US")
+
+# --- shared cache (same Redis-mode node) ---------------------------------------
+# A 1 KiB value, then wrk GETs of it: after the PUT it sits in the node's
+# memory tier, so no request goes to Redis.
+CACHE_URL="http://127.0.0.1:$REDIS_NODE_PORT/api/cache/bench/hot"
+python3 -c 'import sys; sys.stdout.write("x" * 1024)' >"$WORK/value"
+curl -fs -XPUT -H 'Content-Type: text/html' --data-binary @"$WORK/value" "$CACHE_URL"
+[ "$(curl -fs -o /dev/null -w '%header{x-cache}' "$CACHE_URL")" = memory ] \
+  || echo "warning: the cache bench value is not served from memory" >&2
+wrk -t2 -c"$CONNS" -d"${DURATION}s" --latency "$CACHE_URL" >"$WORK/cache.out"
+CACHE_RPS=$(awk '/^Requests\/sec/ { print $2 }' "$WORK/cache.out")
+CACHE_P99=$(awk '$1 == "99%" { print $2 }' "$WORK/cache.out")
+CACHE_NON2XX=$(awk '/Non-2xx/ { print $5 }' "$WORK/cache.out")
+[ -n "$CACHE_NON2XX" ] && echo "warning: $CACHE_NON2XX non-2xx cache answers" >&2
+CACHE_RATIO=$(python3 -c "print(f'{float(\"$CACHE_RPS\") / float(\"$GET_RPS\"):.2f}')")
+# Memory per cached byte: $CACHE_FILL values of 1 KiB (within the default
+# 8 MB tier, so none is evicted), RSS before and after, on one keep-alive
+# connection.
+sleep 1
+CACHE_RSS0=$(proc_field "$REDIS_NODE_PID" VmRSS)
+python3 - "$REDIS_NODE_PORT" "$CACHE_FILL" <<'PY'
+import http.client, sys
+port, n = int(sys.argv[1]), int(sys.argv[2])
+c = http.client.HTTPConnection("127.0.0.1", port)
+body = b"v" * 1024
+for i in range(n):
+    c.request("PUT", f"/api/cache/fill/key-{i:06d}", body, {"Content-Type": "text/plain"})
+    r = c.getresponse(); r.read()
+    assert r.status == 204, r.status
+PY
+sleep 1
+CACHE_RSS1=$(proc_field "$REDIS_NODE_PID" VmRSS)
+CACHE_TIER_BYTES=$(curl -fs "http://127.0.0.1:$REDIS_NODE_PORT/metrics" | awk '$1 == "edgenode_cache_bytes{tier=\"memory\"}" { print $2 }')
+PER_BYTE=$(python3 -c "print(f'{($CACHE_RSS1 - $CACHE_RSS0) * 1024 / ($CACHE_FILL * 1024):.2f}')")
 kill "$REDIS_NODE_PID"
 
 # --- the near cache's own memory: $SESSIONS sessions created and each read
@@ -286,6 +325,10 @@ CPU per touch   : node $SLED_NODE_US us in sled mode, $NODE_US us in redis mode 
 spread over $SPREAD: redis mode $SPREAD_RPS req/s p99 $SPREAD_P99; node $SPREAD_NODE_US us + redis $SPREAD_REDIS_US us per touch ($SPREAD_CPU_RATIO x a GET)
 near cache      : $NEAR_ENTRIES sessions cached in $(python3 -c "print(f'{$NEAR_BYTES/1048576:.1f}')") MB by its own estimate ($(python3 -c "print(round($NEAR_BYTES/max($NEAR_ENTRIES,1)))") bytes each);
                   the node's RSS grew $(kb_mb "$(( NEAR_RSS1 - NEAR_RSS0 ))") while creating and caching them
+
+== shared cache
+GET hit (memory tier): $CACHE_RPS req/s   p99 $CACHE_P99   = $CACHE_RATIO x redis-benchmark GET ($GET_RPS/s)
+memory per cached byte: $PER_BYTE   (RSS $(kb_mb "$CACHE_RSS0") -> $(kb_mb "$CACHE_RSS1") for $CACHE_FILL values of 1 KiB; the tier counts $CACHE_TIER_BYTES bytes)
 
 == footprint
 idle RSS        : $(kb_mb "$IDLE_RSS")   (target < 12 MB)

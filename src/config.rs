@@ -44,6 +44,16 @@ const DEFAULT_HEADER_TIMEOUT_MS: u64 = 10000;
 const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 10000;
 const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 10000;
 const DEFAULT_DRAIN_DELAY_MS: u64 = 0;
+const DEFAULT_CACHE_TTL_SECS: u64 = 300;
+const DEFAULT_MAX_CACHE_VALUE_BYTES: usize = 512 * 1024;
+const DEFAULT_CACHE_MEMORY_MB: u64 = 8;
+const DEFAULT_CACHE_DISK_MB: u64 = 32;
+const DEFAULT_CACHE_LEASE_WAIT_MS: u64 = 1000;
+const DEFAULT_CACHE_LEASE_TTL_MS: u64 = 10000;
+/// The longest TTL a cache value may have (30 days): every cache key in
+/// Redis expires, and a namespace's generation key outlives its values by
+/// being refreshed to this on every write.
+pub const MAX_CACHE_TTL_SECS: u64 = 30 * 86_400;
 
 const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 const DEFAULT_KEY_PREFIX: &str = "edgenode:";
@@ -237,6 +247,41 @@ pub struct Args {
     #[arg(help = with_default("On SIGTERM, time /api/ready answers 503 before the listener closes, so balancers stop sending first; set it above the balancer's check interval", DEFAULT_DRAIN_DELAY_MS))]
     pub drain_delay_ms: Option<u64>,
 
+    /// Redis of the shared cache (/api/cache), same forms as redis_url; a
+    /// separate instance keeps cache memory from ever evicting sessions
+    /// [default: redis_url]
+    #[arg(
+        long,
+        env = "EDGENODE_CACHE_REDIS_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    pub cache_redis_url: Option<String>,
+
+    #[arg(long, env = "EDGENODE_CACHE_TTL_SECS", value_name = "SECS")]
+    #[arg(help = with_default("Lifetime of a cache value stored without ?ttl= or Cache-Control: max-age (at most 30 days)", DEFAULT_CACHE_TTL_SECS))]
+    pub cache_ttl_secs: Option<u64>,
+
+    #[arg(long, env = "EDGENODE_MAX_CACHE_VALUE_BYTES", value_name = "BYTES")]
+    #[arg(help = with_default("Largest cache value accepted (413 above)", DEFAULT_MAX_CACHE_VALUE_BYTES))]
+    pub max_cache_value_bytes: Option<usize>,
+
+    #[arg(long, env = "EDGENODE_CACHE_MEMORY_MB", value_name = "MB")]
+    #[arg(help = with_default("Bytes of this node's in-memory cache tier (values, keys and bookkeeping); 0 = no memory tier", DEFAULT_CACHE_MEMORY_MB))]
+    pub cache_memory_mb: Option<u64>,
+
+    #[arg(long, env = "EDGENODE_CACHE_DISK_MB", value_name = "MB")]
+    #[arg(help = with_default("Bytes of this node's on-disk cache tier (sled), served while the cache's Redis is unreachable; the oldest values go first; 0 = none", DEFAULT_CACHE_DISK_MB))]
+    pub cache_disk_mb: Option<u64>,
+
+    #[arg(long, env = "EDGENODE_CACHE_LEASE_WAIT_MS", value_name = "MS")]
+    #[arg(help = with_default("How long a GET ?lease=1 waits for another client's fill before it gets 404 without a lease", DEFAULT_CACHE_LEASE_WAIT_MS))]
+    pub cache_lease_wait_ms: Option<u64>,
+
+    #[arg(long, env = "EDGENODE_CACHE_LEASE_TTL_MS", value_name = "MS")]
+    #[arg(help = with_default("Lifetime of a fill lease: a PUT carrying it later gets 409", DEFAULT_CACHE_LEASE_TTL_MS))]
+    pub cache_lease_ttl_ms: Option<u64>,
+
     #[arg(help = with_default("Log format: plain or json", DEFAULT_LOG_FORMAT))]
     #[arg(long, env = "EDGENODE_LOG_FORMAT", value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -297,6 +342,14 @@ pub struct Config {
     pub request_timeout: Duration,
     pub shutdown_grace: Duration,
     pub drain_delay: Duration,
+    /// The shared cache's Redis: `cache_redis_url`, else `redis_url`.
+    pub cache_redis_url: Option<String>,
+    pub cache_ttl_secs: u64,
+    pub max_cache_value_bytes: usize,
+    pub cache_memory_bytes: u64,
+    pub cache_disk_bytes: u64,
+    pub cache_lease_wait: Duration,
+    pub cache_lease_ttl: Duration,
     pub log_format: LogFormat,
     pub log_level: tracing::Level,
 }
@@ -338,6 +391,7 @@ impl Config {
                 .map_err(|_| ConfigError::Invalid("default log_level".into()))?,
         };
         let session_ttl_secs = a.session_ttl_secs.unwrap_or(DEFAULT_SESSION_TTL_SECS);
+        let redis_url = a.redis_url.clone().filter(|u| !u.is_empty());
         let cores = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1);
@@ -349,7 +403,7 @@ impl Config {
                     .map_err(|e| ConfigError::Invalid(format!("default listen: {e}")))?,
             },
             data_dir: a.data_dir.unwrap_or_else(default_data_dir),
-            redis_url: a.redis_url.filter(|u| !u.is_empty()),
+            redis_url: redis_url.clone(),
             key_prefix: a.key_prefix.unwrap_or_else(|| DEFAULT_KEY_PREFIX.into()),
             store_timeout: ms(a.store_timeout_ms.unwrap_or(DEFAULT_STORE_TIMEOUT_MS)),
             redis_probe_interval: ms(a
@@ -403,6 +457,24 @@ impl Config {
             request_timeout: ms(a.request_timeout_ms.unwrap_or(DEFAULT_REQUEST_TIMEOUT_MS)),
             shutdown_grace: ms(a.shutdown_grace_ms.unwrap_or(DEFAULT_SHUTDOWN_GRACE_MS)),
             drain_delay: ms(a.drain_delay_ms.unwrap_or(DEFAULT_DRAIN_DELAY_MS)),
+            cache_redis_url: a
+                .cache_redis_url
+                .filter(|u| !u.is_empty())
+                .or_else(|| redis_url.clone()),
+            cache_ttl_secs: a.cache_ttl_secs.unwrap_or(DEFAULT_CACHE_TTL_SECS),
+            max_cache_value_bytes: a
+                .max_cache_value_bytes
+                .unwrap_or(DEFAULT_MAX_CACHE_VALUE_BYTES),
+            cache_memory_bytes: a
+                .cache_memory_mb
+                .unwrap_or(DEFAULT_CACHE_MEMORY_MB)
+                .saturating_mul(1024 * 1024),
+            cache_disk_bytes: a
+                .cache_disk_mb
+                .unwrap_or(DEFAULT_CACHE_DISK_MB)
+                .saturating_mul(1024 * 1024),
+            cache_lease_wait: ms(a.cache_lease_wait_ms.unwrap_or(DEFAULT_CACHE_LEASE_WAIT_MS)),
+            cache_lease_ttl: ms(a.cache_lease_ttl_ms.unwrap_or(DEFAULT_CACHE_LEASE_TTL_MS)),
             log_format: match a.log_format {
                 Some(f) => f,
                 None => <LogFormat as clap::ValueEnum>::from_str(DEFAULT_LOG_FORMAT, false)
@@ -448,6 +520,15 @@ impl Config {
         }
         if self.key_prefix.is_empty() || self.key_prefix.len() > 64 {
             return bad("key_prefix must be 1-64 characters");
+        }
+        if self.cache_ttl_secs == 0 || self.cache_ttl_secs > MAX_CACHE_TTL_SECS {
+            return bad("cache_ttl_secs must be 1 to 2592000 (30 days)");
+        }
+        if self.max_cache_value_bytes == 0 || self.max_cache_value_bytes > 64 * 1024 * 1024 {
+            return bad("max_cache_value_bytes must be 1 to 67108864 (64 MiB)");
+        }
+        if self.cache_lease_ttl.is_zero() {
+            return bad("cache_lease_ttl_ms must be at least 1");
         }
         Ok(())
     }

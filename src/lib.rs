@@ -7,6 +7,7 @@
 #![recursion_limit = "256"]
 
 pub mod admission;
+pub mod cache;
 pub mod config;
 pub mod healthcheck;
 pub mod http;

@@ -7,6 +7,7 @@
 //! between scrapes.
 
 use crate::admission::Admission;
+use crate::cache::{Cache, Tier};
 use crate::store::{Mode, Store};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
@@ -42,7 +43,12 @@ fn latency_histogram() -> Histogram {
 }
 
 impl Metrics {
-    pub fn new(instance_id: &str, store: Store, admission: Arc<Admission>) -> Metrics {
+    pub fn new(
+        instance_id: &str,
+        store: Store,
+        admission: Arc<Admission>,
+        cache: Cache,
+    ) -> Metrics {
         let mut registry = Registry::default();
         let requests = Family::<RequestLabels, Counter>::default();
         let latency = Family::<RouteLabel, Histogram, fn() -> Histogram>::new_with_constructor(
@@ -63,6 +69,7 @@ impl Metrics {
             admission,
             instance_id: instance_id.to_string(),
         }));
+        registry.register_collector(Box::new(CacheCollector(cache)));
         Metrics {
             registry,
             requests,
@@ -331,6 +338,145 @@ impl Collector for StateCollector {
             "Requests and connections refused with 503 by admission control",
             pool.rejected,
         )?;
+        Ok(())
+    }
+}
+
+/// The shared cache's figures, read at scrape time.
+struct CacheCollector(Cache);
+
+impl std::fmt::Debug for CacheCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CacheCollector")
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TierLabel {
+    tier: &'static str,
+}
+
+/// One counter or gauge family with a value per tier.
+fn per_tier<M: EncodeMetric>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    values: &[(Tier, M)],
+) -> Result<(), std::fmt::Error> {
+    let Some((_, first)) = values.first() else {
+        return Ok(());
+    };
+    let mut fam = enc.encode_descriptor(name, help, None, first.metric_type())?;
+    for (tier, m) in values {
+        m.encode(fam.encode_family(&TierLabel {
+            tier: tier.as_str(),
+        })?)?;
+    }
+    Ok(())
+}
+
+impl Collector for CacheCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let st = self.0.stats();
+        let tiers = |v: [u64; 3]| Tier::ALL.map(|t| (t, ConstCounter::new(v[t as usize])));
+        per_tier(
+            &mut enc,
+            "edgenode_cache_hits",
+            "Shared cache lookups answered by a tier",
+            &tiers(st.hits),
+        )?;
+        per_tier(
+            &mut enc,
+            "edgenode_cache_misses",
+            "Shared cache lookups a tier could not answer",
+            &tiers(st.misses),
+        )?;
+        let (mem, disk) = (Tier::Memory, Tier::Disk);
+        per_tier(
+            &mut enc,
+            "edgenode_cache_evictions",
+            "Values pushed out of a local tier to stay within its bytes",
+            &[
+                (mem, ConstCounter::new(st.memory_evictions)),
+                (disk, ConstCounter::new(st.disk_evictions)),
+            ],
+        )?;
+        per_tier(
+            &mut enc,
+            "edgenode_cache_bytes",
+            "Bytes a local tier holds (values, keys and bookkeeping)",
+            &[
+                (mem, ConstGauge::new(st.memory_bytes as i64)),
+                (disk, ConstGauge::new(st.disk_bytes as i64)),
+            ],
+        )?;
+        per_tier(
+            &mut enc,
+            "edgenode_cache_bytes_limit",
+            "The byte bound of a local tier (cache_memory_mb, cache_disk_mb)",
+            &[
+                (mem, ConstGauge::new(st.memory_budget as i64)),
+                (disk, ConstGauge::new(st.disk_budget as i64)),
+            ],
+        )?;
+        for (name, help, v) in [
+            (
+                "edgenode_cache_lease_grants",
+                "Fill leases granted",
+                st.lease_grants,
+            ),
+            (
+                "edgenode_cache_lease_waits",
+                "Lease requests that waited for another client's fill",
+                st.lease_waits,
+            ),
+            (
+                "edgenode_cache_lease_wait_timeouts",
+                "Lease waits that ended without a value",
+                st.lease_wait_timeouts,
+            ),
+            (
+                "edgenode_cache_lease_refused",
+                "PUTs refused (409) for an expired or foreign lease",
+                st.lease_refused,
+            ),
+            (
+                "edgenode_cache_events_heard",
+                "Invalidations from other nodes heard through Redis",
+                st.events_heard,
+            ),
+            (
+                "edgenode_cache_replayed",
+                "Deletions and purges made during an outage, replayed into Redis",
+                st.replayed,
+            ),
+        ] {
+            counter(&mut enc, name, help, v)?;
+        }
+        for (name, help, v) in [
+            (
+                "edgenode_cache_lease_waiting",
+                "Lease requests waiting now",
+                st.lease_waiting as i64,
+            ),
+            (
+                "edgenode_cache_pending_invalidations",
+                "Deletions and purges journaled during an outage, not yet replayed",
+                st.pending_invalidations as i64,
+            ),
+            (
+                "edgenode_cache_redis_reachable",
+                "1 while the cache's Redis answers",
+                i64::from(st.redis_reachable),
+            ),
+            (
+                "edgenode_cache_subscribed",
+                "1 while this node hears the cache's invalidations",
+                i64::from(st.subscribed),
+            ),
+        ] {
+            gauge(&mut enc, name, help, v)?;
+        }
         Ok(())
     }
 }

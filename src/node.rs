@@ -105,13 +105,20 @@ pub async fn run_on(
         },
     );
     store.start_on_redis().await;
+    let cache = crate::cache::Cache::new(&config, store.sled().clone())?;
     return_free_memory();
 
     let admission = Admission::new(config.workers, config.max_connections, config.max_in_flight);
-    let metrics = Metrics::new(&config.instance_id, store.clone(), admission.clone());
+    let metrics = Metrics::new(
+        &config.instance_id,
+        store.clone(),
+        admission.clone(),
+        cache.clone(),
+    );
     let app = Arc::new(App {
         limits,
         store: store.clone(),
+        cache: cache.clone(),
         admission,
         rate_limiter: RateLimiter::new(config.rate_limit_per_ip, config.rate_limit_burst),
         create_limiter: RateLimiter::new(
@@ -129,6 +136,8 @@ pub async fn run_on(
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(store.clone().run_housekeeping(shutdown_rx.clone()));
     tasks.spawn(store.clone().run_background(shutdown_rx.clone()));
+    // The shared cache's invalidation feed, probe and outage-journal replay.
+    tasks.spawn(cache.run(shutdown_rx.clone()));
     tasks.spawn(every(Duration::from_secs(30), shutdown_rx.clone(), || {
         return_free_memory()
     }));

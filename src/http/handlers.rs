@@ -60,6 +60,8 @@ pub async fn dispatch(
             Method::GET => browser_session(app, &req, peer).await,
             _ => Err(method_not_allowed("GET")),
         },
+        Route::CacheEntry(ns, key) => super::cache::entry(app, ns, key, req).await,
+        Route::CacheNamespace(ns) => super::cache::namespace(app, ns, req).await,
         Route::Health => match method {
             Method::GET => Ok(health(app)),
             _ => Err(method_not_allowed("GET")),
@@ -364,6 +366,7 @@ fn cookie_session_id(req: &Request<Incoming>) -> Option<[u8; 16]> {
 fn health(app: &App) -> Response<Body> {
     let st = app.store.status();
     let pool = app.admission.stats();
+    let cache = app.cache.stats();
     let body = serde_json::json!({
         "status": if st.degraded.is_some() { "degraded" } else { "ok" },
         "degraded_reason": st.degraded,
@@ -396,6 +399,13 @@ fn health(app: &App) -> Response<Body> {
             })),
         },
         "sessions": { "active": st.sessions_active },
+        "cache": {
+            "redis_reachable": cache.redis_reachable,
+            "subscribed": cache.subscribed,
+            "pending_invalidations": cache.pending_invalidations,
+            "memory_bytes": cache.memory_bytes,
+            "disk_bytes": cache.disk_bytes,
+        },
         "pool": {
             "workers": pool.workers,
             "in_flight": pool.in_flight,

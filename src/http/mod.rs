@@ -1,6 +1,7 @@
 //! HTTP: routing, the request envelope (admission, auth, body limits, timeouts,
 //! metrics) and the JSON plumbing. Endpoint logic is in [`handlers`].
 
+pub mod cache;
 pub mod error;
 pub mod handlers;
 
@@ -27,6 +28,8 @@ pub struct App {
     pub config: Config,
     pub limits: Limits,
     pub store: Store,
+    /// The shared cache (`/api/cache`).
+    pub cache: crate::cache::Cache,
     pub admission: Arc<Admission>,
     /// Per-client-IP limit (429), when configured.
     pub rate_limiter: Option<crate::admission::RateLimiter>,
@@ -50,6 +53,10 @@ pub enum Route<'a> {
     Rotate(&'a str),
     UserSessions(&'a str),
     BrowserSession,
+    /// `/api/cache/{namespace}`
+    CacheNamespace(&'a str),
+    /// `/api/cache/{namespace}/{key}`
+    CacheEntry(&'a str, &'a str),
     Health,
     Ready,
     Metrics,
@@ -73,6 +80,8 @@ impl<'a> Route<'a> {
                 Route::UserSessions(user)
             }
             (Some("api"), Some("session"), None, ..) => Route::BrowserSession,
+            (Some("api"), Some("cache"), Some(ns), None, _) => Route::CacheNamespace(ns),
+            (Some("api"), Some("cache"), Some(ns), Some(key), None) => Route::CacheEntry(ns, key),
             (Some("api"), Some("health"), None, ..) => Route::Health,
             (Some("api"), Some("ready"), None, ..) => Route::Ready,
             (Some("metrics"), None, ..) => Route::Metrics,
@@ -87,6 +96,8 @@ impl<'a> Route<'a> {
             Route::Rotate(_) => "/api/sessions/:id/rotate",
             Route::UserSessions(_) => "/api/users/:user_id/sessions",
             Route::BrowserSession => "/api/session",
+            Route::CacheNamespace(_) => "/api/cache/:namespace",
+            Route::CacheEntry(..) => "/api/cache/:namespace/:key",
             Route::Health => "/api/health",
             Route::Ready => "/api/ready",
             Route::Metrics => "/metrics",
@@ -102,6 +113,8 @@ impl<'a> Route<'a> {
                 | Route::Session(_)
                 | Route::Rotate(_)
                 | Route::UserSessions(_)
+                | Route::CacheNamespace(_)
+                | Route::CacheEntry(..)
                 | Route::Metrics
         )
     }
@@ -233,16 +246,31 @@ fn authorized(config: &Config, req: &Request<Incoming>) -> bool {
         .unwrap_or(false)
 }
 
-/// Reads a body of at most `limit` bytes; an empty body reads as `{}`.
-///
-/// An oversized body is answered 413, but first read and discarded up to
-/// [`DRAIN_CAP`] so the client, still sending, gets to see the answer instead
-/// of a connection reset. Anything larger is cut off at once.
+/// Reads a JSON body of at most `limit` bytes; an empty body reads as `{}`.
 pub async fn read_json_body<T: serde::de::DeserializeOwned>(
     req: Request<Incoming>,
     limit: usize,
     timeout: std::time::Duration,
 ) -> Result<T, ApiError> {
+    let bytes = read_raw_body(req, limit, timeout).await?;
+    let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
+        b"{}"
+    } else {
+        &bytes
+    };
+    serde_json::from_slice(bytes).map_err(|e| ApiError::bad_request("invalid_json", e.to_string()))
+}
+
+/// Reads a body of at most `limit` bytes, as sent.
+///
+/// An oversized body is answered 413, but first read and discarded up to
+/// [`DRAIN_CAP`] so the client, still sending, gets to see the answer instead
+/// of a connection reset. Anything larger is cut off at once.
+pub async fn read_raw_body(
+    req: Request<Incoming>,
+    limit: usize,
+    timeout: std::time::Duration,
+) -> Result<Bytes, ApiError> {
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -263,6 +291,7 @@ pub async fn read_json_body<T: serde::de::DeserializeOwned>(
         return Err(too_large());
     }
     let read = async {
+        // Within the limit (checked above), so never a client's whim.
         let mut buf = Vec::with_capacity(declared.unwrap_or(0) as usize);
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| {
@@ -285,12 +314,11 @@ pub async fn read_json_body<T: serde::de::DeserializeOwned>(
             "request body was not received in time",
         )
     })??;
-    let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
-        b"{}"
-    } else {
-        &bytes
-    };
-    serde_json::from_slice(bytes).map_err(|e| ApiError::bad_request("invalid_json", e.to_string()))
+    // A body that came in several frames may have grown the buffer past
+    // its length; a cached value keeps its allocation for its lifetime.
+    let mut bytes = bytes;
+    bytes.shrink_to_fit();
+    Ok(Bytes::from(bytes))
 }
 
 /// Largest oversized body read (and thrown away) so its sender sees the 413.

@@ -332,6 +332,27 @@ impl SledStore {
         std::process::exit(1);
     }
 
+    /// A tree of this database for another part of the node (the shared
+    /// cache's disk tier and its invalidation journal): one database means
+    /// no second flusher thread, one page cache and one group commit
+    /// ([`durable`](Self::durable)). Take it per use and never keep it: a
+    /// handle held across [`reopen`](Self::reopen) would keep the old
+    /// database, and its file lock, alive.
+    pub fn tree(&self, name: &str) -> Result<Tree> {
+        Ok(self.t().db.open_tree(name)?)
+    }
+
+    /// Refuses ([`StoreError::DiskFull`]) a write of another part of the
+    /// node that would take the disk into its reserve; a `release` (a
+    /// deletion) may use half of it, as a logout does.
+    pub fn check_space_for(&self, release: bool) -> Result<()> {
+        self.check_space(if release {
+            Space::Release
+        } else {
+            Space::Write
+        })
+    }
+
     /// This data directory's id in the ids of its journal's operations.
     pub fn origin(&self) -> u64 {
         self.inner.origin

@@ -1,0 +1,141 @@
+//! The node's on-disk tier: cache values in two trees of the session
+//! store's own sled database (one database: no second flusher thread, one
+//! page cache), bounded in bytes, oldest written first out.
+//!
+//! - `cache_values`: `namespace/key` → the entry's node-local `seq` (8 bytes,
+//!   big-endian) and the entry as [`super::encode`] writes it;
+//! - `cache_age`: `seq` (big-endian) → `namespace/key`, the order of
+//!   eviction.
+//!
+//! The tier is read only while the cache's Redis is unreachable. It is
+//! written through on every PUT this node takes, without an fsync of its
+//! own (a cache value may be lost in a crash; the session store's flushes
+//! carry it to disk soon enough). It is emptied when the node starts: what
+//! it held may have been deleted on another node while this one was down,
+//! and nothing here could tell.
+
+use super::{decode, encode, Entry};
+use crate::store::sled::SledStore;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+const VALUES: &str = "cache_values";
+const AGE: &str = "cache_age";
+
+pub struct Disk {
+    sled: SledStore,
+    budget: u64,
+    bytes: AtomicU64,
+    evictions: AtomicU64,
+    /// Keeps the two trees and the byte count in step.
+    lock: Mutex<()>,
+}
+
+type Result<T> = std::result::Result<T, crate::store::StoreError>;
+
+impl Disk {
+    /// The tier, emptied (see the module doc); `budget` 0 turns it off.
+    pub fn open(sled: SledStore, budget: u64) -> Result<Disk> {
+        for name in [VALUES, AGE] {
+            let t = sled.tree(name)?;
+            for k in t.iter().keys() {
+                t.remove(k?)?;
+            }
+        }
+        Ok(Disk {
+            sled,
+            budget,
+            bytes: AtomicU64::new(0),
+            evictions: AtomicU64::new(0),
+            lock: Mutex::new(()),
+        })
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    pub fn budget(&self) -> u64 {
+        self.budget
+    }
+
+    pub fn evictions(&self) -> u64 {
+        self.evictions.load(Ordering::Relaxed)
+    }
+
+    /// The entry under `key` and the `seq` it was written under.
+    pub fn get(&self, key: &str) -> Option<(u64, Entry)> {
+        let v = self.sled.tree(VALUES).ok()?.get(key.as_bytes()).ok()??;
+        let seq = u64::from_be_bytes(v.get(..8)?.try_into().ok()?);
+        Some((seq, decode(bytes::Bytes::copy_from_slice(&v[8..]))?))
+    }
+
+    /// Writes `entry` under `key`, then drops the oldest entries until the
+    /// tier is within its budget. A value larger than the whole budget, or
+    /// a disk at its reserve, leaves the key out (an older value under it
+    /// is dropped either way).
+    pub fn put(&self, key: &str, entry: &Entry, seq: u64) -> Result<()> {
+        let mut record = Vec::with_capacity(8 + 27 + entry.content_type.len() + entry.body.len());
+        record.extend_from_slice(&seq.to_be_bytes());
+        encode(entry, &mut record);
+        let size = (key.len() + record.len()) as u64;
+        if size > self.budget || self.sled.check_space_for(false).is_err() {
+            return self.remove(key).map(|_| ());
+        }
+        let (values, age) = (self.sled.tree(VALUES)?, self.sled.tree(AGE)?);
+        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(old) = values.insert(key.as_bytes(), record)? {
+            self.forget(&age, key, &old)?;
+        }
+        age.insert(seq.to_be_bytes(), key.as_bytes().to_vec())?;
+        let mut total = self.bytes.fetch_add(size, Ordering::Relaxed) + size;
+        while total > self.budget {
+            let Some((s, k)) = age.iter().next().transpose()? else {
+                break;
+            };
+            age.remove(&s)?;
+            if let Some(v) = values.get(&k)? {
+                if v.get(..8) == Some(&s[..]) {
+                    values.remove(&k)?;
+                    total = self.sub((k.len() + v.len()) as u64);
+                    self.evictions.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops `key` if it is held (a lookup first: a removal of an absent
+    /// key still costs sled a write). Whether it was held.
+    pub fn remove(&self, key: &str) -> Result<bool> {
+        let values = self.sled.tree(VALUES)?;
+        if values.get(key.as_bytes())?.is_none() {
+            return Ok(false);
+        }
+        let age = self.sled.tree(AGE)?;
+        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        match values.remove(key.as_bytes())? {
+            Some(old) => self.forget(&age, key, &old).map(|_| true),
+            None => Ok(false),
+        }
+    }
+
+    /// Uncounts a record that left `cache_values`, and its age entry.
+    fn forget(&self, age: &sled::Tree, key: &str, old: &[u8]) -> Result<()> {
+        if let Some(s) = old.get(..8) {
+            age.remove(s)?;
+        }
+        self.sub((key.len() + old.len()) as u64);
+        Ok(())
+    }
+
+    fn sub(&self, n: u64) -> u64 {
+        let before = self
+            .bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                Some(b.saturating_sub(n))
+            })
+            .unwrap_or(0);
+        before.saturating_sub(n)
+    }
+}
