@@ -36,7 +36,7 @@ cargo clippy --all-targets --quiet -- -D warnings
 
 echo "== systemd units"
 cargo build --release --quiet
-bash scripts/check-systemd.sh target/release/edgenode
+bash scripts/check-systemd.sh "${CARGO_TARGET_DIR:-target}/release/edgenode"
 
 echo "== tests"
 log=$(mktemp)
