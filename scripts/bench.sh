@@ -18,7 +18,8 @@
 # Usage: scripts/bench.sh [seconds per wrk run, default 10]
 #   BIN=path/to/edgenode   measure that build (e.g. the static musl release,
 #                          target/x86_64-unknown-linux-musl/release/edgenode)
-#                          instead of the host release build
+#                          instead of the host release build (built here, in
+#                          $CARGO_TARGET_DIR when set, else target/)
 # Everything runs on 127.0.0.1 and is stopped at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -31,6 +31,27 @@ fn return_freed_memory_at_once() {
     }
 }
 
+/// Caps glibc malloc at two arenas. glibc gives threads their own arenas
+/// (up to 8 per core), and memory freed in one is reused only by the threads
+/// on it: the workers, the blocking pool's fsync threads and sled's inline IO
+/// each kept their own partly empty heaps. Measured on 100k sessions created
+/// through `scripts/bench.sh`: ~1-2 MB less RSS right after the fill, no
+/// measurable change in req/s (per-thread tcaches serve most small
+/// allocations without the arena lock). An operator's `MALLOC_ARENA_MAX` or
+/// `GLIBC_TUNABLES` is left alone.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn cap_malloc_arenas() {
+    let set_by_operator = std::env::var_os("MALLOC_ARENA_MAX").is_some()
+        || std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("arena_max"));
+    if !set_by_operator {
+        // SAFETY: mallopt only changes a malloc parameter; it is called before
+        // any other thread exists.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+        }
+    }
+}
+
 fn main() -> ExitCode {
     // `edgenode healthcheck`: probe the running node and exit (containers).
     if healthcheck::requested(std::env::args_os()) {
@@ -39,6 +60,8 @@ fn main() -> ExitCode {
     let started = Instant::now();
     #[cfg(target_env = "musl")]
     return_freed_memory_at_once();
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    cap_malloc_arenas();
     let matches = healthcheck::documented(Args::command()).get_matches();
     let args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let config = match Config::resolve(args) {

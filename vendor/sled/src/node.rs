@@ -115,6 +115,12 @@ impl Node {
             match search {
                 Ok(idx) => leaf.values[idx] = val,
                 Err(idx) => {
+                    // edgenode patch: grow by exactly one. Every insert
+                    // applies to a fresh clone of the node (capacity = length),
+                    // where `insert` would double both vectors: cached leaves
+                    // held up to twice the slots they use.
+                    leaf.keys.reserve_exact(1);
+                    leaf.values.reserve_exact(1);
                     leaf.keys.insert(idx, key);
                     leaf.values.insert(idx, val);
                 }
@@ -151,6 +157,9 @@ impl Node {
                     return false;
                 }
                 Err(idx) => {
+                    // edgenode patch: grow by exactly one (see `set_leaf`).
+                    index.keys.reserve_exact(1);
+                    index.pointers.reserve_exact(1);
                     index.keys.insert(idx, IVec::from(encoded_sep));
                     index.pointers.insert(idx, to)
                 }
@@ -177,6 +186,10 @@ impl Node {
             let split_point = keys.len() / 2 + 1;
             let right_keys = keys.split_off(split_point);
             let right_values = values.split_off(split_point);
+            // edgenode patch: the left half becomes the cached node; without
+            // this it kept the capacity of the whole.
+            keys.shrink_to_fit();
+            values.shrink_to_fit();
             let right_min = &right_keys[0];
             let left_max = &keys.last().unwrap();
 

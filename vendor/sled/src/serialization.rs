@@ -778,15 +778,21 @@ where
     iter.collect()
 }
 
-fn deserialize_bounded_sequence<T: Serialize, R>(
+// edgenode patch: collected at the exact length. `collect` through a
+// `Result` starts from no size hint and doubles (4, 8, 16, 32), so a leaf
+// read from disk held up to twice the slots it used. `bound` is the count
+// the encoding states; every item takes at least one byte, so the buffer's
+// length caps what a corrupt count can reserve.
+fn deserialize_bounded_sequence<T: Serialize>(
     buf: &mut &[u8],
     bound: usize,
-) -> Result<R>
-where
-    R: FromIterator<T>,
-{
+) -> Result<Vec<T>> {
+    let mut ret = Vec::with_capacity(bound.min(buf.len()));
     let iter = ConsumeSequence { buf, _t: PhantomData, done: false };
-    iter.take(bound).collect()
+    for item in iter.take(bound) {
+        ret.push(item?);
+    }
+    Ok(ret)
 }
 
 impl<'a, 'b, T> Iterator for ConsumeSequence<'a, 'b, T>
