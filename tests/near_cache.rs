@@ -64,14 +64,17 @@ fn read(c: &Client, id: &str) -> Answer {
 /// write-behind of another node's counts invalidates the copy like any
 /// change: the clusters that need copies on all nodes flush rarely.)
 fn warm(c: &Client, id: &str) {
-    let hits = near(c)["hits"].as_u64().unwrap_or(0);
-    assert_eq!(read(c, id).status, 200);
-    assert_eq!(read(c, id).status, 200);
-    assert!(
-        near(c)["hits"].as_u64().unwrap_or(0) > hits,
-        "the second read did not come from the near cache: {}",
-        near(c)
-    );
+    // A few tries: a copy is not kept while a flush of its counts is on its
+    // way, nor when a write lands between the two reads.
+    for _ in 0..5 {
+        let hits = near(c)["hits"].as_u64().unwrap_or(0);
+        assert_eq!(read(c, id).status, 200);
+        assert_eq!(read(c, id).status, 200);
+        if near(c)["hits"].as_u64().unwrap_or(0) > hits {
+            return;
+        }
+    }
+    panic!("the session never came from the near cache: {}", near(c));
 }
 
 /// Polls `c` until `seen` holds for the session's answer; the time it took.

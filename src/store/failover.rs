@@ -392,8 +392,10 @@ impl Store {
         }
     }
 
-    /// Before a rotation: the session's counts not yet written land first,
-    /// or they would be written to the old id, gone by then.
+    /// Before a rotation or a PATCH: the session's counts not yet written
+    /// land first (waiting for a flush in progress), so they are not written
+    /// to an id that is gone, nor carry an operation id lower than a change
+    /// Redis already applied (a replay would skip them).
     async fn settle_near(&self, id: &[u8; 16]) {
         let Some(near) = self.inner.near.as_deref() else {
             return;
@@ -487,7 +489,10 @@ impl Store {
     ) -> Result<PatchOutcome> {
         let now = self.now()?;
         let mut may_restore = true;
-        self.forget_near(id);
+        // Counts not yet written land first: a PATCH carries a later
+        // operation id, and one that lands before them would make Redis
+        // skip them if they are ever replayed.
+        self.settle_near(id).await;
         loop {
             let answer = self
                 .on_redis("patch", Some(id), |r, seq| async move {
@@ -613,6 +618,13 @@ impl Store {
                     return Ok(None);
                 }
                 Answer::Redis(Some(moved)) => {
+                    // Uses counted while the rotation was on its way belong
+                    // to the new id.
+                    if let Some(near) = &self.inner.near {
+                        if let Some(p) = near.take_pending_of(id) {
+                            near.restore_pending(&moved.id, p);
+                        }
+                    }
                     self.mirror("rotate", |m| {
                         m.mirror_deleted(id)?;
                         m.mirror_put(&moved)
@@ -1363,8 +1375,9 @@ impl Store {
     /// use is written through to Redis while in-flight requests finish.
     pub fn begin_drain(&self) {
         self.inner.draining.store(true, Ordering::Release);
-        if let Some(near) = &self.inner.near {
-            near.link_down();
+        if let (Some(near), Some(redis)) = (&self.inner.near, &self.inner.redis) {
+            // also voids a connection being opened right now
+            redis.close_tracking(near);
         }
     }
 

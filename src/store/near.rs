@@ -36,9 +36,10 @@ const SHARDS: usize = 16;
 /// sharing its slot happened meanwhile, so more slots mean fewer needless
 /// refusals under a storm of invalidations.
 const SLOTS: usize = 4096;
-/// What a copy costs besides its strings: the map slot, the key, the
-/// session's fixed part and the allocator's rounding.
-const ENTRY_OVERHEAD: usize = 16 + 8 + std::mem::size_of::<Entry>() + 32;
+/// What a copy costs besides its strings' bytes: its slot in the map (key
+/// and entry, at the table's 7/8 load, plus a control byte) and the
+/// allocator's header of each of the two strings.
+const ENTRY_OVERHEAD: usize = (16 + std::mem::size_of::<Entry>()) * 8 / 7 + 1 + 2 * 16;
 
 /// Requests counted here and not yet written to Redis, for one session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,7 +115,9 @@ fn slot_of(id: &[u8; 16]) -> usize {
 }
 
 fn size_of_copy(s: &Session) -> usize {
-    ENTRY_OVERHEAD + s.user_id.capacity() + s.metadata.capacity()
+    // malloc hands out at least 32 bytes, in steps of 16
+    let alloc = |n: usize| n.max(24).next_multiple_of(16);
+    ENTRY_OVERHEAD + alloc(s.user_id.capacity()) + alloc(s.metadata.capacity())
 }
 
 impl NearCache {
@@ -212,7 +215,10 @@ impl NearCache {
         session.touch(now, &self.limits);
         self.add_pending(&id, 1, now);
         self.misses.fetch_add(1, Ordering::Relaxed);
-        if !self.is_up() || self.shard_capacity == 0 {
+        // A flush of its counts is on its way: Redis's answer may or may
+        // not include them, so the copy's count could be short. Served,
+        // not kept.
+        if !self.is_up() || self.shard_capacity == 0 || self.in_flight(&id) {
             return session;
         }
         let size = size_of_copy(&session);
@@ -335,12 +341,14 @@ impl NearCache {
     /// Whether the session has counts not yet written, waiting or in a
     /// flush that has not answered.
     pub fn has_unwritten(&self, id: &[u8; 16]) -> bool {
-        self.pending_shard(id).contains_key(id)
-            || self
-                .in_flight
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .contains(id)
+        self.pending_shard(id).contains_key(id) || self.in_flight(id)
+    }
+
+    fn in_flight(&self, id: &[u8; 16]) -> bool {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(id)
     }
 
     /// The cached copy, for the mirror.

@@ -145,7 +145,15 @@ impl RedisStore {
             .await
             .map_err(|_| StoreError::Redis("near cache connection timed out".into()))?
             .map_err(|e| StoreError::Redis(format!("near cache connection: {e}")))?;
-        *tracking.conn.write().unwrap_or_else(|p| p.into_inner()) = Some(conn);
+        // Only if nobody closed the link meanwhile (a call on the old
+        // connection that failed): its Disconnection would go unheeded.
+        let mut slot = tracking.conn.write().unwrap_or_else(|p| p.into_inner());
+        if tracking.current.load(Ordering::Acquire) != number {
+            return Err(StoreError::Redis(
+                "near cache connection closed while it was opened".into(),
+            ));
+        }
+        *slot = Some(conn);
         near.link_up();
         Ok(())
     }
@@ -153,8 +161,9 @@ impl RedisStore {
     /// Drops the tracking connection and bypasses the cache.
     pub fn close_tracking(&self, near: &NearCache) {
         let tracking = &self.inner.tracking;
+        let mut slot = tracking.conn.write().unwrap_or_else(|p| p.into_inner());
         tracking.current.fetch_add(1, Ordering::AcqRel);
-        *tracking.conn.write().unwrap_or_else(|p| p.into_inner()) = None;
+        *slot = None;
         near.link_down();
     }
 
