@@ -254,10 +254,10 @@ fn fill_until_refused(c: &Client, user: &str) -> (Vec<String>, Answer) {
     let mut acked = Vec::new();
     for i in 0..20_000 {
         let t = Instant::now();
-        let a = c.post(
-            "/api/sessions",
-            &format!(r#"{{"user_id":"{user}{i}","metadata":{{"pad":"{meta}"}}}}"#),
-        );
+        let body = format!(r#"{{"user_id":"{user}{i}","metadata":{{"pad":"{meta}"}}}}"#);
+        let a = c
+            .try_request("POST", "/api/sessions", &[], Some(&body))
+            .unwrap_or_else(|e| panic!("a write got no answer after {:?}: {e}", t.elapsed()));
         assert!(
             t.elapsed() < Duration::from_millis(2_500),
             "a write hung for {:?}",

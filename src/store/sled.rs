@@ -297,19 +297,31 @@ impl SledStore {
                 "the data directory still refuses writes: {e}"
             )));
         }
+        // Every request that reaches the store waits on this lock while it
+        // is held, on a runtime worker: it is held for well under a second
+        // (a longer wait is given up and tried again at the next tick), so
+        // no request hangs behind a reopen.
         let mut slot = self.inner.trees.write().unwrap_or_else(|p| p.into_inner());
         // sled holds an exclusive lock on its file until every handle of the
         // old database is gone; in-flight users drop theirs within moments
         // (nobody takes a new one while the slot is locked).
         if let Some(old) = slot.take() {
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            let deadline = std::time::Instant::now() + std::time::Duration::from_millis(200);
             while Arc::strong_count(&old) > 1 && std::time::Instant::now() < deadline {
-                std::thread::sleep(std::time::Duration::from_millis(5));
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            if Arc::strong_count(&old) > 1 {
+                // Still in use (a flush stuck on the failing disk, say):
+                // back as it was, and another try at the next tick.
+                *slot = Some(old);
+                return Err(StoreError::DiskFault(
+                    "the local store is still in use; reopening it at the next try".into(),
+                ));
             }
             drop(old);
         }
         let mut last_error = None;
-        for _ in 0..50 {
+        for _ in 0..10 {
             match Trees::open(&self.inner.dir, &self.inner.local) {
                 Ok(t) => {
                     self.count_in(&t)?;
@@ -321,7 +333,7 @@ impl SledStore {
                 }
                 Err(e) => {
                     last_error = Some(e);
-                    std::thread::sleep(std::time::Duration::from_millis(100));
+                    std::thread::sleep(std::time::Duration::from_millis(50));
                 }
             }
         }
