@@ -321,7 +321,7 @@ impl SledStore {
             drop(old);
         }
         let mut last_error = None;
-        for _ in 0..10 {
+        for _ in 0..20 {
             match Trees::open(&self.inner.dir, &self.inner.local) {
                 Ok(t) => {
                     self.count_in(&t)?;
