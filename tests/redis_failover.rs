@@ -734,10 +734,13 @@ fn a_redis_url_with_password_db_and_key_prefix_is_honoured() {
         c.get(&format!("/api/sessions/{id}")).json()["request_count"],
         1
     );
-    assert_eq!(
-        redis_cli(redis.port, "s3cret", 3, &["HGET", &key, "n"]),
-        "1"
-    );
+    // (written behind by the near cache within a flush interval)
+    assert!(wait_until(Duration::from_secs(3), || redis_cli(
+        redis.port,
+        "s3cret",
+        3,
+        &["HGET", &key, "n"]
+    ) == "1"));
 
     // A node given the wrong password keeps serving from its own disk and
     // says why in its log, rather than failing requests.

@@ -423,7 +423,7 @@ impl Store {
             let sent = match self
                 .on_redis("touch", Some(id), |r, seq| async move {
                     match near {
-                        Some(near) => r.touch_and_cache(near, id, now, seq).await,
+                        Some(near) => r.touch_and_cache(near, id, now).await,
                         None => r.touch(id, now, seq).await,
                     }
                 })
@@ -961,14 +961,25 @@ impl Store {
                 }
             }
         }
+        // The copies the mirror gets, taken now: a failure below empties
+        // the cache.
+        let mut copies: Vec<Option<Session>> = batch.iter().map(|f| near.copy(&f.id)).collect();
         let mut failed: Option<usize> = None;
         for (n, chunk) in batch.chunks(CHUNK).enumerate() {
-            match redis.flush_touches(chunk, near).await {
+            let tracked = near.is_up();
+            let mut flushed = redis.flush_touches(chunk, near, false).await;
+            if flushed.is_err() && tracked {
+                // The cache's connection failed (and is closed now), the
+                // main one may not have: the same counts under the same ids
+                // once more over it, as a replay, so none counts twice.
+                flushed = redis.flush_touches(chunk, near, true).await;
+            }
+            match flushed {
                 Ok(results) => {
-                    for (f, result) in chunk.iter().zip(results) {
+                    for (i, (f, result)) in chunk.iter().zip(results).enumerate() {
                         match result {
                             Flushed::Counted => {
-                                if let Some(copy) = near.copy(&f.id) {
+                                if let Some(copy) = copies[n * CHUNK + i].take() {
                                     self.mirror("touch", |m| m.mirror_touch(copy));
                                 }
                             }
@@ -984,8 +995,8 @@ impl Store {
             }
         }
         if let Some(from) = failed {
-            for f in &batch[from..] {
-                if let Some(copy) = near.copy(&f.id) {
+            for (i, f) in batch.iter().enumerate().skip(from) {
+                if let Some(copy) = copies[i].take() {
                     self.mirror("touch", |m| m.mirror_touch(copy));
                 }
                 let Flush { id, pending, seq } = *f;

@@ -197,41 +197,54 @@ impl RedisStore {
 
     /// A touch of a session the near cache does not hold: read over the
     /// tracking connection (so Redis tracks the key for this node) and
-    /// stored in the cache unless an invalidation raced it; the request is
-    /// counted like a cached touch, written behind. The read writes
+    /// stored in the cache unless an invalidation raced it. The read writes
     /// nothing, so filling one node's cache does not invalidate another's.
-    /// Without a tracking connection, a plain [`touch`](Self::touch).
+    ///
+    /// The request is counted like a cached touch, written behind, and so
+    /// is every use while the tracking connection is down (read over the
+    /// main connection, not kept): all of this node's counts then reach
+    /// Redis through the write-behind, in the order of their operation ids,
+    /// and a batch sent again after its connection failed (as a replay,
+    /// skipped where Redis applied it) is never overtaken by a newer count.
     pub async fn touch_and_cache(
         &self,
         near: &NearCache,
         id: &[u8; 16],
         now: u64,
-        seq: u64,
     ) -> Result<Option<Session>> {
-        let Some(mut conn) = self.tracking_conn().filter(|_| near.is_up()) else {
-            return self.touch(id, now, seq).await;
-        };
         let ticket = near.ticket(id);
         let session_key = self.key("s:", &format_id(id));
-        let mut read = redis::cmd("HGETALL");
-        read.arg(&session_key);
-        let call = read.query_async::<Value>(&mut conn);
-        let fields = match tokio::time::timeout(self.inner.timeout, call).await {
-            Ok(Ok(v)) => v,
-            Ok(Err(e)) if super::conn::is_bad_record(&e) => {
-                return Err(self.bad_record(e.to_string()))
+        let key = &session_key;
+        let fields = match self.tracking_conn().filter(|_| near.is_up()) {
+            Some(mut conn) => {
+                let mut read = redis::cmd("HGETALL");
+                read.arg(key);
+                let call = read.query_async::<Value>(&mut conn);
+                match tokio::time::timeout(self.inner.timeout, call).await {
+                    Ok(Ok(v)) => v,
+                    Ok(Err(e)) if super::conn::is_bad_record(&e) => {
+                        return Err(self.bad_record(e.to_string()))
+                    }
+                    // The cache's own connection broke (killed, reset)
+                    // while the main one may be fine: read over that.
+                    Ok(Err(e)) if e.is_connection_dropped() || e.is_io_error() => {
+                        self.close_tracking(near);
+                        self.read_record(key).await?
+                    }
+                    Ok(Err(e)) => {
+                        self.close_tracking(near);
+                        return Err(StoreError::Redis(format!("near cache connection: {e}")));
+                    }
+                    Err(_) => {
+                        self.close_tracking(near);
+                        return Err(StoreError::Redis(format!(
+                            "no answer within {} ms",
+                            self.inner.timeout.as_millis()
+                        )));
+                    }
+                }
             }
-            Ok(Err(e)) => {
-                self.close_tracking(near);
-                return Err(StoreError::Redis(format!("near cache connection: {e}")));
-            }
-            Err(_) => {
-                self.close_tracking(near);
-                return Err(StoreError::Redis(format!(
-                    "no answer within {} ms",
-                    self.inner.timeout.as_millis()
-                )));
-            }
+            None => self.read_record(key).await?,
         };
         let fields = flat_fields(fields)?;
         if fields.is_empty() {
@@ -245,6 +258,17 @@ impl RedisStore {
         Ok(Some(near.fill(session, ticket, now)))
     }
 
+    /// A session hash, over the main connection.
+    async fn read_record(&self, key: &str) -> Result<Value> {
+        self.call(self.inner.timeout, |mut c| async move {
+            redis::cmd("HGETALL")
+                .arg(key)
+                .query_async::<Value>(&mut c)
+                .await
+        })
+        .await
+    }
+
     /// Writes counts behind: one touch per session, all in one pipelined
     /// round trip, over the tracking connection when there is one (so they
     /// do not invalidate this node's own copies), else the main one.
@@ -254,7 +278,14 @@ impl RedisStore {
     /// tracking connection Redis 7.0 charges a script for every key it names
     /// on every read inside it, so a batch script over n sessions cost
     /// n² (measured: 17 ms for 256 sessions instead of 1 ms untracked).
-    pub async fn flush_touches(&self, batch: &[Flush], near: &NearCache) -> Result<Vec<Flushed>> {
+    /// `replay`: each touch is skipped if Redis already applied its id (a
+    /// batch sent again after a failure that may have applied part of it).
+    pub async fn flush_touches(
+        &self,
+        batch: &[Flush],
+        near: &NearCache,
+        replay: bool,
+    ) -> Result<Vec<Flushed>> {
         let keys: Vec<(String, String)> = batch
             .iter()
             .map(|f| {
@@ -267,7 +298,7 @@ impl RedisStore {
             .iter()
             .zip(&keys)
             .map(|(f, (ids, key))| {
-                self.touch_inv(ids, key, f.pending.at, f.pending.count, f.seq, false)
+                self.touch_inv(ids, key, f.pending.at, f.pending.count, f.seq, replay)
             })
             .collect();
         let mut pipe = redis::pipe();
