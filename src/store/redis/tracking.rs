@@ -309,20 +309,7 @@ impl RedisStore {
         let (pipe, load) = (&pipe, &load);
         let replies: Vec<Value> = match self.tracking_conn().filter(|_| near.is_up()) {
             Some(mut conn) => {
-                let call = async {
-                    match pipe.query_async::<Vec<Value>>(&mut conn).await {
-                        // NOSCRIPT is refused before anything runs; every
-                        // EVALSHA of the batch names the same script.
-                        Err(e)
-                            if e.kind()
-                                == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
-                        {
-                            load.query_async::<()>(&mut conn).await?;
-                            pipe.query_async(&mut conn).await
-                        }
-                        other => other,
-                    }
-                };
+                let call = query_loading_scripts(pipe, load, &mut conn);
                 match tokio::time::timeout(self.inner.timeout, call).await {
                     Ok(Ok(v)) => v,
                     Ok(Err(e)) => {
@@ -340,16 +327,7 @@ impl RedisStore {
             }
             None => {
                 self.call(self.inner.timeout, |mut c| async move {
-                    match pipe.query_async::<Vec<Value>>(&mut c).await {
-                        Err(e)
-                            if e.kind()
-                                == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
-                        {
-                            load.query_async::<()>(&mut c).await?;
-                            pipe.query_async(&mut c).await
-                        }
-                        other => other,
-                    }
+                    query_loading_scripts(pipe, load, &mut c).await
                 })
                 .await?
             }
@@ -366,6 +344,23 @@ impl RedisStore {
                 _ => Flushed::Gone,
             })
             .collect())
+    }
+}
+
+/// Runs a pipeline of script calls, loading every script first when Redis
+/// has none (it restarted empty): NOSCRIPT is refused before anything runs,
+/// and every call of a write-behind batch names the same script.
+async fn query_loading_scripts(
+    pipe: &redis::Pipeline,
+    load: &redis::Pipeline,
+    conn: &mut MultiplexedConnection,
+) -> redis::RedisResult<Vec<Value>> {
+    match pipe.query_async::<Vec<Value>>(conn).await {
+        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+            load.query_async::<()>(conn).await?;
+            pipe.query_async(conn).await
+        }
+        other => other,
     }
 }
 
