@@ -10,7 +10,6 @@ mod common;
 
 use common::*;
 use serde_json::Value;
-use std::io::Read;
 use std::sync::{mpsc, Arc, Barrier};
 use std::time::{Duration, Instant};
 
@@ -37,50 +36,37 @@ impl Got {
     }
 }
 
-fn agent() -> ureq::Agent {
-    ureq::AgentBuilder::new()
-        .timeout(Duration::from_secs(20))
-        .build()
-}
-
+/// A fresh connection to `base` for one request (the node answers some
+/// hostile ones before reading the body, and closes the connection).
 fn call(
-    agent: &ureq::Agent,
     base: &str,
     method: &str,
     path: &str,
     headers: &[(&str, &str)],
     body: Option<&[u8]>,
 ) -> Got {
-    let mut req = agent.request(method, &format!("{base}{path}"));
-    for (k, v) in headers {
-        req = req.set(k, v);
-    }
-    let res = match body {
-        Some(b) => req.send_bytes(b),
-        None => req.call(),
-    };
-    let resp = match res {
-        Ok(r) => r,
-        Err(ureq::Error::Status(_, r)) => r,
-        Err(e) => panic!("{method} {path}: {e}"),
-    };
-    let status = resp.status();
-    let headers = resp
-        .headers_names()
-        .into_iter()
-        .filter_map(|n| {
-            resp.header(&n)
-                .map(|v| (n.to_ascii_lowercase(), v.to_string()))
-        })
-        .collect();
-    let mut body = Vec::new();
-    resp.into_reader()
-        .read_to_end(&mut body)
-        .expect("read body");
+    send(&client(base), method, path, headers, body)
+}
+
+fn client(base: &str) -> Client {
+    Client::new(base).with_timeout(Duration::from_secs(20))
+}
+
+/// `Client::try_request_bytes`, a transport failure a panic.
+fn send(
+    client: &Client,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> Got {
+    let raw = client
+        .try_request_bytes(method, path, headers, body)
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
     Got {
-        status,
-        headers,
-        body,
+        status: raw.status,
+        headers: raw.headers,
+        body: raw.body,
     }
 }
 
@@ -88,30 +74,30 @@ fn call(
 #[derive(Clone)]
 struct C {
     base: String,
-    agent: ureq::Agent,
+    client: Client,
 }
 
 impl C {
     fn of(n: &Node) -> C {
         C {
             base: n.url(),
-            agent: agent(),
+            client: client(&n.url()),
         }
     }
     fn get(&self, path: &str) -> Got {
-        call(&self.agent, &self.base, "GET", path, &[], None)
+        send(&self.client, "GET", path, &[], None)
     }
     fn get_with(&self, path: &str, headers: &[(&str, &str)]) -> Got {
-        call(&self.agent, &self.base, "GET", path, headers, None)
+        send(&self.client, "GET", path, headers, None)
     }
     fn put(&self, path: &str, content_type: &str, body: &[u8]) -> Got {
         self.put_with(path, &[("Content-Type", content_type)], body)
     }
     fn put_with(&self, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Got {
-        call(&self.agent, &self.base, "PUT", path, headers, Some(body))
+        send(&self.client, "PUT", path, headers, Some(body))
     }
     fn delete(&self, path: &str) -> Got {
-        call(&self.agent, &self.base, "DELETE", path, &[], None)
+        send(&self.client, "DELETE", path, &[], None)
     }
     fn health(&self) -> Value {
         serde_json::from_slice(&self.get("/api/health").body).unwrap_or(Value::Null)
@@ -217,7 +203,6 @@ fn values_round_trip_byte_for_byte_expire_and_answer_conditional_gets() {
     }
     // No Content-Type: stored as octet-stream.
     let got = call(
-        &agent(),
         &cs[0].base,
         "PUT",
         "/api/cache/pages/untyped",
@@ -456,7 +441,7 @@ impl C {
     fn of_base(base: &str) -> C {
         C {
             base: base.to_string(),
-            agent: agent(),
+            client: client(base),
         }
     }
 }
@@ -881,7 +866,7 @@ fn hostile_keys_namespaces_bodies_and_headers_get_a_4xx_json_error_and_change_no
         let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
         // A fresh connection each: the node answers these before reading
         // the body, and closes the connection rather than read it.
-        let got = call(&agent(), &c.base, method, path, &h, body.as_deref());
+        let got = call(&c.base, method, path, &h, body.as_deref());
         assert_eq!(
             (got.status, got.code().as_str()),
             (*status, *code),

@@ -116,6 +116,14 @@ impl Answer {
     }
 }
 
+/// An HTTP answer with its body as bytes (a value of any content type).
+#[derive(Debug)]
+pub struct RawAnswer {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
 /// A small blocking HTTP client (ureq) that returns 4xx/5xx as answers.
 #[derive(Clone)]
 pub struct Client {
@@ -159,6 +167,28 @@ impl Client {
         headers: &[(&str, &str)],
         body: Option<&str>,
     ) -> Result<Answer, String> {
+        let mut headers = headers.to_vec();
+        if body.is_some() {
+            headers.push(("Content-Type", "application/json"));
+        }
+        let raw = self.try_request_bytes(method, path, &headers, body.map(str::as_bytes))?;
+        let text = String::from_utf8(raw.body).map_err(|e| e.to_string())?;
+        Ok(Answer {
+            status: raw.status,
+            headers: raw.headers,
+            text,
+        })
+    }
+
+    /// A request whose body is bytes, sent as given (its `Content-Type`, if
+    /// any, among `headers`), and the answer's body as bytes.
+    pub fn try_request_bytes(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+    ) -> Result<RawAnswer, String> {
         let mut req = self
             .agent
             .request(method, &format!("{}{}", self.base, path));
@@ -169,7 +199,7 @@ impl Client {
             req = req.set(k, v);
         }
         let res = match body {
-            Some(b) => req.set("Content-Type", "application/json").send_string(b),
+            Some(b) => req.send_bytes(b),
             None => req.call(),
         };
         let resp = match res {
@@ -186,12 +216,21 @@ impl Client {
                     .map(|v| (n.to_ascii_lowercase(), v.to_string()))
             })
             .collect();
-        let text = resp.into_string().map_err(|e| e.to_string())?;
-        Ok(Answer {
+        let mut body = Vec::new();
+        resp.into_reader()
+            .read_to_end(&mut body)
+            .map_err(|e| e.to_string())?;
+        Ok(RawAnswer {
             status,
             headers,
-            text,
+            body,
         })
+    }
+
+    /// The same client with another timeout per request.
+    pub fn with_timeout(mut self, timeout: Duration) -> Client {
+        self.agent = ureq::AgentBuilder::new().timeout(timeout).build();
+        self
     }
 
     pub fn get(&self, path: &str) -> Answer {
