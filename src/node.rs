@@ -190,7 +190,7 @@ pub async fn run_on(
     app.ready.store(false, Ordering::Release);
     // From here every use of a session goes to Redis, so the node that
     // takes a browser over sees every count at once.
-    store.begin_drain();
+    store.begin_drain().await;
     systemd::stopping();
     tokio::time::sleep(app.config.drain_delay).await;
     let _ = shutdown_tx.send(true);

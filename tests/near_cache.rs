@@ -382,6 +382,51 @@ fn a_node_killed_with_sigkill_loses_at_most_one_flush_interval_of_counts_and_not
 }
 
 #[test]
+fn a_draining_node_writes_its_counts_at_once_so_the_next_node_sees_them() {
+    let _one = one_at_a_time();
+    let redis = Redis::start(false);
+    // Counts written behind only every 10 s: without the drain's own
+    // flush and write-through, Redis would lag behind every answer below.
+    let node = Node::builder()
+        .args(["--redis-url", &redis.url(), "--instance-id", "draining"])
+        .args(["--touch-flush-ms", "10000", "--drain-delay-ms", "3000"])
+        .start();
+    let c = node.client();
+    assert!(wait_until(Duration::from_secs(5), || near_up(&c)));
+    let id = id_of(&c.get("/api/session").json());
+    let in_redis = || -> u64 {
+        redis
+            .cmd(&["HGET", &format!("edgenode:s:{id}"), "n"])
+            .lines()
+            .nth(1)
+            .and_then(|l| l.trim().parse().ok())
+            .expect("the session is in redis")
+    };
+    let touch = || -> u64 {
+        let a = c.request("GET", "/api/session", &[("X-Session-ID", &id)], None);
+        assert_eq!(a.status, 200, "{}", a.text);
+        a.json()["request_count"].as_u64().expect("a count")
+    };
+    for _ in 0..20 {
+        touch();
+    }
+    assert!(near(&c)["hits"].as_u64().unwrap_or(0) > 0, "{}", near(&c));
+    assert!(in_redis() < 21, "counts were written behind, not through");
+    signal(node.pid(), libc::SIGTERM);
+    assert!(
+        wait_until(Duration::from_secs(2), || c.get("/api/ready").status == 503),
+        "the node did not start draining"
+    );
+    // Every use while draining is in Redis by the time it is answered,
+    // with the counts cached before the drain under it.
+    for _ in 0..10 {
+        let n = touch();
+        assert_eq!(in_redis(), n, "a draining node's count lags in redis");
+    }
+    assert_eq!(in_redis(), 31);
+}
+
+#[test]
 fn a_redis_user_not_allowed_client_tracking_leaves_the_cache_off_and_the_node_serving() {
     let _one = one_at_a_time();
     let redis = Redis::start(false);

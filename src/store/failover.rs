@@ -414,10 +414,18 @@ impl Store {
     /// Counts one request and slides the expiry.
     pub async fn touch(&self, id: &[u8; 16]) -> Result<Option<Session>> {
         let now = self.now()?;
-        if let Some(s) = self.near().and_then(|near| near.touch(id, now)) {
-            return Ok(Some(s));
-        }
-        let near = self.inner.near.as_deref();
+        // A draining node writes every use through, so the node that takes
+        // the browser over next reads its count at once.
+        let draining = self.inner.draining.load(Ordering::Acquire);
+        let near = if draining {
+            self.settle_near(id).await;
+            None
+        } else {
+            if let Some(s) = self.near().and_then(|near| near.touch(id, now)) {
+                return Ok(Some(s));
+            }
+            self.inner.near.as_deref()
+        };
         let mut may_restore = true;
         loop {
             let sent = match self
@@ -1382,13 +1390,28 @@ impl Store {
         }
     }
 
-    /// Shutdown begins: the near cache is bypassed from now on, so every
-    /// use is written through to Redis while in-flight requests finish.
-    pub fn begin_drain(&self) {
+    /// Shutdown begins: the counts the near cache holds are written now,
+    /// and from here every use is written through to Redis while in-flight
+    /// requests finish, so a browser that moves to another node sees its
+    /// count there at once.
+    pub async fn begin_drain(&self) {
         self.inner.draining.store(true, Ordering::Release);
         if let (Some(near), Some(redis)) = (&self.inner.near, &self.inner.redis) {
             // also voids a connection being opened right now
             redis.close_tracking(near);
+        }
+        self.flush_near().await;
+    }
+
+    /// Writes every count the near cache holds now, without waiting for
+    /// the next tick.
+    async fn flush_near(&self) {
+        if let Some(near) = &self.inner.near {
+            let _flush = self.inner.flush_lock.lock().await;
+            let taken = near.take_pending();
+            if !taken.is_empty() {
+                self.write_behind(near, taken).await;
+            }
         }
     }
 
@@ -1396,12 +1419,8 @@ impl Store {
     /// has returned and the last request was answered: the near cache's
     /// last counts go to Redis (or the journal), then the disk is flushed.
     pub async fn close(&self) -> Result<()> {
-        if let Some(near) = &self.inner.near {
-            let _flush = self.inner.flush_lock.lock().await;
-            let taken = near.take_pending();
-            if !taken.is_empty() {
-                self.write_behind(near, taken).await;
-            }
+        if self.inner.near.is_some() {
+            self.flush_near().await;
             self.inner.sled.flush_pending_touches()?;
         }
         self.inner.sled.close().await
