@@ -62,6 +62,41 @@ fn sessions_survive_a_clean_restart() {
     );
 }
 
+/// The log position sled's newest snapshot covers (`snap.<lsn in hex>`).
+fn newest_snapshot(db: &std::path::Path) -> u64 {
+    std::fs::read_dir(db)
+        .expect("the data directory")
+        .filter_map(|e| {
+            let name = e.ok()?.file_name().into_string().ok()?;
+            u64::from_str_radix(name.strip_prefix("snap.")?, 16).ok()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_clean_stop_leaves_a_snapshot_so_the_next_start_does_not_read_the_whole_log() {
+    let mut node = Node::start();
+    let db = node.data_dir.join("db");
+    // sled writes a snapshot when it opens: this start's.
+    let at_start = newest_snapshot(&db);
+    let c = node.client();
+    for i in 0..300 {
+        c.create(&format!(r#"{{"user_id":"u{i}"}}"#));
+    }
+    assert!(node.terminate().success(), "SIGTERM exits 0");
+    let at_stop = newest_snapshot(&db);
+    assert!(
+        at_stop > at_start,
+        "the stop left no snapshot past this start's ({at_start:x} → {at_stop:x})"
+    );
+    node.restart();
+    assert_eq!(
+        node.client().get("/api/health").json()["sessions"]["active"],
+        300
+    );
+}
+
 #[test]
 fn acknowledged_writes_survive_kill_9() {
     let mut node = Node::start();

@@ -93,8 +93,9 @@ impl Inner {
         {
             Some(t) => t.clone(),
             // Empty only under `reopen`'s write lock, which it never
-            // releases empty (it exits instead).
-            None => unreachable!("the local store is reopened under its lock"),
+            // releases empty (it exits instead), and after a `close` whose
+            // last reopen failed, when nothing uses the store any more.
+            None => unreachable!("the local store is used while reopened or after close"),
         }
     }
 }
@@ -320,28 +321,23 @@ impl SledStore {
             }
             drop(old);
         }
-        let mut last_error = None;
-        for _ in 0..20 {
-            match Trees::open(&self.inner.dir, &self.inner.local) {
-                Ok(t) => {
-                    self.count_in(&t)?;
-                    *slot = Some(Arc::new(t));
-                    drop(slot);
-                    self.inner.disk.flushed(None);
-                    tracing::warn!("the local store was reopened after a disk fault");
-                    return Ok(());
-                }
-                Err(e) => {
-                    last_error = Some(e);
-                    std::thread::sleep(std::time::Duration::from_millis(50));
-                }
+        match self.open_trees() {
+            Ok(t) => {
+                self.count_in(&t)?;
+                *slot = Some(Arc::new(t));
+                drop(slot);
+                self.inner.disk.flushed(None);
+                tracing::warn!("the local store was reopened after a disk fault");
+                Ok(())
+            }
+            Err(e) => {
+                // The slot stays empty while it is locked, so nothing was
+                // written or acknowledged meanwhile; a restart by the
+                // service manager is the honest way on.
+                tracing::error!(error = %e, "cannot reopen the local store; exiting so that the service manager restarts the node");
+                std::process::exit(1);
             }
         }
-        // The slot stays empty while it is locked, so nothing was written
-        // or acknowledged meanwhile; a restart by the service manager is the
-        // honest way on.
-        tracing::error!(error = ?last_error, "cannot reopen the local store; exiting so that the service manager restarts the node");
-        std::process::exit(1);
     }
 
     /// A tree of this database for another part of the node (the shared
@@ -1006,7 +1002,60 @@ impl SledStore {
         self.flush_pending_touches()?;
         let n = self.inner.active.load(Ordering::Relaxed);
         self.t().meta.insert(CLEAN_COUNT_KEY, &n.to_be_bytes())?;
-        self.durable().await
+        self.durable().await?;
+        self.leave_snapshot();
+        Ok(())
+    }
+
+    /// sled writes its snapshot (the page table, where the next open starts
+    /// reading its log from) only when it opens a database, after reading
+    /// every log segment written since the last one. A node that took many
+    /// writes would pay that read at its next start (100 000 sessions made
+    /// since the last start: 90 ms of a 106 ms start on a 2-core x86, more on
+    /// a Pi's SD card); closing the database and opening it once more on the
+    /// way out pays it here, where nobody waits for it. Best effort: if that
+    /// fails, the next start reads the log, as it would after a crash.
+    fn leave_snapshot(&self) {
+        let started = std::time::Instant::now();
+        let mut slot = self.inner.trees.write().unwrap_or_else(|p| p.into_inner());
+        let Some(old) = slot.take() else { return };
+        let old = match Arc::try_unwrap(old) {
+            Ok(trees) => trees,
+            Err(shared) => {
+                *slot = Some(shared);
+                return;
+            }
+        };
+        drop(old);
+        match self.open_trees() {
+            Ok(t) => {
+                *slot = Some(Arc::new(t));
+                tracing::debug!(
+                    ms = started.elapsed().as_millis() as u64,
+                    "local store snapshot written"
+                );
+            }
+            // Nothing uses the store after close; the next start recovers.
+            Err(e) => {
+                tracing::warn!(error = %e, "no snapshot of the local store left; the next start reads its whole log")
+            }
+        }
+    }
+
+    /// Opens the trees again after the old database was dropped: sled lets
+    /// go of its file lock moments after the last handle is gone.
+    fn open_trees(&self) -> Result<Trees> {
+        let mut tries = 0;
+        loop {
+            match Trees::open(&self.inner.dir, &self.inner.local) {
+                Ok(t) => return Ok(t),
+                Err(e) if tries >= 20 => return Err(e),
+                Err(_) => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+            }
+        }
     }
 
     // ---- internals -----------------------------------------------------------
