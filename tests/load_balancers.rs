@@ -10,6 +10,7 @@
 
 mod common;
 
+use common::lan::{Lan, Netns, HUB};
 use common::*;
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -1418,6 +1419,145 @@ fn dead_node_story(kind: Balancer) {
     drop(nodes);
 }
 
+/// A node loses power while it holds a browser's request, for real: each
+/// node is a host of its own (a network namespace on a bridge, see
+/// `common::lan`), the balancer and Redis live on another, and the node's
+/// host is unplugged (every packet in and out dropped, so what it had open
+/// gets neither a RST nor a FIN). The browser waits about 2 s and gets its
+/// session from another node, counted once; a visitor whose routing cookie
+/// still names the dead node is answered by another within a second and a
+/// half; the other nodes stay on Redis.
+fn power_cut_story(kind: Balancer) {
+    let name = kind.name();
+    let lan = match Lan::new(3) {
+        Ok(lan) => lan,
+        Err(reason) => {
+            skip(&format!(
+                "{name}: a node losing power on a LAN of network namespaces: cannot make them here: {reason}"
+            ));
+            return;
+        }
+    };
+    let redis = lan.redis();
+    let url = Lan::redis_url(&redis);
+    // The balancer, its clients and the test's checks run on the hub.
+    lan.hub.within(|| {
+        let mut nodes: Vec<Node> = (0..3)
+            .map(|i| {
+                lan.hosts[i].within(|| {
+                    Node::builder()
+                        .listen_ip(&Lan::host_addr(i))
+                        .args(["--redis-url", &url, "--instance-id", &format!("node{}", i + 1)])
+                        .args(["--trusted-proxies", HUB, "--api-token", TOKEN])
+                        .start()
+                })
+            })
+            .collect();
+        for n in &nodes {
+            assert!(wait_until(Duration::from_secs(5), || in_redis_mode(n)));
+        }
+        let dir = tempdir();
+        let lb = start_balancer(kind, &nodes.iter().collect::<Vec<_>>(), dir.path());
+        let mut browser = lb.browser();
+        let first = browser.get("/api/session");
+        assert_eq!(first.status, 200, "{name}: {:?}", first.body);
+        let id = id_of(&first.body);
+        let home = browser.routed_to();
+
+        // The node is held (SIGSTOP) so that the browser's next request is
+        // in its socket, unread, when the power goes.
+        signal(nodes[home].pid(), libc::SIGSTOP);
+        let port = nodes[home].port.to_string();
+        let visit = std::thread::spawn(move || {
+            let page = browser.get("/api/session");
+            (browser, page)
+        });
+        let held = wait_until(Duration::from_secs(5), || {
+            unread_bytes_on(&lan.hosts[home], &port) > 0
+        });
+        assert!(held, "{name}: the request never reached node{}", home + 1);
+        lan.unplug(home);
+        let cut_at = Instant::now();
+        // Its process dies too; what it sends as it goes never leaves.
+        nodes[home].kill9();
+        let (browser, page) = visit.join().expect("the browser's visit");
+        assert_eq!(
+            page.status, 200,
+            "{name}: the held read is answered by another node: {:?}",
+            page.body
+        );
+        assert_eq!(id_of(&page.body), id, "{name}: same session elsewhere");
+        assert_ne!(browser.routed_to(), home, "{name}: routed to a live node now");
+        let waited = cut_at.elapsed();
+        assert!(
+            waited <= Duration::from_millis(2500),
+            "{name}: a power cut held the browser {waited:?} after it happened"
+        );
+        assert!(
+            wait_until(Duration::from_secs(3), || redis.request_count(&id) == Some(2)),
+            "{name}: the visit counted once: redis holds {:?}",
+            redis.request_count(&id)
+        );
+
+        // A visitor whose routing cookie names the dead node: its address
+        // answers nothing now, not even a SYN.
+        if kind == Balancer::Haproxy {
+            assert!(
+                wait_until(Duration::from_secs(6), || lb
+                    .haproxy_server_state(home + 1)
+                    .starts_with("DOWN")),
+                "{name}: the unplugged node never went DOWN"
+            );
+        }
+        let mut stranger = lb.browser();
+        let stranger_id = id_of(&stranger.get("/api/session").body);
+        stranger
+            .cookies
+            .insert(ROUTE_COOKIE.into(), format!("node{}", home + 1));
+        let later = stranger.get("/api/session");
+        assert_eq!(later.status, 200, "{name}: {:?}", later.body);
+        assert_eq!(id_of(&later.body), stranger_id);
+        assert!(
+            later.took <= Duration::from_millis(1500),
+            "{name}: a visit routed to the unplugged node took {:?}",
+            later.took
+        );
+        for (i, n) in nodes.iter().enumerate().filter(|(i, _)| *i != home) {
+            assert_eq!(store_mode(n), "redis", "{name}: node{}", i + 1);
+        }
+        println!(
+            "{name}: node{} unplugged holding a request: answered by node{} {waited:?} after the cut ({:?} in all); a visit routed to it later {:?}",
+            home + 1,
+            browser.routed_to() + 1,
+            page.took,
+            later.took
+        );
+        drop(lb);
+    });
+}
+
+/// Bytes received on `port`'s connections in `host` and not yet read by
+/// the process that owns them (`ss`'s Recv-Q).
+fn unread_bytes_on(host: &Netns, port: &str) -> u64 {
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &host.name,
+            "ss",
+            "-Htn",
+            "state",
+            "established",
+        ])
+        .arg(format!("( sport = :{port} )"))
+        .output()
+        .expect("ss (iproute2)");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
 #[test]
 fn nginx_public_listener_refuses_management_and_never_replays_a_create() {
     public_listener_story(Balancer::Nginx);
@@ -1436,6 +1576,16 @@ fn nginx_stopped_node_costs_a_browser_at_most_2_5_s() {
 #[test]
 fn haproxy_stopped_node_costs_a_browser_at_most_2_5_s() {
     dead_node_story(Balancer::Haproxy);
+}
+
+#[test]
+fn nginx_node_losing_power_mid_request_costs_a_browser_at_most_2_5_s() {
+    power_cut_story(Balancer::Nginx);
+}
+
+#[test]
+fn haproxy_node_losing_power_mid_request_costs_a_browser_at_most_2_5_s() {
+    power_cut_story(Balancer::Haproxy);
 }
 
 #[test]

@@ -15,138 +15,10 @@
 
 mod common;
 
+use common::lan::{Lan, Netns};
 use common::*;
 use serde_json::Value;
-use std::os::fd::AsRawFd;
-use std::process::Command;
 use std::time::{Duration, Instant};
-
-/// Redis's address on the bridge; host `i` is `10.77.0.{11 + i}`.
-const REDIS_HOST: &str = "10.77.0.1";
-
-/// A network namespace this test made; deleted (with its links) on drop.
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn create(name: String) -> Result<Netns, String> {
-        run("ip", &["netns", "add", &name])?;
-        let ns = Netns { name };
-        ns.ip(&["link", "set", "lo", "up"])?;
-        Ok(ns)
-    }
-
-    /// `ip -n <ns> …`
-    fn ip(&self, args: &[&str]) -> Result<(), String> {
-        let mut all = vec!["-n", &self.name];
-        all.extend_from_slice(args);
-        run("ip", &all)
-    }
-
-    /// A command run inside the namespace.
-    fn exec(&self, cmd: &[&str]) -> Result<(), String> {
-        let mut all = vec!["netns", "exec", &self.name];
-        all.extend_from_slice(cmd);
-        run("ip", &all)
-    }
-
-    /// Runs `f` on this thread with the thread inside the namespace: the
-    /// sockets `f` opens, and the processes it starts, live there. (A
-    /// network namespace is per thread; the thread's own is restored after.)
-    fn within<T>(&self, f: impl FnOnce() -> T) -> T {
-        let open = |p: &str| std::fs::File::open(p).unwrap_or_else(|e| panic!("{p}: {e}"));
-        let home = open("/proc/thread-self/ns/net");
-        let there = open(&format!("/run/netns/{}", self.name));
-        // SAFETY: setns on descriptors of namespace files this thread opened.
-        let entered = unsafe { libc::setns(there.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(entered, 0, "setns into {}", self.name);
-        struct Back(std::fs::File);
-        impl Drop for Back {
-            fn drop(&mut self) {
-                // SAFETY: as above; back to the namespace the thread had.
-                unsafe { libc::setns(self.0.as_raw_fd(), libc::CLONE_NEWNET) };
-            }
-        }
-        let _back = Back(home);
-        f()
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = run("ip", &["netns", "del", &self.name]);
-    }
-}
-
-fn run(cmd: &str, args: &[&str]) -> Result<(), String> {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .map_err(|e| format!("{cmd}: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{cmd} {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
-/// Redis's host and `n` node hosts on one bridge.
-struct Lan {
-    hosts: Vec<Netns>,
-    /// Dropped last: the bridge goes with it.
-    hub: Netns,
-}
-
-impl Lan {
-    fn new(n: usize) -> Result<Lan, String> {
-        let tag = std::process::id();
-        let hub = Netns::create(format!("en-hub-{tag}"))?;
-        hub.ip(&["link", "add", "br0", "type", "bridge"])?;
-        hub.ip(&["addr", "add", &format!("{REDIS_HOST}/24"), "dev", "br0"])?;
-        hub.ip(&["link", "set", "br0", "up"])?;
-        let mut hosts = Vec::new();
-        for i in 0..n {
-            let host = Netns::create(format!("en-node{i}-{tag}"))?;
-            let port = format!("port{i}");
-            hub.ip(&[
-                "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &host.name,
-            ])?;
-            hub.ip(&["link", "set", &port, "master", "br0", "up"])?;
-            host.ip(&[
-                "addr",
-                "add",
-                &format!("10.77.0.{}/24", 11 + i),
-                "dev",
-                "eth0",
-            ])?;
-            host.ip(&["link", "set", "eth0", "up"])?;
-            hosts.push(host);
-        }
-        Ok(Lan { hosts, hub })
-    }
-
-    /// Every packet between host `i` and Redis dropped, both ways, silently.
-    fn cut_from_redis(&self, i: usize) {
-        for rule in [["OUTPUT", "-d"], ["INPUT", "-s"]] {
-            self.hosts[i]
-                .exec(&["iptables", "-I", rule[0], rule[1], REDIS_HOST, "-j", "DROP"])
-                .expect("iptables in the node's namespace");
-        }
-    }
-
-    fn heal(&self, i: usize) {
-        for chain in ["OUTPUT", "INPUT"] {
-            self.hosts[i]
-                .exec(&["iptables", "-F", chain])
-                .expect("iptables -F");
-        }
-    }
-}
 
 /// A node on its own host, and how to talk to it (from inside that host).
 struct Host<'a> {
@@ -202,22 +74,10 @@ fn a_node_cut_from_redis_by_a_silent_partition_fails_over_alone_and_rejoins_with
             return;
         }
     };
-    let redis = lan.hub.within(|| {
-        let r = Redis::start(false);
-        // Also on the bridge, for the nodes; the namespace is the test's own,
-        // so it may take connections from them without a password.
-        for set in [
-            ["bind", &format!("127.0.0.1 {REDIS_HOST}")],
-            ["protected-mode", "no"],
-        ] {
-            let ok = r.cmd(&["CONFIG", "SET", set[0], set[1]]);
-            assert!(ok.starts_with("+OK"), "CONFIG SET {}: {ok}", set[0]);
-        }
-        r
-    });
+    let redis = lan.redis();
     let in_redis = |args: &[&str]| lan.hub.within(|| redis.cmd(args));
     let count_in_redis = |id: &str| lan.hub.within(|| redis.request_count(id));
-    let url = format!("redis://{REDIS_HOST}:{}/", redis.port);
+    let url = Lan::redis_url(&redis);
     let hosts: Vec<Host> = lan
         .hosts
         .iter()

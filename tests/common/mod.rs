@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod inproc;
+pub mod lan;
 
 use serde_json::Value;
 use std::io::{Read, Write};
@@ -295,6 +296,7 @@ pub struct NodeBuilder {
     envs: Vec<(String, String)>,
     data_dir: Option<PathBuf>,
     port: Option<u16>,
+    ip: Option<String>,
 }
 
 impl NodeBuilder {
@@ -314,6 +316,13 @@ impl NodeBuilder {
         self.data_dir = Some(d.to_path_buf());
         self
     }
+    /// Listens on this address instead of 127.0.0.1 (a host of a
+    /// [`lan::Lan`]); a node beyond loopback needs an api token.
+    pub fn listen_ip(mut self, ip: &str) -> Self {
+        self.ip = Some(ip.into());
+        self
+    }
+
     pub fn port(mut self, p: u16) -> Self {
         self.port = Some(p);
         self
@@ -353,7 +362,7 @@ impl NodeBuilder {
             }
         };
         let port = self.port.unwrap_or_else(free_port);
-        let addr = format!("127.0.0.1:{port}");
+        let addr = format!("{}:{port}", self.ip.as_deref().unwrap_or("127.0.0.1"));
         let log = data_dir.with_extension(format!("{port}.log"));
         let mut args = vec![
             "--config".to_string(),
@@ -432,6 +441,7 @@ impl Node {
             envs: Vec::new(),
             data_dir: None,
             port: None,
+            ip: None,
         }
     }
 
