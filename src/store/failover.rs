@@ -411,6 +411,16 @@ impl Store {
         }
     }
 
+    /// A use counted in the near cache just as the drain began may have
+    /// missed the drain's flush: it is written now. (Its count is added
+    /// under the same lock the flush takes them under, so either the flush
+    /// took it or this sees the flag.)
+    async fn settle_if_draining(&self, id: &[u8; 16]) {
+        if self.inner.draining.load(Ordering::Acquire) {
+            self.settle_near(id).await;
+        }
+    }
+
     /// Counts one request and slides the expiry.
     pub async fn touch(&self, id: &[u8; 16]) -> Result<Option<Session>> {
         let now = self.now()?;
@@ -422,6 +432,7 @@ impl Store {
             None
         } else {
             if let Some(s) = self.near().and_then(|near| near.touch(id, now)) {
+                self.settle_if_draining(id).await;
                 return Ok(Some(s));
             }
             self.inner.near.as_deref()
@@ -439,6 +450,9 @@ impl Store {
             {
                 Answer::Redis(Some(s)) => {
                     self.mirror("touch", |m| m.mirror_touch(s.clone()));
+                    if near.is_some() {
+                        self.settle_if_draining(id).await;
+                    }
                     return Ok(Some(s));
                 }
                 Answer::Redis(None) => {
@@ -1396,11 +1410,12 @@ impl Store {
     /// count there at once.
     pub async fn begin_drain(&self) {
         self.inner.draining.store(true, Ordering::Release);
+        // While the copies are still there: the mirror gets them.
+        self.flush_near().await;
         if let (Some(near), Some(redis)) = (&self.inner.near, &self.inner.redis) {
             // also voids a connection being opened right now
             redis.close_tracking(near);
         }
-        self.flush_near().await;
     }
 
     /// Writes every count the near cache holds now, without waiting for

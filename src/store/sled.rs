@@ -323,9 +323,12 @@ impl SledStore {
         }
         match self.open_trees() {
             Ok(t) => {
-                self.count_in(&t)?;
+                // Counting writes (the clean-shutdown count is consumed): a
+                // failure is returned with the new trees in place.
+                let counted = self.count_in(&t);
                 *slot = Some(Arc::new(t));
                 drop(slot);
+                counted?;
                 self.inner.disk.flushed(None);
                 tracing::warn!("the local store was reopened after a disk fault");
                 Ok(())
@@ -1003,7 +1006,9 @@ impl SledStore {
         let n = self.inner.active.load(Ordering::Relaxed);
         self.t().meta.insert(CLEAN_COUNT_KEY, &n.to_be_bytes())?;
         self.durable().await?;
-        self.leave_snapshot();
+        // sled's open reads files: the blocking pool's work, not a worker's.
+        let store = self.clone();
+        let _ = tokio::task::spawn_blocking(move || store.leave_snapshot()).await;
         Ok(())
     }
 
@@ -1023,6 +1028,9 @@ impl SledStore {
             Ok(trees) => trees,
             Err(shared) => {
                 *slot = Some(shared);
+                tracing::warn!(
+                    "the local store is still in use at close; the next start reads its whole log"
+                );
                 return;
             }
         };

@@ -54,7 +54,12 @@ impl Netns {
         impl Drop for Back {
             fn drop(&mut self) {
                 // SAFETY: as above; back to the namespace the thread had.
-                unsafe { libc::setns(self.0.as_raw_fd(), libc::CLONE_NEWNET) };
+                if unsafe { libc::setns(self.0.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    // A test thread left in a test's namespace would talk
+                    // to the wrong hosts from here on.
+                    eprintln!("cannot leave a test's network namespace");
+                    std::process::abort();
+                }
             }
         }
         let _back = Back(home);
@@ -65,6 +70,36 @@ impl Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = run("ip", &["netns", "del", &self.name]);
+    }
+}
+
+/// Namespaces left by a test process that was killed before it could
+/// remove them (`en-…-<pid>-<n>`, whose pid is gone), with whatever still
+/// runs in them.
+fn remove_leftovers() {
+    let Ok(dir) = std::fs::read_dir("/run/netns") else {
+        return;
+    };
+    for name in dir.filter_map(|e| e.ok()?.file_name().into_string().ok()) {
+        let Some(pid) = name
+            .strip_prefix("en-")
+            .and_then(|rest| rest.rsplit('-').nth(1))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        if let Ok(out) = Command::new("ip").args(["netns", "pids", &name]).output() {
+            for p in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                if let Ok(p) = p.parse::<i32>() {
+                    // SAFETY: kill(2) on a pid; no memory involved.
+                    unsafe { libc::kill(p, libc::SIGKILL) };
+                }
+            }
+        }
+        let _ = run("ip", &["netns", "del", &name]);
     }
 }
 
@@ -107,6 +142,7 @@ impl Lan {
             std::process::id(),
             NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         );
+        remove_leftovers();
         let hub = Netns::create(format!("en-hub-{tag}"))?;
         let made = |r: Result<(), String>| r.unwrap_or_else(|e| panic!("making the LAN: {e}"));
         made(hub.ip(&["link", "add", "br0", "type", "bridge"]));
@@ -140,7 +176,9 @@ impl Lan {
 
     /// A redis-server in the hub, on its loopback (for the test's own
     /// commands) and on the bridge (for the nodes). The namespace is the
-    /// test's own, so it takes their connections without a password.
+    /// test's own, so it takes their connections without a password. Its
+    /// helpers (`cmd`, `request_count`) reach it only from inside
+    /// `hub.within(…)`: elsewhere 127.0.0.1 is another machine's loopback.
     pub fn redis(&self) -> Redis {
         self.hub.within(|| {
             let r = Redis::start(false);
