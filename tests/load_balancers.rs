@@ -1393,19 +1393,7 @@ fn dead_node_story(kind: Balancer) {
             create.body
         ),
     }
-    let mut cut_browser = lb.browser();
-    let cut_id = id_of(&cut_browser.get("/api/session").body);
-    cut_browser
-        .cookies
-        .insert(ROUTE_COOKIE.into(), format!("node{}", cut + 1));
-    let read = cut_browser.get("/api/session");
-    assert_eq!(read.status, 200, "{name}: {:?}", read.body);
-    assert_eq!(id_of(&read.body), cut_id);
-    assert!(
-        read.took <= Duration::from_millis(1500),
-        "{name}: a read routed to a silent address took {:?}",
-        read.took
-    );
+    let read = visit_routed_to_dead_node(&lb, cut, "a silent address");
     println!(
         "{name}: node{} stopped: the next visit got its session in {:?}; balancer avoided the node after {noticed:?}, 6 later visits slowest {slowest:?}; held read counted again after SIGCONT: {counted}; node{} silent (no SYN-ACK): a create answered {} in {:?}, a read 200 in {:?}",
         home + 1,
@@ -1517,19 +1505,7 @@ fn power_cut_story(kind: Balancer) {
                 "{name}: the unplugged node never went DOWN"
             );
         }
-        let mut stranger = lb.browser();
-        let stranger_id = id_of(&stranger.get("/api/session").body);
-        stranger
-            .cookies
-            .insert(ROUTE_COOKIE.into(), format!("node{}", home + 1));
-        let later = stranger.get("/api/session");
-        assert_eq!(later.status, 200, "{name}: {:?}", later.body);
-        assert_eq!(id_of(&later.body), stranger_id);
-        assert!(
-            later.took <= Duration::from_millis(1500),
-            "{name}: a visit routed to the unplugged node took {:?}",
-            later.took
-        );
+        let later = visit_routed_to_dead_node(&lb, home, "the unplugged node");
         for (i, n) in nodes.iter().enumerate().filter(|(i, _)| *i != home) {
             assert_eq!(store_mode(n), "redis", "{name}: node{}", i + 1);
         }
@@ -1542,6 +1518,27 @@ fn power_cut_story(kind: Balancer) {
         );
         drop(lb);
     });
+}
+
+/// A browser with a session whose routing cookie names node `dead` (0-based)
+/// visits again: another node answers with its session, within the
+/// balancer's 1 s connect timeout and a half.
+fn visit_routed_to_dead_node(lb: &Lb, dead: usize, what: &str) -> Page {
+    let name = lb.kind.name();
+    let mut browser = lb.browser();
+    let id = id_of(&browser.get("/api/session").body);
+    browser
+        .cookies
+        .insert(ROUTE_COOKIE.into(), format!("node{}", dead + 1));
+    let page = browser.get("/api/session");
+    assert_eq!(page.status, 200, "{name}: {:?}", page.body);
+    assert_eq!(id_of(&page.body), id, "{name}: its own session");
+    assert!(
+        page.took <= Duration::from_millis(1500),
+        "{name}: a visit routed to {what} took {:?}",
+        page.took
+    );
+    page
 }
 
 /// The most bytes one of `port`'s connections in `host` has received and

@@ -394,14 +394,7 @@ fn a_draining_node_writes_its_counts_at_once_so_the_next_node_sees_them() {
     let c = node.client();
     assert!(wait_until(Duration::from_secs(5), || near_up(&c)));
     let id = id_of(&c.get("/api/session").json());
-    let in_redis = || -> u64 {
-        redis
-            .cmd(&["HGET", &format!("edgenode:s:{id}"), "n"])
-            .lines()
-            .nth(1)
-            .and_then(|l| l.trim().parse().ok())
-            .expect("the session is in redis")
-    };
+    let in_redis = || redis.request_count(&id).expect("the session is in redis");
     let touch = || -> u64 {
         let a = c.request("GET", "/api/session", &[("X-Session-ID", &id)], None);
         assert_eq!(a.status, 200, "{}", a.text);
