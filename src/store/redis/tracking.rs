@@ -220,27 +220,20 @@ impl RedisStore {
                 let mut read = redis::cmd("HGETALL");
                 read.arg(key);
                 let call = read.query_async::<Value>(&mut conn);
-                match tokio::time::timeout(self.inner.timeout, call).await {
-                    Ok(Ok(v)) => v,
-                    Ok(Err(e)) if super::conn::is_bad_record(&e) => {
+                match self.on_tracking(near, "", call).await? {
+                    Ok(v) => v,
+                    Err(e) if super::conn::is_bad_record(&e) => {
                         return Err(self.bad_record(e.to_string()))
                     }
                     // The cache's own connection broke (killed, reset)
                     // while the main one may be fine: read over that.
-                    Ok(Err(e)) if e.is_connection_dropped() || e.is_io_error() => {
+                    Err(e) if e.is_connection_dropped() || e.is_io_error() => {
                         self.close_tracking(near);
                         self.read_record(key).await?
                     }
-                    Ok(Err(e)) => {
+                    Err(e) => {
                         self.close_tracking(near);
                         return Err(StoreError::Redis(format!("near cache connection: {e}")));
-                    }
-                    Err(_) => {
-                        self.close_tracking(near);
-                        return Err(StoreError::Redis(format!(
-                            "no answer within {} ms",
-                            self.inner.timeout.as_millis()
-                        )));
                     }
                 }
             }
@@ -256,6 +249,27 @@ impl RedisStore {
             return Ok(None);
         }
         Ok(Some(near.fill(session, ticket, now)))
+    }
+
+    /// A call on the cache's own connection, within the store timeout. No
+    /// answer closes the connection (the cache is bypassed until a new one
+    /// is up) and is an error; what Redis answered is the caller's to judge.
+    async fn on_tracking<T>(
+        &self,
+        near: &NearCache,
+        what: &str,
+        call: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<redis::RedisResult<T>> {
+        match tokio::time::timeout(self.inner.timeout, call).await {
+            Ok(answered) => Ok(answered),
+            Err(_) => {
+                self.close_tracking(near);
+                Err(StoreError::Redis(format!(
+                    "{what}no answer within {} ms",
+                    self.inner.timeout.as_millis()
+                )))
+            }
+        }
     }
 
     /// A session hash, over the main connection.
@@ -310,18 +324,14 @@ impl RedisStore {
         let replies: Vec<Value> = match self.tracking_conn().filter(|_| near.is_up()) {
             Some(mut conn) => {
                 let call = query_loading_scripts(pipe, load, &mut conn);
-                match tokio::time::timeout(self.inner.timeout, call).await {
-                    Ok(Ok(v)) => v,
-                    Ok(Err(e)) => {
+                match self
+                    .on_tracking(near, "writing touches behind: ", call)
+                    .await?
+                {
+                    Ok(v) => v,
+                    Err(e) => {
                         self.close_tracking(near);
                         return Err(StoreError::Redis(format!("writing touches behind: {e}")));
-                    }
-                    Err(_) => {
-                        self.close_tracking(near);
-                        return Err(StoreError::Redis(format!(
-                            "writing touches behind: no answer within {} ms",
-                            self.inner.timeout.as_millis()
-                        )));
                     }
                 }
             }
