@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod node;
 pub mod server;
 pub mod session;
+pub mod shutdown;
 pub mod store;
 pub mod systemd;
 
