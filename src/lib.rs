@@ -19,12 +19,15 @@ pub mod shutdown;
 pub mod store;
 pub mod systemd;
 
-/// `edgenode --version`: the version, the target triple and the git commit.
+/// `edgenode --version`: the version, the target triple, the git commit and
+/// the fingerprint of the source it was built from (see `build.rs`).
 pub const VERSION_LINE: &str = concat!(
     env!("CARGO_PKG_VERSION"),
     " (",
     env!("EDGENODE_TARGET"),
     ", commit ",
     env!("EDGENODE_COMMIT"),
+    ", source ",
+    env!("EDGENODE_SOURCE"),
     ")"
 );

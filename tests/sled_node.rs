@@ -177,3 +177,39 @@ fn help_never_prints_a_secret_from_the_environment() {
     assert!(!text.contains("hunter2"), "{text}");
     assert!(!text.contains("s3cret-token"), "{text}");
 }
+
+/// The README's two commands in either order, with any time between them:
+/// the tests take a release binary built from the code under test however
+/// long ago it was built, and refuse one built from other code, whatever its
+/// file time says.
+#[test]
+fn the_release_binary_is_judged_by_its_source_not_its_age() {
+    let dir = tempdir();
+    // A current build, made to look a day old.
+    let old_copy = dir.path().join("edgenode-built-yesterday");
+    std::fs::copy(release_binary(), &old_copy).expect("copy the release binary");
+    let day_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(86_400);
+    std::fs::File::options()
+        .write(true)
+        .open(&old_copy)
+        .and_then(|f| f.set_modified(day_ago))
+        .expect("age the copy");
+    assert_eq!(
+        built_from_same_source(&old_copy, std::path::Path::new(BIN)),
+        Ok(())
+    );
+
+    // A binary of other source, brand new: what a release build left from
+    // an earlier checkout says.
+    let stale = dir.path().join("edgenode-other-source");
+    std::fs::write(
+        &stale,
+        "#!/bin/sh\necho 'edgenode 0.1.0 (x86_64-unknown-linux-gnu, commit 000000000000, source 00000000deadbeef)'\n",
+    )
+    .expect("write the stand-in");
+    std::fs::set_permissions(&stale, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("make it executable");
+    let refused = built_from_same_source(&stale, std::path::Path::new(BIN))
+        .expect_err("a binary of other source must be refused");
+    assert!(refused.contains("other source"), "{refused}");
+}

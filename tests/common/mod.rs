@@ -21,26 +21,50 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_edgenode");
 
 /// The optimised build, for tests that measure memory: a debug build's
 /// futures are several times larger and say nothing about the release.
-/// `scripts/test.sh` builds it before the tests; a stale one is refused.
+/// `scripts/test.sh` builds it before the tests; one built from other source
+/// than the code under test is refused (see [`built_from_same_source`]).
 pub fn release_binary() -> PathBuf {
     let release = Path::new(BIN)
         .parent()
         .and_then(Path::parent)
         .map(|t| t.join("release/edgenode"))
         .expect("target dir");
-    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let (Some(rel), Some(dbg)) = (modified(&release), modified(Path::new(BIN))) else {
-        panic!(
-            "{} is missing: run `cargo build --release` first (scripts/test.sh does)",
-            release.display()
-        );
-    };
-    assert!(
-        rel + Duration::from_secs(120) >= dbg,
-        "{} is older than the code under test: run `cargo build --release` (scripts/test.sh does)",
-        release.display()
-    );
+    if let Err(why) = built_from_same_source(&release, Path::new(BIN)) {
+        panic!("{why}: run `cargo build --release` (scripts/test.sh does)");
+    }
     release
+}
+
+/// Whether `candidate` was built from the same source as `reference`: both
+/// print the fingerprint of their source in `--version` (build.rs), so the
+/// answer does not depend on when either was built, only on what from.
+pub fn built_from_same_source(candidate: &Path, reference: &Path) -> Result<(), String> {
+    fn source_of(bin: &Path) -> Result<String, String> {
+        let out = Command::new(bin)
+            .arg("--version")
+            .output()
+            .map_err(|e| format!("{} cannot run: {e}", bin.display()))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.split("source ")
+            .nth(1)
+            .map(|s| s.trim().trim_end_matches(')').to_string())
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| {
+                format!(
+                    "{} names no source fingerprint in --version: {text:?}",
+                    bin.display()
+                )
+            })
+    }
+    let (want, got) = (source_of(reference)?, source_of(candidate)?);
+    if want == got {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} was built from other source ({got}) than the code under test ({want})",
+            candidate.display()
+        ))
+    }
 }
 
 /// A free port *below* the kernel's ephemeral range (32768+), so that a
