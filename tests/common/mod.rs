@@ -9,6 +9,7 @@
 
 pub mod inproc;
 pub mod lan;
+pub mod prometheus;
 
 use serde_json::Value;
 use std::io::{Read, Write};
