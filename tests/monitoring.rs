@@ -355,7 +355,11 @@ fn dashboard_queries_return_data_from_a_real_prometheus_through_faults() {
                 let expected: Vec<String> = if q.expr.starts_with("up{") {
                     instances.clone()
                 } else {
-                    instances.iter().filter(|i| **i != killed).cloned().collect()
+                    instances
+                        .iter()
+                        .filter(|i| **i != killed)
+                        .cloned()
+                        .collect()
                 };
                 if got != expected {
                     failures.push(format!(
@@ -388,9 +392,14 @@ fn dashboard_queries_return_data_from_a_real_prometheus_through_faults() {
     let during = prom.query(&sled.expr, Some(t_outage)).unwrap_or_default();
     let ones = during.iter().filter(|s| s["value"][1] == "1").count();
     if ones != 3 {
-        failures.push(format!("during the outage the sled panel showed {during:?}"));
+        failures.push(format!(
+            "during the outage the sled panel showed {during:?}"
+        ));
     }
-    for counter in ["edgenode_redis_failovers_total", "edgenode_reconciliations_total"] {
+    for counter in [
+        "edgenode_redis_failovers_total",
+        "edgenode_reconciliations_total",
+    ] {
         let q = queries
             .iter()
             .find(|q| q.expr.starts_with(counter))
@@ -411,6 +420,10 @@ fn dashboard_queries_return_data_from_a_real_prometheus_through_faults() {
     }
 
     stop_load(loaders);
+    println!(
+        "{} dashboard queries checked before and after the kill; outage at {t_outage:.0}, kill after {t_before_kill:.0}",
+        queries.len()
+    );
     assert!(
         failures.is_empty(),
         "{} of {} dashboard checks failed:\n{}",

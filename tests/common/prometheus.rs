@@ -83,7 +83,10 @@ impl Prometheus {
         let resp = match req.call() {
             Ok(r) => r,
             Err(ureq::Error::Status(code, r)) => {
-                return Err(format!("{path}: {code} {}", r.into_string().unwrap_or_default()))
+                return Err(format!(
+                    "{path}: {code} {}",
+                    r.into_string().unwrap_or_default()
+                ))
             }
             Err(e) => return Err(format!("{path}: {e}")),
         };
