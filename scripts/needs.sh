@@ -31,6 +31,8 @@ test                           /usr/sbin/nginx                                  
 test                           /usr/sbin/haproxy                                       haproxy
 test                           /usr/bin/openssl                                        openssl
 test                           /usr/bin/curl                                           curl
+test                           /usr/bin/prometheus                                     prometheus
+test                           /usr/bin/promtool                                       prometheus
 test                           /sbin/ip                                                iproute2
 test                           /usr/sbin/iptables                                      iptables
 test                           /usr/bin/systemd-analyze                                systemd

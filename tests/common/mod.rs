@@ -7,8 +7,10 @@
 
 #![allow(dead_code)]
 
+pub mod balancer;
 pub mod inproc;
 pub mod lan;
+pub mod prometheus;
 
 use serde_json::Value;
 use std::io::{Read, Write};
