@@ -1,5 +1,5 @@
 //! The fallback journal's tree: operations acknowledged while Redis was
-//! away (see [`journal_ops`](super::journal_ops)), appended under the
+//! away (see [`super::journal_ops`]), appended under the
 //! session's lock, read in order by the replay, removed once Redis took
 //! them. Its entries and bytes are kept as counters (walking the tree is
 //! not cheap), and fallback touches are coalesced in memory per session

@@ -8,11 +8,11 @@
 //! use of it, one job per file:
 //! - this file: the [`SledStore`] handle, its trees and striped locks,
 //!   open and close, the counters;
-//! - [`sessions`]: create, touch, get, patch, delete, rotate, list, evict;
-//! - [`change`]: the one place a session changes, with index upkeep;
-//! - [`mirror`]: Redis mode's copy of what this node served;
+//! - `sessions`: create, touch, get, patch, delete, rotate, list, evict;
+//! - `change`: the one place a session changes, with index upkeep;
+//! - `mirror`: Redis mode's copy of what this node served;
 //! - [`journal`] and [`journal_ops`]: the fallback journal and its entries;
-//! - [`sweep`]: expiry and tombstone sweeps.
+//! - `sweep`: expiry and tombstone sweeps.
 //!
 //! Trees and keys:
 //! - `sessions`: id (16 bytes) → versioned record.
@@ -31,8 +31,10 @@
 //!
 //! The disk is never allowed to fill: every write first checks the disk's
 //! reserve ([`crate::disk::space`]) and is refused with
-//! [`StoreError::DiskFull`](super::StoreError::DiskFull) below it; deletes may use half of it, so a
-//! logout still lands when nothing else does.
+//! [`StoreError::DiskFull`](super::StoreError::DiskFull) below it; deletes
+//! may use half of it, so a logout still lands when nothing else does. A
+//! failed flush is a fault (health says so) until a later flush succeeds,
+//! and the database is then reopened ([`SledStore::reopen`]).
 //!
 //! Every change of one session happens under one of a fixed set of striped
 //! locks, so concurrent touches are exact and a PATCH never interleaves with a
@@ -96,47 +98,36 @@ struct Inner {
     touched: Vec<Mutex<HashMap<[u8; 16], Session>>>,
 }
 
-/// The session store's trees (see the module doc), opened with the
-/// database in this order.
-const TREES: &[&str] = &[
-    "sessions",
-    "by_user",
-    "by_expiry",
-    "journal",
-    "deleted",
-    "meta",
-];
+/// Declares the session store's trees once: their names, in the order the
+/// database opens them ([`TREES`]), and an accessor for each on an open
+/// database ([`Trees`]), each name beside its place in that order.
+macro_rules! trees {
+    ($($index:literal $name:ident),* $(,)?) => {
+        /// The session store's trees (see the module doc), opened with the
+        /// database in this order.
+        const TREES: &[&str] = &[$(stringify!($name)),*];
 
-/// The session store's trees of one open database, by name.
-trait Trees {
-    fn sessions(&self) -> &Tree;
-    fn by_user(&self) -> &Tree;
-    fn by_expiry(&self) -> &Tree;
-    fn journal(&self) -> &Tree;
-    fn deleted(&self) -> &Tree;
-    fn meta(&self) -> &Tree;
+        /// The session store's trees of one open database, by name.
+        trait Trees {
+            $(fn $name(&self) -> &Tree;)*
+        }
+
+        impl Trees for Opened {
+            $(fn $name(&self) -> &Tree {
+                self.tree($index)
+            })*
+        }
+    };
 }
 
-impl Trees for Opened {
-    fn sessions(&self) -> &Tree {
-        self.tree(0)
-    }
-    fn by_user(&self) -> &Tree {
-        self.tree(1)
-    }
-    fn by_expiry(&self) -> &Tree {
-        self.tree(2)
-    }
-    fn journal(&self) -> &Tree {
-        self.tree(3)
-    }
-    fn deleted(&self) -> &Tree {
-        self.tree(4)
-    }
-    fn meta(&self) -> &Tree {
-        self.tree(5)
-    }
-}
+trees!(
+    0 sessions,
+    1 by_user,
+    2 by_expiry,
+    3 journal,
+    4 deleted,
+    5 meta,
+);
 
 /// Where a clean shutdown leaves the session count, so the next start need
 /// not walk every key.
@@ -485,6 +476,31 @@ mod tests {
         ];
         for len in lengths {
             assert!(len < 1024, "a key of {len} bytes");
+        }
+    }
+
+    /// Each accessor reaches the tree of its own name: the file layout on
+    /// disk (tree names) is what an existing data directory is opened by.
+    #[test]
+    fn each_tree_accessor_opens_the_tree_of_its_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = DiskConfig {
+            cache_bytes: 1 << 20,
+            min_free_bytes: 0,
+        };
+        let db = Database::open(dir.path(), config, TREES).unwrap();
+        let t = db.current();
+        let named: [(&Tree, &str); 6] = [
+            (t.sessions(), "sessions"),
+            (t.by_user(), "by_user"),
+            (t.by_expiry(), "by_expiry"),
+            (t.journal(), "journal"),
+            (t.deleted(), "deleted"),
+            (t.meta(), "meta"),
+        ];
+        assert_eq!(TREES.len(), named.len());
+        for (tree, name) in named {
+            assert_eq!(&tree.name()[..], name.as_bytes());
         }
     }
 }

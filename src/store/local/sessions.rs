@@ -1,7 +1,7 @@
 //! Session operations on the local disk: what the HTTP layer asks of a
 //! session (create, touch, read, PATCH, delete, rotate, list, evict), each
-//! one a decision handed to [`SledStore::modify`](super::SledStore) (see
-//! `change`), the one place a session changes.
+//! one a decision handed to `SledStore::modify` (see `change`), the one
+//! place a session changes.
 
 use super::change::Change;
 use super::journal_ops::Op;
