@@ -9,6 +9,7 @@
 pub mod admission;
 pub mod cache;
 pub mod config;
+pub mod disk;
 pub mod healthcheck;
 pub mod http;
 pub mod metrics;

@@ -9,8 +9,8 @@ use crate::http::App;
 use crate::metrics::Metrics;
 use crate::session::Limits;
 use crate::store::failover::StoreLimits;
-use crate::store::sled::LocalLimits;
-use crate::store::{redis::RedisStore, sled::SledStore, Store};
+use crate::store::local::LocalLimits;
+use crate::store::{local::SledStore, redis::RedisStore, Store};
 use crate::{server, systemd};
 use std::future::Future;
 use std::sync::atomic::Ordering;
@@ -105,7 +105,7 @@ pub async fn run_on(
         },
     );
     store.start_on_redis().await;
-    let cache = crate::cache::Cache::new(&config, store.sled().clone())?;
+    let cache = crate::cache::Cache::new(&config, store.sled().database().clone())?;
     return_free_memory();
 
     let admission = Admission::new(config.workers, config.max_connections, config.max_in_flight);

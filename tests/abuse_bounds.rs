@@ -366,7 +366,7 @@ fn records_with_impossible_times_are_absent_and_counted_never_a_reset_connection
     let dir = tempdir();
     let bad_id = [0x42u8; 16];
     {
-        let local = edgenode::store::sled::LocalLimits {
+        let local = edgenode::store::local::LocalLimits {
             cache_bytes: 1 << 20,
             max_journal_bytes: 1 << 20,
             min_free_bytes: 0,
@@ -377,7 +377,7 @@ fn records_with_impossible_times_are_absent_and_counted_never_a_reset_connection
             max_metadata_bytes: 1024,
         };
         let store =
-            edgenode::store::sled::SledStore::open(&dir.path().join("db"), local, limits).unwrap();
+            edgenode::store::local::SledStore::open(&dir.path().join("db"), local, limits).unwrap();
         let mut s = edgenode::session::Session::new("x".into(), "{}".into(), 1, &limits);
         s.id = bad_id;
         s.expires_at = u64::MAX;

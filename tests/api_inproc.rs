@@ -472,13 +472,13 @@ fn a_corrupt_record_on_disk_is_logged_and_counted_not_fatal() {
     };
     let bad_id = [0x42u8; 16];
     {
-        let local = edgenode::store::sled::LocalLimits {
+        let local = edgenode::store::local::LocalLimits {
             cache_bytes: 1 << 20,
             max_journal_bytes: 1 << 20,
             min_free_bytes: 0,
         };
         let store =
-            edgenode::store::sled::SledStore::open(&dir.path().join("db"), local, limits).unwrap();
+            edgenode::store::local::SledStore::open(&dir.path().join("db"), local, limits).unwrap();
         store
             .put_raw_for_test(&bad_id, b"\xff\xff\xff\xff not postcard")
             .unwrap();

@@ -1,6 +1,8 @@
-//! The node's on-disk tier: cache values in two trees of the session
-//! store's own sled database (one database: no second flusher thread, one
-//! page cache), bounded in bytes, oldest written first out.
+//! The node's on-disk tier: cache values in two trees of the node's sled
+//! database ([`crate::disk`], shared with the session store: no second
+//! flusher thread, one page cache), bounded in bytes, oldest written first
+//! out. It uses the disk layer directly, not the session store: its errors
+//! are [`DiskError`]s, which the cache turns into its own.
 //!
 //! - `cache_values`: `namespace/key` → the entry's node-local `seq` (8 bytes,
 //!   big-endian) and the entry as [`super::encode`] writes it;
@@ -9,13 +11,13 @@
 //!
 //! The tier is read only while the cache's Redis is unreachable. It is
 //! written through on every PUT this node takes, without an fsync of its
-//! own (a cache value may be lost in a crash; the session store's flushes
+//! own (a cache value may be lost in a crash; the database's group commits
 //! carry it to disk soon enough). It is emptied when the node starts: what
 //! it held may have been deleted on another node while this one was down,
 //! and nothing here could tell.
 
 use super::{decode, encode, Entry};
-use crate::store::sled::SledStore;
+use crate::disk::{Database, DiskError, Space};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
@@ -23,7 +25,7 @@ const VALUES: &str = "cache_values";
 const AGE: &str = "cache_age";
 
 pub struct Disk {
-    sled: SledStore,
+    db: Database,
     budget: u64,
     bytes: AtomicU64,
     evictions: AtomicU64,
@@ -31,19 +33,19 @@ pub struct Disk {
     lock: Mutex<()>,
 }
 
-type Result<T> = std::result::Result<T, crate::store::StoreError>;
+type Result<T> = std::result::Result<T, DiskError>;
 
 impl Disk {
     /// The tier, emptied (see the module doc); `budget` 0 turns it off.
-    pub fn open(sled: SledStore, budget: u64) -> Result<Disk> {
+    pub fn open(db: Database, budget: u64) -> Result<Disk> {
         for name in [VALUES, AGE] {
-            let t = sled.tree(name)?;
+            let t = db.tree(name)?;
             for k in t.iter().keys() {
                 t.remove(k?)?;
             }
         }
         Ok(Disk {
-            sled,
+            db,
             budget,
             bytes: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
@@ -65,7 +67,7 @@ impl Disk {
 
     /// The entry under `key` and the `seq` it was written under.
     pub fn get(&self, key: &str) -> Option<(u64, Entry)> {
-        let v = self.sled.tree(VALUES).ok()?.get(key.as_bytes()).ok()??;
+        let v = self.db.tree(VALUES).ok()?.get(key.as_bytes()).ok()??;
         let seq = u64::from_be_bytes(v.get(..8)?.try_into().ok()?);
         Some((seq, decode(bytes::Bytes::copy_from_slice(&v[8..]))?))
     }
@@ -79,10 +81,10 @@ impl Disk {
         record.extend_from_slice(&seq.to_be_bytes());
         encode(entry, &mut record);
         let size = (key.len() + record.len()) as u64;
-        if size > self.budget || self.sled.check_space_for(false).is_err() {
+        if size > self.budget || self.db.check_space(Space::Write).is_err() {
             return self.remove(key).map(|_| ());
         }
-        let (values, age) = (self.sled.tree(VALUES)?, self.sled.tree(AGE)?);
+        let (values, age) = (self.db.tree(VALUES)?, self.db.tree(AGE)?);
         let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(old) = values.insert(key.as_bytes(), record)? {
             self.forget(&age, key, &old)?;
@@ -108,11 +110,11 @@ impl Disk {
     /// Drops `key` if it is held (a lookup first: a removal of an absent
     /// key still costs sled a write). Whether it was held.
     pub fn remove(&self, key: &str) -> Result<bool> {
-        let values = self.sled.tree(VALUES)?;
+        let values = self.db.tree(VALUES)?;
         if values.get(key.as_bytes())?.is_none() {
             return Ok(false);
         }
-        let age = self.sled.tree(AGE)?;
+        let age = self.db.tree(AGE)?;
         let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         match values.remove(key.as_bytes())? {
             Some(old) => self.forget(&age, key, &old).map(|_| true),

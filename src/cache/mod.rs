@@ -40,7 +40,7 @@ pub mod memory;
 pub mod redis;
 
 use crate::config::{Config, MAX_CACHE_TTL_SECS};
-use crate::store::sled::SledStore;
+use crate::disk::{Database, DiskError, Space};
 use crate::store::StoreError;
 use bytes::Bytes;
 use disk::Disk;
@@ -196,6 +196,14 @@ pub enum CacheError {
     Store(#[from] StoreError),
 }
 
+/// The disk tier's and the outage journal's faults answer as the session
+/// store's do (507 for a full disk, 503 for a fault): one disk, one answer.
+impl From<DiskError> for CacheError {
+    fn from(e: DiskError) -> CacheError {
+        CacheError::Store(e.into())
+    }
+}
+
 /// Counters for `/metrics` and `/api/health`.
 #[derive(Default)]
 struct Counters {
@@ -242,7 +250,7 @@ struct Inner {
     memory: Memory,
     disk: Disk,
     redis: Option<Arc<CacheRedis>>,
-    sled: SledStore,
+    db: Database,
     /// This process's id in events (its own are skipped).
     origin: u64,
     /// Redis answered last time (set false by a failed request, true by
@@ -274,9 +282,9 @@ enum Found {
 }
 
 impl Cache {
-    /// Opens the disk tier (emptied) in the session store's database and
-    /// prepares the Redis client; connecting is the background task's.
-    pub fn new(config: &Config, sled: SledStore) -> Result<Cache, String> {
+    /// Opens the disk tier (emptied) in the node's database and prepares
+    /// the Redis client; connecting is the background task's.
+    pub fn new(config: &Config, db: Database) -> Result<Cache, String> {
         let redis = match &config.cache_redis_url {
             Some(url) => Some(Arc::new(CacheRedis::new(
                 url,
@@ -286,15 +294,15 @@ impl Cache {
             )?)),
             None => None,
         };
-        let disk = Disk::open(sled.clone(), config.cache_disk_bytes)
+        let disk = Disk::open(db.clone(), config.cache_disk_bytes)
             .map_err(|e| format!("cannot open the cache's disk tier: {e}"))?;
-        let journal_len = sled.tree(JOURNAL).map(|t| t.len() as u64).unwrap_or(0);
+        let journal_len = db.tree(JOURNAL).map(|t| t.len() as u64).unwrap_or(0);
         Ok(Cache {
             inner: Arc::new(Inner {
                 memory: Memory::new(config.cache_memory_bytes),
                 disk,
                 redis,
-                sled,
+                db,
                 origin: uuid::Uuid::new_v4().as_u128() as u64,
                 redis_up: AtomicBool::new(true),
                 subscribed: AtomicBool::new(false),
@@ -742,17 +750,16 @@ impl Cache {
         if i.journal_len.load(Ordering::Acquire) >= MAX_JOURNAL_ENTRIES {
             return Err(CacheError::JournalFull(MAX_JOURNAL_ENTRIES));
         }
-        i.sled.check_space_for(true)?;
-        let seq = i.sled.next_seq()?;
+        i.db.check_space(Space::Release)?;
+        let seq = i.db.next_seq()?;
         let mut record = Vec::with_capacity(1 + what.len());
         record.push(op);
         record.extend_from_slice(what.as_bytes());
-        i.sled
-            .tree(JOURNAL)?
+        i.db.tree(JOURNAL)?
             .insert(seq.to_be_bytes(), record)
-            .map_err(StoreError::from)?;
+            .map_err(DiskError::from)?;
         i.journal_len.fetch_add(1, Ordering::AcqRel);
-        i.sled.durable().await?;
+        i.db.durable().await?;
         Ok(())
     }
 
@@ -760,7 +767,7 @@ impl Cache {
     /// once Redis took it.
     async fn replay(&self, r: &CacheRedis) -> Result<(), StoreError> {
         let i = &self.inner;
-        let tree = i.sled.tree(JOURNAL)?;
+        let tree = i.db.tree(JOURNAL)?;
         let mut n = 0u64;
         for item in tree.iter() {
             let (k, v) = item?;
@@ -779,7 +786,7 @@ impl Cache {
             i.journal_len.fetch_sub(1, Ordering::AcqRel);
         }
         if n > 0 {
-            i.sled.durable().await?;
+            i.db.durable().await?;
             i.counters.replayed.fetch_add(n, Ordering::Relaxed);
             tracing::info!(
                 replayed = n,

@@ -26,12 +26,12 @@
 //! - every journaled operation carries an id that Redis records atomically
 //!   with it, so replay applies it exactly once (see `journal`).
 
-use super::journal::Op;
+use super::local::journal_ops::Op;
+use super::local::Journal;
+use super::local::SledStore;
 use super::near::NearCache;
 use super::redis::RedisStore;
 use super::redis::{CreateReply, Flush, Flushed, Replayed};
-use super::sled::Journal;
-use super::sled::SledStore;
 use super::{Mode, PatchOutcome, StoreError, StoreStatus};
 use crate::session::{now_ms, Patch, Session};
 use std::collections::HashMap;

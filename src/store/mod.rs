@@ -1,20 +1,21 @@
 //! Where sessions live.
 //!
-//! - [`sled::SledStore`]: the node's own disk. The whole store when no Redis is
-//!   configured; otherwise the mirror of what this node served, and the journal
-//!   of what it acknowledged while Redis was away.
+//! - [`local::SledStore`]: the node's own disk (its trees in the node's
+//!   database, [`crate::disk`]). The whole store when no Redis is configured;
+//!   otherwise the mirror of what this node served, and the journal of what
+//!   it acknowledged while Redis was away.
 //! - [`redis::RedisStore`]: the cluster's single source of truth when reachable.
 //! - [`failover::Store`]: what the HTTP layer talks to. It composes the two and
 //!   owns the switching, the probe and the replay.
 
 pub mod failover;
-pub mod journal;
+pub mod local;
 pub mod near;
 pub mod redis;
-pub mod sled;
 
 pub use failover::Store;
 
+use crate::disk::DiskError;
 use crate::session::{InputError, Session};
 
 /// The outcome of a PATCH.
@@ -63,6 +64,19 @@ pub enum StoreError {
     /// The fallback journal is at `max_journal_mb`.
     #[error("the fallback journal is at its budget of {0} bytes")]
     JournalFull(u64),
+}
+
+/// The disk layer's errors, as the session store always reported them: the
+/// same variants, so the HTTP layer's status codes and error codes stay.
+impl From<DiskError> for StoreError {
+    fn from(e: DiskError) -> StoreError {
+        match e {
+            DiskError::Sled(e) => StoreError::Sled(e),
+            DiskError::Full { free, reserve } => StoreError::DiskFull { free, reserve },
+            DiskError::Fault(m) => StoreError::DiskFault(m),
+            DiskError::Closed(m) => StoreError::Unavailable(m),
+        }
+    }
 }
 
 /// What `/api/health` and `/metrics` report about the stores.

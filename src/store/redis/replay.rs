@@ -6,7 +6,7 @@ use super::conn::{is_bad_record, is_transient};
 use super::scripts::{self, CreateReply, PatchReply, RotateReply, TouchReply};
 use super::{RedisStore, Result};
 use crate::session::format_id;
-use crate::store::journal::Op;
+use crate::store::local::journal_ops::Op;
 use redis::Value;
 
 /// The outcome of replaying one journal operation.

@@ -7,7 +7,7 @@
 //! big-endian sequence number and are written under the same lock and flush as
 //! the mirror change they describe, so the two never disagree after a crash.
 //!
-//! The sequence number, with the node's [`origin`](super::sled::SledStore::origin),
+//! The sequence number, with the node's [`origin`](super::SledStore::origin),
 //! is the operation's id: Redis keeps, per session, the highest id of each
 //! node it has applied (a hash field written atomically with the change), so a
 //! replay that is interrupted and repeated, or a live request whose answer
