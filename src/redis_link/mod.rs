@@ -135,7 +135,7 @@ impl Link {
     }
 
     /// Forgets the connection after a failure; the next use reconnects.
-    pub fn drop_conn(&self) {
+    fn drop_conn(&self) {
         *self.conn.write().unwrap_or_else(|p| p.into_inner()) = None;
     }
 

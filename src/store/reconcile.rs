@@ -1,7 +1,7 @@
 //! Bringing Redis back in line with this node: the journal replay that
-//! ends an outage ([`Store::reconcile`]), the restore of a session Redis
+//! ends an outage (`Store::reconcile`), the restore of a session Redis
 //! lost from the mirror, and the re-seed of a Redis that lost its data
-//! (its epoch changed, [`Store::sync_epoch`]).
+//! (its epoch changed, `Store::sync_epoch`).
 
 use super::journal::Op;
 use super::redis::{CreateReply, Replayed};

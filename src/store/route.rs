@@ -25,8 +25,9 @@
 //! - deletes in fallback are journaled whether or not the mirror holds the
 //!   session, and answered "accepted";
 //! - every journaled operation carries an id that Redis records atomically
+//!   with it, so replay applies it exactly once (see `journal`).
 //!
-//! This room holds the route itself ([`Store::on_redis`] and what goes with
+//! This room holds the route itself (`Store::on_redis` and what goes with
 //! it: the fallback gate, the mirror writes, the switch to fallback); the
 //! operations that take it are in `ops`.
 

@@ -455,12 +455,17 @@ mod tests {
         c
     }
 
-    #[test]
-    fn a_cached_touch_counts_and_queues_the_count() {
-        let c = cache();
-        let s = session(1);
+    /// A cache holding session `n`, filled at 1 000.
+    fn filled(n: u8) -> (NearCache, Session) {
+        let (c, s) = (cache(), session(n));
         let t = c.ticket(&s.id);
         c.fill(s.clone(), t, 1_000);
+        (c, s)
+    }
+
+    #[test]
+    fn a_cached_touch_counts_and_queues_the_count() {
+        let (c, s) = filled(1);
         let a = c.touch(&s.id, 2_000).unwrap();
         let b = c.touch(&s.id, 3_000).unwrap();
         // the fill counted its own request
@@ -501,10 +506,7 @@ mod tests {
 
     #[test]
     fn nothing_is_served_while_the_link_is_down_nor_filled_across_it() {
-        let c = cache();
-        let s = session(3);
-        let t = c.ticket(&s.id);
-        c.fill(s.clone(), t, 1_000);
+        let (c, s) = filled(3);
         c.link_down();
         assert!(c.touch(&s.id, 2_000).is_none());
         let t = c.ticket(&s.id);
@@ -518,10 +520,7 @@ mod tests {
 
     #[test]
     fn a_fill_adds_the_counts_not_yet_written() {
-        let c = cache();
-        let s = session(4);
-        let t = c.ticket(&s.id);
-        c.fill(s.clone(), t, 1_000);
+        let (c, s) = filled(4);
         c.touch(&s.id, 2_000);
         c.touch(&s.id, 2_000);
         c.invalidate(&s.id);
@@ -551,10 +550,7 @@ mod tests {
 
     #[test]
     fn an_expired_copy_is_not_served() {
-        let c = cache();
-        let s = session(5);
-        let t = c.ticket(&s.id);
-        c.fill(s.clone(), t, 1_000);
+        let (c, s) = filled(5);
         assert!(c.touch(&s.id, s.expires_at).is_none());
     }
 }

@@ -1,7 +1,7 @@
 //! Writing the near cache's counts behind: a touch answered from the cache
 //! counts there, and its count reaches Redis later, one script call per
 //! session per `touch_flush_ms`, pipelined. This room holds every way a
-//! count leaves the cache: the write-behind itself ([`Store::write_behind`],
+//! count leaves the cache: the write-behind itself (`Store::write_behind`,
 //! with the journal for what Redis may not have applied), the settling of
 //! one session before a change that must come after its counts, the flush
 //! of everything (each tick, the drain, the close), and the hand-over to
@@ -38,7 +38,7 @@ impl Near {
         }
     }
 
-    /// How often the background loop calls [`Store::flush_near`].
+    /// How often the background loop calls `Store::flush_near`.
     pub(in crate::store) fn touch_flush(&self) -> Duration {
         self.touch_flush
     }
