@@ -119,6 +119,8 @@ impl CacheRedis {
         timeout: Duration,
         gen_ttl_ms: u64,
     ) -> std::result::Result<CacheRedis, String> {
+        // The link names the URL's form in Sentinel errors; the operator
+        // needs to know which setting holds it.
         let target = Target::open(url, "cache_redis_url")
             .map_err(|e| e.replacen("redis+sentinel URL", "cache_redis_url", 1))?;
         Ok(CacheRedis {

@@ -19,7 +19,7 @@ use std::time::Duration;
 pub struct Near {
     pub(super) cache: Arc<NearCache>,
     /// How often the counts are written behind.
-    pub(super) touch_flush: Duration,
+    touch_flush: Duration,
     /// Held by a write-behind flush while it runs: a rotation waits for the
     /// session's counts to land before moving the session.
     flush_lock: tokio::sync::Mutex<()>,
