@@ -2,7 +2,7 @@
 //!
 //! The library holds every concern in its own module; `main.rs` only wires
 //! them together. Start with [`server`] for the request path and
-//! [`store::failover`] for the failure model.
+//! [`store::route`] for the failure model.
 
 #![recursion_limit = "256"]
 
@@ -14,6 +14,7 @@ pub mod healthcheck;
 pub mod http;
 pub mod metrics;
 pub mod node;
+pub mod redis_link;
 pub mod server;
 pub mod session;
 pub mod shutdown;

@@ -8,9 +8,8 @@ use crate::config::Config;
 use crate::http::App;
 use crate::metrics::Metrics;
 use crate::session::Limits;
-use crate::store::failover::StoreLimits;
-use crate::store::local::LocalLimits;
-use crate::store::{local::SledStore, redis::RedisStore, Store};
+use crate::store::local::{LocalLimits, SledStore};
+use crate::store::{redis::RedisStore, Store, StoreLimits};
 use crate::{server, systemd};
 use std::future::Future;
 use std::sync::atomic::Ordering;
@@ -133,9 +132,11 @@ pub async fn run_on(
     });
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    // Temporary: the store hears a named `Shutdown`, fired with the rest.
+    let (store_stop, store_shutdown) = crate::shutdown::channel();
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(store.clone().run_housekeeping(shutdown_rx.clone()));
-    tasks.spawn(store.clone().run_background(shutdown_rx.clone()));
+    tasks.spawn(store.clone().run_housekeeping(store_shutdown.clone()));
+    tasks.spawn(store.clone().run_background(store_shutdown));
     // The shared cache's invalidation feed, probe and outage-journal replay.
     tasks.spawn(cache.run(shutdown_rx.clone()));
     tasks.spawn(every(Duration::from_secs(30), shutdown_rx.clone(), || {
@@ -194,6 +195,7 @@ pub async fn run_on(
     systemd::stopping();
     tokio::time::sleep(app.config.drain_delay).await;
     let _ = shutdown_tx.send(true);
+    store_stop.fire();
     let _ = server.await;
     // Every task that writes to the store ends before the store closes; a
     // replay in progress stops between batches.

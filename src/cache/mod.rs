@@ -395,7 +395,7 @@ impl Cache {
             .filter(|_| i.redis_up.load(Ordering::Acquire))
     }
 
-    fn mark_down(&self, e: &StoreError) {
+    fn mark_down(&self, e: &dyn std::fmt::Display) {
         if self.inner.redis_up.swap(false, Ordering::AcqRel) {
             tracing::warn!(error = %e, "cache: redis unreachable; serving the cache from memory and disk");
         }
@@ -902,7 +902,7 @@ impl Cache {
                     if !i.redis_up.load(Ordering::Acquire) || i.journal_len.load(Ordering::Acquire) > 0 {
                         let back = match r.ping().await {
                             Ok(()) => self.replay(r).await,
-                            Err(e) => Err(e),
+                            Err(e) => Err(StoreError::from(e)),
                         };
                         match back {
                             Ok(()) => self.back_up(),

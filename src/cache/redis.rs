@@ -25,22 +25,11 @@
 //! `KEYS[1]` from the prefix: fine for one Redis or Sentinel, not for
 //! Redis Cluster (as for sessions).
 
-use crate::store::StoreError;
-use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, Script, Value};
-use std::sync::RwLock;
+use crate::redis_link::{boxed, Boxed, Link, LinkError, Target};
+use redis::{Script, Value};
 use std::time::Duration;
 
-type Result<T> = std::result::Result<T, StoreError>;
-type Boxed<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
-
-/// Every redis-rs future this module awaits goes through here: polled
-/// through a pointer, its code is the one copy the session store's calls
-/// use too, instead of being inlined into each caller here (which cost
-/// about 100 KB of the aarch64 release, whose budget is 4 MB).
-fn boxed<'a, T>(f: impl std::future::Future<Output = T> + Send + 'a) -> Boxed<'a, T> {
-    Box::pin(f)
-}
+type Result<T> = std::result::Result<T, LinkError>;
 
 /// Every operation, chosen by `ARGV[6]`: `f` fetch (and maybe take a lease),
 /// `p` put (checking a lease when given), `d` delete, `g` purge, `n`
@@ -100,17 +89,12 @@ pub enum Fetched {
     LeaseHeld,
 }
 
-enum Target {
-    Direct(Client),
-    Sentinel(tokio::sync::Mutex<redis::sentinel::SentinelClient>),
-}
-
+/// The cache's Redis: its own link (`crate::redis_link`), so its calls get
+/// the same timeout, reconnect and error classes as the session store's.
 pub struct CacheRedis {
-    target: Target,
-    conn: RwLock<Option<MultiplexedConnection>>,
+    link: Link,
     prefix: String,
     channel: String,
-    timeout: Duration,
     script: Script,
     /// TTL of generation keys: the longest a value may live.
     gen_ttl_ms: u64,
@@ -135,62 +119,22 @@ impl CacheRedis {
         timeout: Duration,
         gen_ttl_ms: u64,
     ) -> std::result::Result<CacheRedis, String> {
-        let target = match url.strip_prefix("redis+sentinel://") {
-            Some(rest) => Target::Sentinel(tokio::sync::Mutex::new(sentinel(rest)?)),
-            None => {
-                let info = redis::IntoConnectionInfo::into_connection_info(url)
-                    .map_err(|e| format!("cache_redis_url: {e}"))?;
-                let settings = info
-                    .redis_settings()
-                    .clone()
-                    .set_protocol(redis::ProtocolVersion::RESP2);
-                Target::Direct(
-                    Client::open(info.set_redis_settings(settings))
-                        .map_err(|e| format!("cache_redis_url: {e}"))?,
-                )
-            }
-        };
+        // The link names the URL's form in Sentinel errors; the operator
+        // needs to know which setting holds it.
+        let target = Target::open(url, "cache_redis_url")
+            .map_err(|e| e.replacen("redis+sentinel URL", "cache_redis_url", 1))?;
         Ok(CacheRedis {
-            target,
-            conn: RwLock::new(None),
+            link: Link::new(target, timeout),
             prefix: prefix.to_string(),
             channel: format!("{prefix}cache-events"),
-            timeout,
             script: Script::new(SCRIPT),
             gen_ttl_ms,
         })
     }
 
-    async fn client(&self) -> Result<Client> {
-        match &self.target {
-            Target::Direct(c) => Ok(c.clone()),
-            Target::Sentinel(s) => {
-                let mut s = s.lock().await;
-                boxed(s.async_get_client())
-                    .await
-                    .map_err(|e| StoreError::Redis(format!("sentinel: {e}")))
-            }
-        }
-    }
-
-    async fn conn(&self) -> Result<MultiplexedConnection> {
-        if let Some(c) = self.conn.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
-            return Ok(c.clone());
-        }
-        let cfg = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(self.timeout))
-            .set_response_timeout(None);
-        let client = self.client().await?;
-        let c = boxed(client.get_multiplexed_async_connection_with_config(&cfg))
-            .await
-            .map_err(|e| StoreError::Redis(e.to_string()))?;
-        *self.conn.write().unwrap_or_else(|p| p.into_inner()) = Some(c.clone());
-        Ok(c)
-    }
-
-    /// Runs one operation within the store timeout. Any failure forgets the
-    /// connection (the next call reconnects); the caller decides what an
-    /// unreachable Redis means for the request.
+    /// Runs one operation within the store timeout, on the link (one fresh
+    /// try after a broken connection; a failure forgets the connection); the
+    /// caller decides what an unreachable Redis means for the request.
     pub fn run<'a>(&'a self, op: &'a Op<'a>, fresh_gen: &'a str) -> Boxed<'a, Result<Value>> {
         boxed(self.run_inner(op, fresh_gen))
     }
@@ -211,30 +155,12 @@ impl CacheRedis {
             .arg(op.token)
             .arg(&self.channel)
             .arg(event);
-        let attempt = async {
-            let mut c = self.conn().await?;
-            boxed(inv.invoke_async::<Value>(&mut c))
-                .await
-                .map_err(|e| StoreError::Redis(e.to_string()))
-        };
-        match tokio::time::timeout(self.timeout, attempt).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => {
-                self.drop_conn();
-                Err(e)
-            }
-            Err(_) => {
-                self.drop_conn();
-                Err(StoreError::Redis(format!(
-                    "no answer within {} ms",
-                    self.timeout.as_millis()
-                )))
-            }
-        }
-    }
-
-    fn drop_conn(&self) {
-        *self.conn.write().unwrap_or_else(|p| p.into_inner()) = None;
+        let inv = &inv;
+        self.link
+            .call(self.link.timeout(), |mut c| {
+                boxed(async move { inv.invoke_async::<Value>(&mut c).await })
+            })
+            .await
     }
 
     /// A fetch's reply, read.
@@ -283,18 +209,18 @@ impl CacheRedis {
     /// A pub/sub connection subscribed to the invalidation channel.
     pub async fn subscribe(&self) -> Result<redis::aio::PubSub> {
         let connect = async {
-            let client = self.client().await?;
+            let client = self.link.client().await?;
             let mut p = boxed(client.get_async_pubsub())
                 .await
-                .map_err(|e| StoreError::Redis(e.to_string()))?;
+                .map_err(|e| LinkError::Outage(e.to_string()))?;
             boxed(p.subscribe(&self.channel))
                 .await
-                .map_err(|e| StoreError::Redis(e.to_string()))?;
+                .map_err(|e| LinkError::Outage(e.to_string()))?;
             Ok(p)
         };
-        tokio::time::timeout(self.timeout.max(Duration::from_secs(1)), connect)
+        tokio::time::timeout(self.link.timeout().max(Duration::from_secs(1)), connect)
             .await
-            .map_err(|_| StoreError::Redis("subscribing timed out".into()))?
+            .map_err(|_| LinkError::Outage("subscribing timed out".into()))?
     }
 }
 
@@ -322,42 +248,6 @@ pub fn parse_event(payload: &[u8]) -> Option<(u8, u64, &str, Option<&str>)> {
     }
 }
 
-/// `[[user]:password@]host:port[,host:port…]/master_name[/db]`, the same
-/// form as the session store's `redis_url`.
-fn sentinel(rest: &str) -> std::result::Result<redis::sentinel::SentinelClient, String> {
-    let bad = || "cache_redis_url: redis+sentinel://[:password@]host:port[,…]/master[/db]";
-    let (auth, rest) = match rest.rsplit_once('@') {
-        Some((a, r)) => (Some(a), r),
-        None => (None, rest),
-    };
-    let (hosts, path) = rest.split_once('/').ok_or_else(bad)?;
-    let mut path = path.split('/');
-    let master = path.next().filter(|m| !m.is_empty()).ok_or_else(bad)?;
-    let db: i64 = match path.next() {
-        Some(d) => d.parse().map_err(|_| bad())?,
-        None => 0,
-    };
-    if hosts.is_empty() || path.next().is_some() {
-        return Err(bad().into());
-    }
-    let mut info = redis::RedisConnectionInfo::default().set_db(db);
-    if let Some(p) = auth
-        .map(|a| a.split_once(':').map(|(_, p)| p).unwrap_or(a))
-        .filter(|p| !p.is_empty())
-    {
-        info = info.set_password(p);
-    }
-    redis::sentinel::SentinelClient::build(
-        hosts.split(',').map(|h| format!("redis://{h}")).collect(),
-        master.to_string(),
-        Some(
-            redis::sentinel::SentinelNodeConnectionInfo::default().set_redis_connection_info(info),
-        ),
-        redis::sentinel::SentinelServerType::Master,
-    )
-    .map_err(|e| format!("cache_redis_url: {e}"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -374,7 +264,8 @@ mod tests {
         for junk in ["", "p", "p zz ns k", "g 1 ns k", "x 1 ns k", "d 1 ns"] {
             assert_eq!(parse_event(junk.as_bytes()), None, "{junk}");
         }
-        assert!(sentinel("h:1/m/2").is_ok());
-        assert!(sentinel("h:1").is_err());
+        assert!(CacheRedis::new("redis+sentinel://h:1/m/2", "p:", Duration::ZERO, 1).is_ok());
+        let bad = CacheRedis::new("redis+sentinel://h:1", "p:", Duration::ZERO, 1);
+        assert!(bad.is_err_and(|e| e.starts_with("cache_redis_url")));
     }
 }

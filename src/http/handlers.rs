@@ -3,7 +3,7 @@
 use super::error::ApiError;
 use super::{json_response, method_not_allowed, read_json_body, App, Body, Route};
 use crate::session::{encode_metadata, parse_session_id, validate_user_id, Patch};
-use crate::store::failover::Deleted;
+use crate::store::Deleted;
 use crate::store::PatchOutcome;
 use hyper::body::Incoming;
 use hyper::{header, Method, Request, Response, StatusCode};

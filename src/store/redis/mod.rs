@@ -37,10 +37,15 @@
 //! prefix inside the script; that is fine for a single Redis or Sentinel, not
 //! for Redis Cluster.
 //!
-//! The module's rooms: [`conn`] (finding Redis, the one timed call path,
-//! which errors mean what), [`scripts`] (the Lua and its typed replies),
+//! This module only talks to Redis: finding it and the one timed call path
+//! are the shared link's (`crate::redis_link`); what the near cache does
+//! with what the tracking connection hears is `store::near`'s.
+//!
+//! The module's rooms: [`conn`] (the store's side of the link: its calls,
+//! its error classes), [`scripts`] (the Lua and its typed replies),
 //! [`ops`] (the request-path operations), [`replay`] (the journal replay),
-//! [`record`] (a hash reply into a session).
+//! [`record`] (a hash reply into a session), [`tracking`] (the near cache's
+//! own connection).
 
 mod conn;
 mod ops;
@@ -51,17 +56,15 @@ mod tracking;
 
 pub use replay::Replayed;
 pub(crate) use scripts::CreateReply;
-pub use tracking::{Flush, Flushed, TRACKING_CLIENT_NAME};
+pub use tracking::{Flush, Flushed, LinkEvent, TrackingSink, TRACKING_CLIENT_NAME};
 
 use super::StoreError;
 use crate::config::Config;
+use crate::redis_link::{Link, Target};
 use crate::session::{format_id, Limits};
-use conn::{sentinel_client, Target};
-use redis::aio::MultiplexedConnection;
-use redis::Client;
 use scripts::Scripts;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -72,7 +75,7 @@ pub struct RedisStore {
 }
 
 struct Inner {
-    target: Target,
+    link: Link,
     prefix: String,
     timeout: Duration,
     probe_interval: Duration,
@@ -85,7 +88,6 @@ struct Inner {
     origin: u64,
     /// The near cache's connection (see `tracking`).
     tracking: tracking::Tracking,
-    conn: RwLock<Option<MultiplexedConnection>>,
     active: AtomicU64,
     /// Records found in Redis that no node could have written.
     corrupt: AtomicU64,
@@ -101,22 +103,11 @@ impl RedisStore {
         limits: Limits,
         origin: u64,
     ) -> std::result::Result<RedisStore, String> {
-        let target = if let Some(rest) = url.strip_prefix("redis+sentinel://") {
-            Target::Sentinel(tokio::sync::Mutex::new(sentinel_client(rest)?))
-        } else {
-            let info = redis::IntoConnectionInfo::into_connection_info(url)
-                .map_err(|e| format!("redis_url: {e}"))?;
-            // RESP2 whatever the URL says: replies are read as RESP2 arrays.
-            let settings = info
-                .redis_settings()
-                .clone()
-                .set_protocol(redis::ProtocolVersion::RESP2);
-            let info = info.set_redis_settings(settings);
-            Target::Direct(Client::open(info).map_err(|e| format!("redis_url: {e}"))?)
-        };
+        // RESP2 whatever the URL says: replies are read as RESP2 arrays.
+        let target = Target::open(url, "redis_url")?;
         Ok(RedisStore {
             inner: Arc::new(Inner {
-                target,
+                link: Link::new(target, config.store_timeout),
                 prefix: config.key_prefix.clone(),
                 timeout: config.store_timeout,
                 probe_interval: config.redis_probe_interval,
@@ -126,7 +117,6 @@ impl RedisStore {
                 origin,
                 tracking: tracking::Tracking::new(),
                 max_per_user: config.max_sessions_per_user,
-                conn: RwLock::new(None),
                 active: AtomicU64::new(0),
                 corrupt: AtomicU64::new(0),
                 scripts: Scripts::new(),

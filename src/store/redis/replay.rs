@@ -2,9 +2,9 @@
 //! round trip, applied by Redis as a chain (see `epilogue.lua`), each entry's
 //! reply decoded into what the replay does with it.
 
-use super::conn::{is_bad_record, is_transient};
 use super::scripts::{self, CreateReply, PatchReply, RotateReply, TouchReply};
 use super::{RedisStore, Result};
+use crate::redis_link::{is_bad_record, is_transient};
 use crate::session::format_id;
 use crate::store::local::journal_ops::Op;
 use redis::Value;

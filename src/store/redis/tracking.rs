@@ -1,11 +1,15 @@
-//! The near cache's own connection to Redis (see `store::near`).
+//! The near cache's own connection to Redis (see `store::near`). This room
+//! only talks to Redis: it opens the connection, reads sessions and writes
+//! counts over it, and tells whoever holds the copies (a [`TrackingSink`],
+//! the near cache) what the connection heard, as [`LinkEvent`]s. What the
+//! cache does about them is the near cache's business.
 //!
 //! One RESP3 connection per node with `CLIENT TRACKING ON NOLOOP`: Redis
 //! remembers every session key this connection reads and pushes an
 //! `invalidate` message on it when such a key changes afterwards, whoever
 //! changed it (another node, a script, `redis-cli`), and when it expires or
 //! is evicted. RESP3 pushes arrive on the same connection as the replies, in
-//! order, and redis-rs hands them to [`on_push`] as they are read, so there is
+//! order, and redis-rs hands them to `on_push` as they are read, so there is
 //! no second subscriber connection whose death could go unnoticed: when this
 //! connection dies, the invalidations die with it and the cache is emptied
 //! and bypassed until a new one is up.
@@ -21,8 +25,8 @@
 use super::record::as_array;
 use super::scripts::TouchReply;
 use super::{RedisStore, Result};
+use crate::redis_link::is_bad_record;
 use crate::session::{format_id, parse_session_id, Session};
-use crate::store::near::{NearCache, Pending};
 use crate::store::StoreError;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, PushInfo, PushKind, Value};
@@ -48,11 +52,39 @@ impl Tracking {
     }
 }
 
+/// What the tracking connection tells the holder of the copies it tracks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkEvent {
+    /// A new connection is up: Redis tracks what is read over it from now.
+    Opened,
+    /// A session read over the connection changed in Redis (whoever changed
+    /// it), expired or was evicted.
+    Invalidated([u8; 16]),
+    /// Redis flushed its data (FLUSHALL, FLUSHDB): everything changed.
+    Flushed,
+    /// The current connection closed by itself: its invalidations with it.
+    Disconnected,
+    /// The node closed the connection (a failed call, fallback, a drain).
+    Closed,
+}
+
+/// The holder of what the tracking connection tracks: the near cache.
+pub trait TrackingSink: Send + Sync + 'static {
+    /// Whether copies read over the connection are served now.
+    fn is_up(&self) -> bool;
+    /// One thing the connection heard; runs in its reader for pushes,
+    /// before any reply that came after the push.
+    fn heard(&self, event: LinkEvent);
+}
+
 /// One write-behind count, with the operation id it carries (see `journal`).
 #[derive(Debug, Clone, Copy)]
 pub struct Flush {
     pub id: [u8; 16],
-    pub pending: Pending,
+    /// Requests counted and not yet written.
+    pub count: u64,
+    /// The latest one's time: `last_accessed` and the expiry follow it.
+    pub at: u64,
     pub seq: u64,
 }
 
@@ -66,9 +98,16 @@ pub enum Flushed {
     Corrupt,
 }
 
-/// Handles what Redis pushes on the tracking connection; runs in the
-/// connection's reader, before any reply that came after the push.
-fn on_push(near: &NearCache, key_prefix: &str, current: &AtomicU64, number: u64, push: PushInfo) {
+/// Reads what Redis pushes on the tracking connection into [`LinkEvent`]s;
+/// runs in the connection's reader, before any reply that came after the
+/// push. Only the current connection's death is told.
+fn on_push(
+    sink: &dyn TrackingSink,
+    key_prefix: &str,
+    current: &AtomicU64,
+    number: u64,
+    push: PushInfo,
+) {
     match push.kind {
         PushKind::Invalidate => match push.data.first() {
             Some(Value::Array(keys)) => {
@@ -83,28 +122,25 @@ fn on_push(near: &NearCache, key_prefix: &str, current: &AtomicU64, number: u64,
                         .and_then(|k| k.strip_prefix(key_prefix))
                         .and_then(parse_session_id);
                     if let Some(id) = id {
-                        near.invalidate(&id);
+                        sink.heard(LinkEvent::Invalidated(id));
                     }
                 }
             }
             // A null: Redis flushed its data (FLUSHALL, FLUSHDB).
-            _ => near.invalidate_all(),
+            _ => sink.heard(LinkEvent::Flushed),
         },
         PushKind::Disconnection if current.load(Ordering::Acquire) == number => {
-            tracing::info!(
-                "the near cache's connection to redis closed; cache bypassed until it is back"
-            );
-            near.link_down();
+            sink.heard(LinkEvent::Disconnected);
         }
         _ => {}
     }
 }
 
 impl RedisStore {
-    /// Opens the tracking connection and brings the near cache up on it.
-    /// Any previous one is dropped first (and the cache with it).
-    pub async fn open_tracking(&self, near: &Arc<NearCache>) -> Result<()> {
-        self.close_tracking(near);
+    /// Opens the tracking connection and tells `sink` it is up. Any
+    /// previous one is closed first (and `sink` told).
+    pub async fn open_tracking(&self, sink: Arc<dyn TrackingSink>) -> Result<()> {
+        self.close_tracking(&*sink);
         let client = self.client().await?;
         let info = client.get_connection_info().clone();
         let settings = info
@@ -115,9 +151,9 @@ impl RedisStore {
             .map_err(|e| StoreError::Redis(e.to_string()))?;
         let tracking = &self.inner.tracking;
         let number = tracking.current.fetch_add(1, Ordering::AcqRel) + 1;
-        let (cache, prefix, current) = (near.clone(), self.key("s:", ""), tracking.current.clone());
+        let (held, prefix, current) = (sink.clone(), self.key("s:", ""), tracking.current.clone());
         let handler = move |push: PushInfo| -> std::result::Result<(), std::convert::Infallible> {
-            on_push(&cache, &prefix, &current, number, push);
+            on_push(&*held, &prefix, &current, number, push);
             Ok(())
         };
         let cfg = AsyncConnectionConfig::new()
@@ -154,17 +190,17 @@ impl RedisStore {
             ));
         }
         *slot = Some(conn);
-        near.link_up();
+        sink.heard(LinkEvent::Opened);
         Ok(())
     }
 
-    /// Drops the tracking connection and bypasses the cache.
-    pub fn close_tracking(&self, near: &NearCache) {
+    /// Drops the tracking connection and tells `sink`.
+    pub fn close_tracking(&self, sink: &dyn TrackingSink) {
         let tracking = &self.inner.tracking;
         let mut slot = tracking.conn.write().unwrap_or_else(|p| p.into_inner());
         tracking.current.fetch_add(1, Ordering::AcqRel);
         *slot = None;
-        near.link_down();
+        sink.heard(LinkEvent::Closed);
     }
 
     fn tracking_conn(&self) -> Option<MultiplexedConnection> {
@@ -177,10 +213,9 @@ impl RedisStore {
     }
 
     /// Whether the tracking connection answers within the store timeout;
-    /// when it does not, it is dropped and the cache bypassed (a connection
-    /// that silently stopped delivering could also be withholding
-    /// invalidations).
-    pub async fn check_tracking(&self, near: &NearCache) -> bool {
+    /// when it does not, it is closed (a connection that silently stopped
+    /// delivering could also be withholding invalidations).
+    pub async fn check_tracking(&self, sink: &dyn TrackingSink) -> bool {
         let Some(mut conn) = self.tracking_conn() else {
             return false;
         };
@@ -189,50 +224,41 @@ impl RedisStore {
         {
             Ok(Ok(_)) => true,
             _ => {
-                self.close_tracking(near);
+                self.close_tracking(sink);
                 false
             }
         }
     }
 
-    /// A touch of a session the near cache does not hold: read over the
-    /// tracking connection (so Redis tracks the key for this node) and
-    /// stored in the cache unless an invalidation raced it. The read writes
-    /// nothing, so filling one node's cache does not invalidate another's.
-    ///
-    /// The request is counted like a cached touch, written behind, and so
-    /// is every use while the tracking connection is down (read over the
-    /// main connection, not kept): all of this node's counts then reach
-    /// Redis through the write-behind, in the order of their operation ids,
-    /// and a batch sent again after its connection failed (as a replay,
-    /// skipped where Redis applied it) is never overtaken by a newer count.
-    pub async fn touch_and_cache(
+    /// A session hash read over the tracking connection while `sink` is up
+    /// (so Redis tracks the key for this node), else over the main one.
+    /// The read writes nothing, so one node's read does not invalidate
+    /// another's copies. `None`: Redis does not hold the session, or it
+    /// expired (Redis drops it at its expiry time, by its own clock).
+    pub async fn read_tracked(
         &self,
-        near: &NearCache,
+        sink: &dyn TrackingSink,
         id: &[u8; 16],
         now: u64,
     ) -> Result<Option<Session>> {
-        let ticket = near.ticket(id);
         let session_key = self.key("s:", &format_id(id));
         let key = &session_key;
-        let fields = match self.tracking_conn().filter(|_| near.is_up()) {
+        let fields = match self.tracking_conn().filter(|_| sink.is_up()) {
             Some(mut conn) => {
                 let mut read = redis::cmd("HGETALL");
                 read.arg(key);
                 let call = read.query_async::<Value>(&mut conn);
-                match self.on_tracking(near, "", call).await? {
+                match self.on_tracking(sink, "", call).await? {
                     Ok(v) => v,
-                    Err(e) if super::conn::is_bad_record(&e) => {
-                        return Err(self.bad_record(e.to_string()))
-                    }
+                    Err(e) if is_bad_record(&e) => return Err(self.bad_record(e.to_string())),
                     // The cache's own connection broke (killed, reset)
                     // while the main one may be fine: read over that.
                     Err(e) if e.is_connection_dropped() || e.is_io_error() => {
-                        self.close_tracking(near);
+                        self.close_tracking(sink);
                         self.read_record(key).await?
                     }
                     Err(e) => {
-                        self.close_tracking(near);
+                        self.close_tracking(sink);
                         return Err(StoreError::Redis(format!("near cache connection: {e}")));
                     }
                 }
@@ -244,11 +270,7 @@ impl RedisStore {
             return Ok(None);
         }
         let session = self.session_from(id, &fields)?;
-        if session.is_expired(now) {
-            // Redis drops it at its expiry time, by its own clock.
-            return Ok(None);
-        }
-        Ok(Some(near.fill(session, ticket, now)))
+        Ok((!session.is_expired(now)).then_some(session))
     }
 
     /// A call on the cache's own connection, within the store timeout. No
@@ -256,14 +278,14 @@ impl RedisStore {
     /// is up) and is an error; what Redis answered is the caller's to judge.
     async fn on_tracking<T>(
         &self,
-        near: &NearCache,
+        sink: &dyn TrackingSink,
         what: &str,
         call: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Result<redis::RedisResult<T>> {
         match tokio::time::timeout(self.inner.timeout, call).await {
             Ok(answered) => Ok(answered),
             Err(_) => {
-                self.close_tracking(near);
+                self.close_tracking(sink);
                 Err(StoreError::Redis(format!(
                     "{what}no answer within {} ms",
                     self.inner.timeout.as_millis()
@@ -297,7 +319,7 @@ impl RedisStore {
     pub async fn flush_touches(
         &self,
         batch: &[Flush],
-        near: &NearCache,
+        sink: &dyn TrackingSink,
         replay: bool,
     ) -> Result<Vec<Flushed>> {
         let keys: Vec<(String, String)> = batch
@@ -311,9 +333,7 @@ impl RedisStore {
         let invocations: Vec<_> = batch
             .iter()
             .zip(&keys)
-            .map(|(f, (ids, key))| {
-                self.touch_inv(ids, key, f.pending.at, f.pending.count, f.seq, replay)
-            })
+            .map(|(f, (ids, key))| self.touch_inv(ids, key, f.at, f.count, f.seq, replay))
             .collect();
         let mut pipe = redis::pipe();
         for inv in &invocations {
@@ -321,16 +341,16 @@ impl RedisStore {
         }
         let load = self.load_scripts_pipe();
         let (pipe, load) = (&pipe, &load);
-        let replies: Vec<Value> = match self.tracking_conn().filter(|_| near.is_up()) {
+        let replies: Vec<Value> = match self.tracking_conn().filter(|_| sink.is_up()) {
             Some(mut conn) => {
                 let call = query_loading_scripts(pipe, load, &mut conn);
                 match self
-                    .on_tracking(near, "writing touches behind: ", call)
+                    .on_tracking(sink, "writing touches behind: ", call)
                     .await?
                 {
                     Ok(v) => v,
                     Err(e) => {
-                        self.close_tracking(near);
+                        self.close_tracking(sink);
                         return Err(StoreError::Redis(format!("writing touches behind: {e}")));
                     }
                 }
@@ -386,66 +406,67 @@ fn flat_fields(v: Value) -> Result<Vec<Value>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::session::Limits;
+    use std::sync::Mutex;
+
+    /// Records what it hears.
+    #[derive(Default)]
+    struct Heard(Mutex<Vec<LinkEvent>>);
+
+    impl TrackingSink for Heard {
+        fn is_up(&self) -> bool {
+            true
+        }
+        fn heard(&self, event: LinkEvent) {
+            self.0.lock().unwrap().push(event);
+        }
+    }
 
     #[test]
-    fn invalidations_drop_the_named_sessions_and_a_null_drops_all() {
-        let limits = Limits {
-            ttl_ms: 60_000,
-            max_lifetime_ms: 600_000,
-            max_metadata_bytes: 1024,
-        };
-        let near = NearCache::new(1 << 20, limits);
-        near.link_up();
-        let mut a = Session::new("u".into(), "{}".into(), 1_000, &limits);
-        a.id = [1; 16];
-        let mut b = a.clone();
-        b.id = [2; 16];
-        for s in [&a, &b] {
-            let t = near.ticket(&s.id);
-            near.fill((*s).clone(), t, 1_000);
-        }
+    fn pushes_name_the_invalidated_sessions_and_only_the_current_link_dies() {
+        let heard = Heard::default();
+        let (a, b) = ([1u8; 16], [2u8; 16]);
         let current = AtomicU64::new(1);
-        let key = format!("p:s:{}", format_id(&a.id));
-        let push = |data| PushInfo {
-            kind: PushKind::Invalidate,
-            data,
-        };
+        let key = |id: &[u8; 16]| Value::BulkString(format!("p:s:{}", format_id(id)).into_bytes());
+        let push = |kind, data| PushInfo { kind, data };
+        let invalidate = push(
+            PushKind::Invalidate,
+            vec![Value::Array(vec![
+                key(&a),
+                Value::BulkString(b"p:x:other".to_vec()),
+                key(&b),
+            ])],
+        );
+        on_push(&heard, "p:s:", &current, 1, invalidate);
         on_push(
-            &near,
+            &heard,
             "p:s:",
             &current,
             1,
-            push(vec![Value::Array(vec![Value::BulkString(
-                key.into_bytes(),
-            )])]),
+            push(PushKind::Invalidate, vec![Value::Nil]),
         );
-        assert!(near.touch(&a.id, 2_000).is_none());
-        assert!(near.touch(&b.id, 2_000).is_some());
-        on_push(&near, "p:s:", &current, 1, push(vec![Value::Nil]));
-        assert!(near.touch(&b.id, 2_000).is_none());
-        // the death of an older connection leaves the current one up
+        // the death of an older connection is not told
         on_push(
-            &near,
+            &heard,
             "p:s:",
             &current,
             0,
-            PushInfo {
-                kind: PushKind::Disconnection,
-                data: vec![],
-            },
+            push(PushKind::Disconnection, vec![]),
         );
-        assert!(near.is_up());
         on_push(
-            &near,
+            &heard,
             "p:s:",
             &current,
             1,
-            PushInfo {
-                kind: PushKind::Disconnection,
-                data: vec![],
-            },
+            push(PushKind::Disconnection, vec![]),
         );
-        assert!(!near.is_up());
+        assert_eq!(
+            *heard.0.lock().unwrap(),
+            [
+                LinkEvent::Invalidated(a),
+                LinkEvent::Invalidated(b),
+                LinkEvent::Flushed,
+                LinkEvent::Disconnected,
+            ]
+        );
     }
 }

@@ -1,19 +1,27 @@
 //! The near cache: the sessions this node serves in Redis mode, held in
 //! memory so that a touch (`GET /api/session`) costs no Redis round trip.
 //!
+//! This module alone reads and writes it, so its rules (when a copy may be
+//! served, when a count has landed) are kept in one room: this file holds
+//! the copies, the pending counts and the tickets; `serve` what the routing
+//! of each operation asks of it; `write_behind` how counts leave it; `push`
+//! what the tracking connection hears. The Redis adapter opens that
+//! connection and reads over it, and tells the cache through
+//! [`crate::store::redis::TrackingSink`]; it never sees the cache itself.
+//!
 //! Redis keeps it coherent. The node reads sessions into the cache over a
 //! connection of its own on which Redis tracks what it read (`CLIENT
 //! TRACKING`, see `store::redis::tracking`); any later change of such a key,
 //! by any node or tool, and its expiry or eviction, makes Redis push an
 //! invalidation on that connection, which lands here
-//! ([`NearCache::invalidate`]). When the connection is down the cache is
-//! empty and bypassed ([`NearCache::link_down`]): nothing is served from it
+//! (`NearCache::invalidate`). When the connection is down the cache is
+//! empty and bypassed (`NearCache::link_down`): nothing is served from it
 //! that Redis could not have invalidated.
 //!
 //! A touch of a cached session counts and slides the copy here and adds one
 //! to the session's *pending* count. The store's flusher writes pending counts
 //! behind, one Redis command per session per `touch_flush_ms`, pipelined
-//! ([`NearCache::take_pending`]). Pending counts live apart from the copies:
+//! (`NearCache::take_pending`). Pending counts live apart from the copies:
 //! an invalidation drops a copy, never a count a request was answered with.
 //!
 //! A copy read from Redis can race an invalidation of that very key (the
@@ -25,6 +33,12 @@
 //! The cache is bounded in bytes (each copy's estimated heap size), split
 //! over shards; a full shard evicts copies not used since the last sweep
 //! (the clock algorithm) before older ones.
+
+mod push;
+mod serve;
+mod write_behind;
+
+pub use write_behind::Near;
 
 use crate::session::{Limits, Session};
 use std::collections::{HashMap, HashSet};
@@ -122,7 +136,7 @@ fn size_of_copy(s: &Session) -> usize {
 
 impl NearCache {
     /// A cache of at most `capacity_bytes` of session copies.
-    pub fn new(capacity_bytes: u64, limits: Limits) -> NearCache {
+    fn new(capacity_bytes: u64, limits: Limits) -> NearCache {
         let capacity = usize::try_from(capacity_bytes).unwrap_or(usize::MAX);
         NearCache {
             shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
@@ -155,13 +169,13 @@ impl NearCache {
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn is_up(&self) -> bool {
+    fn is_up(&self) -> bool {
         self.up.load(Ordering::Acquire)
     }
 
     /// Counts a request on a cached session and returns it; `None` when the
     /// session is not cached (or the cache is bypassed): ask Redis.
-    pub fn touch(&self, id: &[u8; 16], now: u64) -> Option<Session> {
+    fn touch(&self, id: &[u8; 16], now: u64) -> Option<Session> {
         if !self.is_up() {
             return None;
         }
@@ -192,7 +206,7 @@ impl NearCache {
     }
 
     /// Before a fill asks Redis.
-    pub fn ticket(&self, id: &[u8; 16]) -> Ticket {
+    fn ticket(&self, id: &[u8; 16]) -> Ticket {
         // The generation first: a link change between the two reads then
         // shows as a generation change.
         let generation = self.generation.load(Ordering::Acquire);
@@ -207,7 +221,7 @@ impl NearCache {
     /// invalidation or a link change came in between. Returns the session as
     /// the request should see it: Redis's count plus the counts this node has
     /// not written yet, this request's included.
-    pub fn fill(&self, mut session: Session, ticket: Ticket, now: u64) -> Session {
+    fn fill(&self, mut session: Session, ticket: Ticket, now: u64) -> Session {
         let id = session.id;
         if let Some(p) = self.pending_shard(&id).get(&id) {
             session.request_count = session.request_count.saturating_add(p.count);
@@ -256,7 +270,7 @@ impl NearCache {
 
     /// Redis (or this node) changed the session: its copy goes, and a fill
     /// in progress is not stored.
-    pub fn invalidate(&self, id: &[u8; 16]) {
+    fn invalidate(&self, id: &[u8; 16]) {
         self.slots[slot_of(id)].fetch_add(1, Ordering::AcqRel);
         let mut shard = self.shard(id);
         if let Some(old) = shard.map.remove(id) {
@@ -268,7 +282,7 @@ impl NearCache {
 
     /// Drops every copy (Redis flushed its data, or the node cannot tell
     /// what changed).
-    pub fn invalidate_all(&self) {
+    fn invalidate_all(&self) {
         self.generation.fetch_add(1, Ordering::AcqRel);
         for shard in self.shards.iter() {
             let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
@@ -282,7 +296,7 @@ impl NearCache {
 
     /// The tracking connection is gone: nothing cached can be trusted and
     /// nothing is served from the cache until [`link_up`](Self::link_up).
-    pub fn link_down(&self) {
+    fn link_down(&self) {
         if self.up.swap(false, Ordering::AcqRel) {
             tracing::debug!("near cache bypassed: its invalidation stream is down");
         }
@@ -291,14 +305,14 @@ impl NearCache {
 
     /// A new tracking connection is up (and empty-handed: the cache was
     /// emptied when the last one went down).
-    pub fn link_up(&self) {
+    fn link_up(&self) {
         self.invalidate_all();
         self.up.store(true, Ordering::Release);
     }
 
     /// The counts waiting to be written, taken (the flusher writes them, or
     /// journals them in an outage). Marks them in flight.
-    pub fn take_pending(&self) -> Vec<([u8; 16], Pending)> {
+    fn take_pending(&self) -> Vec<([u8; 16], Pending)> {
         let mut out = Vec::new();
         for shard in self.pending.iter() {
             let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
@@ -315,23 +329,23 @@ impl NearCache {
     }
 
     /// One session's counts waiting to be written (not taken).
-    pub fn pending_count(&self, id: &[u8; 16]) -> u64 {
+    fn pending_count(&self, id: &[u8; 16]) -> u64 {
         self.pending_shard(id).get(id).map_or(0, |p| p.count)
     }
 
     /// One session's counts waiting to be written, taken.
-    pub fn take_pending_of(&self, id: &[u8; 16]) -> Option<Pending> {
+    fn take_pending_of(&self, id: &[u8; 16]) -> Option<Pending> {
         self.pending_shard(id).remove(id)
     }
 
     /// Counts that could not be written go back (Redis refused the batch
     /// as a whole without applying any of it).
-    pub fn restore_pending(&self, id: &[u8; 16], p: Pending) {
+    fn restore_pending(&self, id: &[u8; 16], p: Pending) {
         self.add_pending(id, p.count, p.at);
     }
 
     /// A flush's counts are written (or journaled).
-    pub fn landed(&self, ids: &[[u8; 16]]) {
+    fn landed(&self, ids: &[[u8; 16]]) {
         let mut flying = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
         for id in ids {
             flying.remove(id);
@@ -340,7 +354,7 @@ impl NearCache {
 
     /// Whether the session has counts not yet written, waiting or in a
     /// flush that has not answered.
-    pub fn has_unwritten(&self, id: &[u8; 16]) -> bool {
+    fn has_unwritten(&self, id: &[u8; 16]) -> bool {
         self.pending_shard(id).contains_key(id) || self.in_flight(id)
     }
 
@@ -352,11 +366,11 @@ impl NearCache {
     }
 
     /// The cached copy, for the mirror.
-    pub fn copy(&self, id: &[u8; 16]) -> Option<Session> {
+    fn copy(&self, id: &[u8; 16]) -> Option<Session> {
         self.shard(id).map.get(id).map(|e| e.session.clone())
     }
 
-    pub fn stats(&self) -> NearStats {
+    fn stats(&self) -> NearStats {
         let (mut bytes, mut entries) = (0u64, 0u64);
         for shard in self.shards.iter() {
             let shard = shard.lock().unwrap_or_else(|p| p.into_inner());
@@ -441,12 +455,17 @@ mod tests {
         c
     }
 
-    #[test]
-    fn a_cached_touch_counts_and_queues_the_count() {
-        let c = cache();
-        let s = session(1);
+    /// A cache holding session `n`, filled at 1 000.
+    fn filled(n: u8) -> (NearCache, Session) {
+        let (c, s) = (cache(), session(n));
         let t = c.ticket(&s.id);
         c.fill(s.clone(), t, 1_000);
+        (c, s)
+    }
+
+    #[test]
+    fn a_cached_touch_counts_and_queues_the_count() {
+        let (c, s) = filled(1);
         let a = c.touch(&s.id, 2_000).unwrap();
         let b = c.touch(&s.id, 3_000).unwrap();
         // the fill counted its own request
@@ -487,10 +506,7 @@ mod tests {
 
     #[test]
     fn nothing_is_served_while_the_link_is_down_nor_filled_across_it() {
-        let c = cache();
-        let s = session(3);
-        let t = c.ticket(&s.id);
-        c.fill(s.clone(), t, 1_000);
+        let (c, s) = filled(3);
         c.link_down();
         assert!(c.touch(&s.id, 2_000).is_none());
         let t = c.ticket(&s.id);
@@ -504,10 +520,7 @@ mod tests {
 
     #[test]
     fn a_fill_adds_the_counts_not_yet_written() {
-        let c = cache();
-        let s = session(4);
-        let t = c.ticket(&s.id);
-        c.fill(s.clone(), t, 1_000);
+        let (c, s) = filled(4);
         c.touch(&s.id, 2_000);
         c.touch(&s.id, 2_000);
         c.invalidate(&s.id);
@@ -537,10 +550,7 @@ mod tests {
 
     #[test]
     fn an_expired_copy_is_not_served() {
-        let c = cache();
-        let s = session(5);
-        let t = c.ticket(&s.id);
-        c.fill(s.clone(), t, 1_000);
+        let (c, s) = filled(5);
         assert!(c.touch(&s.id, s.expires_at).is_none());
     }
 }

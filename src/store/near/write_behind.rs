@@ -1,0 +1,194 @@
+//! Writing the near cache's counts behind: a touch answered from the cache
+//! counts there, and its count reaches Redis later, one script call per
+//! session per `touch_flush_ms`, pipelined. This room holds every way a
+//! count leaves the cache: the write-behind itself (`Store::write_behind`,
+//! with the journal for what Redis may not have applied), the settling of
+//! one session before a change that must come after its counts, the flush
+//! of everything (each tick, the drain, the close), and the hand-over to
+//! the journal when the node fails over.
+
+use super::{NearCache, Pending};
+use crate::session::{Limits, Session};
+use crate::store::redis::{Flush, Flushed};
+use crate::store::{Mode, Store};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The near cache and its write-behind, as the store holds them.
+pub struct Near {
+    pub(super) cache: Arc<NearCache>,
+    /// How often the counts are written behind.
+    touch_flush: Duration,
+    /// Held by a write-behind flush while it runs: a rotation waits for the
+    /// session's counts to land before moving the session.
+    flush_lock: tokio::sync::Mutex<()>,
+}
+
+impl Near {
+    pub(in crate::store) fn new(
+        capacity_bytes: u64,
+        limits: Limits,
+        touch_flush: Duration,
+    ) -> Near {
+        Near {
+            cache: Arc::new(NearCache::new(capacity_bytes, limits)),
+            touch_flush,
+            flush_lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// How often the background loop calls `Store::flush_near`.
+    pub(in crate::store) fn touch_flush(&self) -> Duration {
+        self.touch_flush
+    }
+}
+
+impl Store {
+    /// Counts the near cache's unwritten counts into the journal (in
+    /// fallback, or when their write failed before it was sent), and their
+    /// sessions' copies into the mirror.
+    fn near_to_journal(&self, near: &NearCache) {
+        let taken = near.take_pending();
+        let ids: Vec<[u8; 16]> = taken.iter().map(|(id, _)| *id).collect();
+        for (id, p) in taken {
+            if let Some(copy) = near.copy(&id) {
+                self.mirror("touch", |m| m.mirror_touch(copy));
+            }
+            self.inner.sled.add_pending_touches(&id, p.count, p.at);
+        }
+        near.landed(&ids);
+    }
+
+    /// The node just switched to fallback: the near cache's copies are not
+    /// served in fallback, and may be stale when Redis returns; its counts
+    /// not yet written go to the journal (coalesced, before any later entry
+    /// of their session), its copies of them to the mirror.
+    pub(in crate::store) fn near_failed_over(&self) {
+        if let Some(near) = &self.inner.near {
+            self.near_to_journal(&near.cache);
+            near.cache.invalidate_all();
+        }
+    }
+
+    /// Before a rotation or a PATCH: the session's counts not yet written
+    /// land first (waiting for a flush in progress), so they are not written
+    /// to an id that is gone, nor carry an operation id lower than a change
+    /// Redis already applied (a replay would skip them).
+    pub(in crate::store) async fn settle_near(&self, id: &[u8; 16]) {
+        let Some(near) = self.inner.near.as_ref() else {
+            return;
+        };
+        near.cache.invalidate(id);
+        if !near.cache.has_unwritten(id) {
+            return;
+        }
+        // Held by a flush in progress: once it is ours, that flush landed.
+        let _flush = near.flush_lock.lock().await;
+        if let Some(p) = near.cache.take_pending_of(id) {
+            self.write_behind(&near.cache, vec![(*id, p)]).await;
+        }
+    }
+
+    /// A use counted in the near cache just as the drain began may have
+    /// missed the drain's flush: it is written now. (Its count is added
+    /// under the same lock the flush takes them under, so either the flush
+    /// took it or this sees the flag.)
+    pub(in crate::store) async fn settle_if_draining(&self, id: &[u8; 16]) {
+        if self.inner.draining.load(Ordering::Acquire) {
+            self.settle_near(id).await;
+        }
+    }
+
+    /// Writes every count the near cache holds now: each tick of the
+    /// write-behind, at the drain and at the close.
+    pub(in crate::store) async fn flush_near(&self) {
+        if let Some(near) = &self.inner.near {
+            let _flush = near.flush_lock.lock().await;
+            let taken = near.cache.take_pending();
+            if !taken.is_empty() {
+                self.write_behind(&near.cache, taken).await;
+            }
+        }
+    }
+
+    /// Writes counts to Redis, one touch per session, pipelined in chunks;
+    /// what Redis may not have applied is journaled under the id its call
+    /// carried (exactly once on replay), and the rest, in fallback, is
+    /// journaled as fallback touches. Called with `flush_lock` held.
+    async fn write_behind(&self, near: &NearCache, taken: Vec<([u8; 16], Pending)>) {
+        /// Sessions per pipelined round trip: a few milliseconds of Redis.
+        const CHUNK: usize = 256;
+        let ids: Vec<[u8; 16]> = taken.iter().map(|(id, _)| *id).collect();
+        let redis = match &self.inner.redis {
+            Some(r) if self.mode() == Mode::Redis => r,
+            _ => {
+                for (id, p) in taken {
+                    self.inner.sled.add_pending_touches(&id, p.count, p.at);
+                }
+                near.landed(&ids);
+                return;
+            }
+        };
+        let mut batch = Vec::with_capacity(taken.len());
+        for (id, pending) in taken {
+            match self.inner.sled.next_seq() {
+                Ok(seq) => batch.push(Flush {
+                    id,
+                    count: pending.count,
+                    at: pending.at,
+                    seq,
+                }),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no operation id for a write-behind count; kept for the next flush");
+                    near.restore_pending(&id, pending);
+                }
+            }
+        }
+        // The copies the mirror gets, taken now: a failure below empties
+        // the cache.
+        let mut copies: Vec<Option<Session>> = batch.iter().map(|f| near.copy(&f.id)).collect();
+        let mut failed: Option<usize> = None;
+        for (n, chunk) in batch.chunks(CHUNK).enumerate() {
+            let tracked = near.is_up();
+            let mut flushed = redis.flush_touches(chunk, near, false).await;
+            if flushed.is_err() && tracked {
+                // The cache's connection failed (and is closed now), the
+                // main one may not have: the same counts under the same ids
+                // once more over it, as a replay, so none counts twice.
+                flushed = redis.flush_touches(chunk, near, true).await;
+            }
+            match flushed {
+                Ok(results) => {
+                    for (i, (f, result)) in chunk.iter().zip(results).enumerate() {
+                        match result {
+                            Flushed::Counted => {
+                                if let Some(copy) = copies[n * CHUNK + i].take() {
+                                    self.mirror("touch", |m| m.mirror_touch(copy));
+                                }
+                            }
+                            Flushed::Gone | Flushed::Corrupt => near.invalidate(&f.id),
+                        }
+                    }
+                }
+                Err(e) => {
+                    self.redis_failed("touch write-behind", &e);
+                    failed = Some(n * CHUNK);
+                    break;
+                }
+            }
+        }
+        if let Some(from) = failed {
+            for (i, f) in batch.iter().enumerate().skip(from) {
+                if let Some(copy) = copies[i].take() {
+                    self.mirror("touch", |m| m.mirror_touch(copy));
+                }
+                let Flush { id, count, at, seq } = *f;
+                if let Err(e) = self.inner.sled.journal_touches_at(&id, count, at, seq) {
+                    tracing::error!(error = %e, "journaling write-behind counts failed; they are lost");
+                }
+            }
+        }
+        near.landed(&ids);
+    }
+}
