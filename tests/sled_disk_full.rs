@@ -13,8 +13,8 @@
 //! filler is deleted, the database reopened, and every acknowledged key read
 //! back. Large values make sled write blobs (a page over a quarter of a
 //! segment goes to its own file under `blobs/`), small ones only the log;
-//! the cycles go on until the ENOSPC has hit each of the two at least three
-//! times.
+//! the cycles rotate three loads (`Load`) and go on until the ENOSPC has hit
+//! each of the two at least three times.
 //!
 //! Needs root (to mount); without it the test prints `SKIPPED: ...`.
 //! `EDGENODE_DISK_FULL_CYCLES` raises the number of cycles (default 10).
@@ -61,6 +61,21 @@ fn classify(error: &str) -> Hit {
         Hit::Log
     } else {
         Hit::Other
+    }
+}
+
+/// The innermost message of a sled error (the global error wraps the
+/// original in one `Custom { .. }` per clone), for the report.
+fn summary(error: &str) -> &str {
+    match error
+        .find("sled log write")
+        .or_else(|| error.find("sled blob write"))
+    {
+        Some(start) => {
+            let rest = &error[start..];
+            &rest[..rest.find(['"', '\\']).unwrap_or(rest.len())]
+        }
+        None => error,
     }
 }
 
@@ -169,18 +184,36 @@ enum Report {
     Failed(String),
 }
 
-/// One writer: inserts keys (large values when `blobs`, with small ones in
-/// between; only small ones otherwise) and flushes every few inserts, until
+/// What the writers write in a cycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Load {
+    /// 6-15 KB values and small ones (the field report: ENOSPC hits the log
+    /// or a consolidated leaf's blob).
+    Mixed,
+    /// The same, with some values over 70 KB (each one a blob by itself:
+    /// ENOSPC hits a blob write nearly always).
+    Huge,
+    /// 100-500 byte values only (no blobs: ENOSPC hits the log).
+    Small,
+}
+
+/// One writer: inserts keys (values as `load` says) and flushes every few inserts, until
 /// sled refuses. Reports after every flush, so the main thread notices
 /// within the deadline when it hangs.
-fn writer(db: sled::Db, id: usize, blobs: bool, tx: mpsc::Sender<Report>) {
+fn writer(db: sled::Db, id: usize, load: Load, tx: mpsc::Sender<Report>) {
     let mut pending = Vec::new();
     for i in 0u64.. {
         let key = format!("w{id}-{i:08}").into_bytes();
-        let len = if blobs && i % 3 != 2 {
-            6 * 1024 + (i as usize * 1237) % (9 * 1024)
-        } else {
-            100 + (i as usize * 97) % 400
+        let len = match (load, i % 6) {
+            // Over the blob threshold by itself: the insert's own log
+            // message goes to a blob, so that the blob path gets its share
+            // of the ENOSPCs (with 6-15 KB values alone, blobs are only the
+            // consolidated leaves, and ~85% of the hits are on the log).
+            (Load::Huge, 1) => 70 * 1024 + (i as usize * 1237) % (30 * 1024),
+            (Load::Huge | Load::Mixed, 0 | 1 | 3 | 4) => {
+                6 * 1024 + (i as usize * 1237) % (9 * 1024)
+            }
+            _ => 100 + (i as usize * 97) % 400,
         };
         if let Err(e) = db.insert(&key, value_for(&key, len)) {
             let _ = tx.send(Report::Failed(format!("insert: {e:?}")));
@@ -212,7 +245,7 @@ struct Cycle {
     acked: usize,
 }
 
-fn cycle(n: usize, blobs: bool) -> Result<Cycle, String> {
+fn cycle(n: usize, load: Load) -> Result<Cycle, String> {
     let fs = Tmpfs::mount()?;
     let filler = fs.path().join("filler");
     std::fs::write(&filler, vec![0xa5; FILLER_BYTES]).map_err(|e| format!("filler: {e}"))?;
@@ -227,7 +260,7 @@ fn cycle(n: usize, blobs: bool) -> Result<Cycle, String> {
     let writers: Vec<_> = (0..WRITERS)
         .map(|id| {
             let (db, tx) = (db.clone(), tx.clone());
-            thread::spawn(move || writer(db, id, blobs, tx))
+            thread::spawn(move || writer(db, id, load, tx))
         })
         .collect();
     drop(tx);
@@ -242,10 +275,9 @@ fn cycle(n: usize, blobs: bool) -> Result<Cycle, String> {
                 first_error.get_or_insert(e);
             }
             Err(RecvTimeoutError::Timeout) => panic!(
-                "sled hung on a full disk (cycle {n}, {} values): no insert or flush \
+                "sled hung on a full disk (cycle {n}, {load:?} load): no insert or flush \
                  returned within {DEADLINE:?}; first error so far: {first_error:?}; \
                  {} keys acknowledged",
-                if blobs { "large" } else { "small" },
                 acked.len()
             ),
             Err(RecvTimeoutError::Disconnected) => {
@@ -364,16 +396,15 @@ fn enospc_on_log_and_blob_writes_fails_promptly_and_loses_nothing_acknowledged()
             && (hits.get(&Hit::Log).copied().unwrap_or(0) < HITS_WANTED
                 || hits.get(&Hit::Blob).copied().unwrap_or(0) < HITS_WANTED))
     {
-        // Large values until the blob path has its hits (with them, ENOSPC
-        // can hit either), then small ones (only the log is written).
-        let blobs = hits.get(&Hit::Blob).copied().unwrap_or(0) < HITS_WANTED || n % 2 == 0;
-        let c = cycle(n, blobs).unwrap_or_else(|e| panic!("cycle {n}: {e}"));
+        // The field report's load every third cycle; in between, the loads
+        // that make the blob and the log path certain.
+        let load = [Load::Mixed, Load::Huge, Load::Small][n % 3];
+        let c = cycle(n, load).unwrap_or_else(|e| panic!("cycle {n}: {e}"));
         println!(
-            "cycle {n}: {} values, {} keys acknowledged, ENOSPC hit the {:?} write: {}",
-            if blobs { "large" } else { "small" },
+            "cycle {n}: {load:?} load, {} keys acknowledged, ENOSPC hit the {:?} write: {}",
             c.acked,
             c.hit,
-            c.error
+            summary(&c.error)
         );
         *hits.entry(c.hit).or_default() += 1;
         n += 1;
