@@ -395,12 +395,11 @@ impl Log {
                 // Upstream returned here, keeping this thread counted as a
                 // writer of the IO buffer: the buffer could then never be
                 // written, and every flush, and every read of a page in it,
-                // waited forever. Instead: set the global error first (so
-                // the buffer is never written: nothing after this point
-                // reaches the log, nothing unacknowledged is mistaken for
-                // acknowledged), then release our writer count as a
-                // cancelled message (`abort` also removes the partial blob
-                // file), and wake the waiters, who return the error.
+                // waited forever. Instead: set the global error and wake
+                // the waiters first (they return the error; and the buffer
+                // is never written: nothing after this point reaches the
+                // log), then release our writer count as a cancelled
+                // message (`abort` also removes the partial blob file).
                 self.iobufs.set_global_error_and_notify(e.clone());
 
                 // `encapsulate` serialized the message header before the
