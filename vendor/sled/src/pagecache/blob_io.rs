@@ -69,8 +69,20 @@ pub(crate) fn write_blob<T: Serialize>(
     item: &T,
 ) -> Result<()> {
     let path = config.blob_path(id);
-    let mut f =
-        std::fs::OpenOptions::new().write(true).create_new(true).open(&path)?;
+    // edgenode patch: say which write failed (a blob, with its path), keeping
+    // the error's kind (ENOSPC: StorageFull).
+    let context = |e: std::io::Error| -> Error {
+        std::io::Error::new(
+            e.kind(),
+            format!("sled blob write {}: {}", path.display(), e),
+        )
+        .into()
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(context)?;
 
     let kind_buf = &[kind.into()];
 
@@ -86,16 +98,16 @@ pub(crate) fn write_blob<T: Serialize>(
     let crc = u32_to_arr(hasher.finalize());
 
     io_fail!(config, "write_blob write crc");
-    f.write_all(&crc)?;
+    f.write_all(&crc).map_err(context)?;
     io_fail!(config, "write_blob write kind_byte");
-    f.write_all(kind_buf)?;
+    f.write_all(kind_buf).map_err(context)?;
     io_fail!(config, "write_blob write buf");
     f.write_all(&data)
         .map(|r| {
             trace!("successfully wrote blob at {:?}", path);
             r
         })
-        .map_err(|e| e.into())
+        .map_err(context)
 }
 
 pub(crate) fn gc_blobs(config: &Config, stable_lsn: Lsn) -> Result<()> {

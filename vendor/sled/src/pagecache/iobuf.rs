@@ -515,6 +515,22 @@ impl IoBufs {
         }
     }
 
+    /// edgenode patch: records an IO error as sled's sticky global error and
+    /// wakes every thread waiting on `interval_updated` (`make_stable`, so
+    /// `flush` and reads of pages not yet on disk). Once it is set no log
+    /// buffer is written any more, so a waiter that is not woken here would
+    /// wait forever; woken, it sees the error and returns it.
+    pub(crate) fn set_global_error_and_notify(&self, e: Error) {
+        self.config.set_global_error(e);
+
+        // having held the mutex makes this linearized
+        // with the notify below.
+        let intervals = self.intervals.lock();
+        drop(intervals);
+
+        let _notified = self.interval_updated.notify_all();
+    }
+
     /// Returns the last stable offset in storage.
     pub(in crate::pagecache) fn stable(&self) -> Lsn {
         debug_delay();
@@ -727,7 +743,19 @@ impl IoBufs {
         #[cfg(not(feature = "io_uring"))]
         {
             let f = &self.config.file;
-            pwrite_all(f, data, log_offset)?;
+            // edgenode patch: say which write failed (the log, at which
+            // offset), keeping the error's kind (ENOSPC: StorageFull).
+            pwrite_all(f, data, log_offset).map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "sled log write of {} bytes at offset {}: {}",
+                        data.len(),
+                        log_offset,
+                        e
+                    ),
+                )
+            })?;
             if !self.config.temporary {
                 #[cfg(target_os = "linux")]
                 {
@@ -907,6 +935,14 @@ pub(in crate::pagecache) fn make_stable_inner(
     // NB before we write the 0th byte of the file, stable  is -1
     let first_stable = iobufs.stable();
     if first_stable >= lsn {
+        // edgenode patch: a flush (full durability) after a failed write
+        // returns the error even when nothing is left for it to wait for:
+        // no write is accepted any more, and the caller must know that the
+        // database has to be reopened. A read (partial durability) of data
+        // already on disk goes on.
+        if !partial_durability {
+            iobufs.config.global_error()?;
+        }
         return Ok(0);
     }
 
@@ -1000,6 +1036,12 @@ pub(in crate::pagecache) fn make_stable_inner(
             debug!("make_stable({}) returning", lsn);
             break;
         }
+    }
+
+    // edgenode patch: as above, a flush never reports success once a write
+    // has failed.
+    if !partial_durability {
+        iobufs.config.global_error()?;
     }
 
     Ok(assert_usize(stable - first_stable))

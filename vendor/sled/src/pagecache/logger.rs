@@ -361,14 +361,12 @@ impl Log {
             let blob_id =
                 if over_blob_threshold { Some(reservation_lsn) } else { None };
 
-            self.iobufs.encapsulate(
+            let encapsulated = self.iobufs.encapsulate(
                 item,
                 message_header,
                 destination,
                 blob_id,
-            )?;
-
-            M.log_reservation_success();
+            );
 
             let pointer = if let Some(blob_id) = blob_id {
                 DiskPtr::new_blob(reservation_lid, blob_id)
@@ -378,7 +376,10 @@ impl Log {
                 DiskPtr::new_inline(reservation_lid)
             };
 
-            return Ok(Reservation {
+            let header_len =
+                usize::try_from(message_header.serialized_size()).unwrap();
+
+            let mut reservation = Reservation {
                 iobuf,
                 log: self,
                 buf: destination,
@@ -386,9 +387,40 @@ impl Log {
                 lsn: reservation_lsn,
                 pointer,
                 is_blob_rewrite: blob_rewrite.is_some(),
-                header_len: usize::try_from(message_header.serialized_size())
-                    .unwrap(),
-            });
+                header_len,
+            };
+
+            if let Err(e) = encapsulated {
+                // edgenode patch: the blob write failed (ENOSPC, EIO...).
+                // Upstream returned here, keeping this thread counted as a
+                // writer of the IO buffer: the buffer could then never be
+                // written, and every flush, and every read of a page in it,
+                // waited forever. Instead: set the global error and wake
+                // the waiters first (they return the error; and the buffer
+                // is never written: nothing after this point reaches the
+                // log), then release our writer count as a cancelled
+                // message (`abort` also removes the partial blob file).
+                self.iobufs.set_global_error_and_notify(e.clone());
+
+                // `encapsulate` serialized the message header before the
+                // blob write; the blob id after it was not written. Zero it
+                // so the cancelled message is fully initialized.
+                for byte in reservation.buf[header_len..].iter_mut() {
+                    *byte = 0;
+                }
+                if let Err(abort_error) = reservation.abort() {
+                    debug!(
+                        "releasing the reservation of a failed blob write: {:?}",
+                        abort_error
+                    );
+                }
+
+                return Err(e);
+            }
+
+            M.log_reservation_success();
+
+            return Ok(reservation);
         }
     }
 
@@ -441,7 +473,10 @@ impl Log {
                         "hit error while writing iobuf with lsn {}: {:?}",
                         lsn, e
                     );
-                    iobufs.config.set_global_error(e);
+                    // edgenode patch: wake the waiters too (upstream only
+                    // set the error), so a flush waiting for this buffer
+                    // returns the error instead of waiting forever.
+                    iobufs.set_global_error_and_notify(e);
                 }
             })?;
 

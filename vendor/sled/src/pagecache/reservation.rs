@@ -21,7 +21,9 @@ impl<'a> Drop for Reservation<'a> {
         // We auto-abort if the user never uses a reservation.
         if !self.flushed {
             if let Err(e) = self.flush(false) {
-                self.log.config.set_global_error(e);
+                // edgenode patch: wake the waiters too (see
+                // `IoBufs::set_global_error_and_notify`).
+                self.log.iobufs.set_global_error_and_notify(e);
             }
         }
     }

@@ -462,6 +462,19 @@ fn read_snapshot(config: &RunningConfig) -> Result<Option<Snapshot>> {
         return Ok(None);
     }
 
+    // edgenode patch: a `.generating` file is a snapshot whose writing did
+    // not finish (the process stopped, or the disk was full, in the middle):
+    // upstream took it for the newest snapshot (it sorts after the complete
+    // one of the same LSN), found its CRC wrong and refused to open the
+    // database. It is skipped; the next snapshot written removes it.
+    candidates.retain(|path| {
+        !path.to_string_lossy().ends_with(".generating")
+    });
+    if candidates.is_empty() {
+        debug!("no previous complete snapshot found");
+        return Ok(None);
+    }
+
     candidates.sort();
     let path = candidates.pop().unwrap();
 
@@ -545,15 +558,26 @@ fn write_snapshot(config: &RunningConfig, snapshot: &Snapshot) -> Result<()> {
     let mut f =
         std::fs::OpenOptions::new().write(true).create(true).open(&path_1)?;
 
-    // write the snapshot bytes, followed by a crc64 checksum at the end
-    io_fail!(config, "snap write");
-    f.write_all(&*bytes)?;
-    io_fail!(config, "snap write len");
-    f.write_all(&len_bytes)?;
-    io_fail!(config, "snap write crc");
-    f.write_all(&crc32)?;
-    io_fail!(config, "snap write post");
-    f.sync_all()?;
+    // edgenode patch: a snapshot that could not be written in full (ENOSPC
+    // while opening on a full disk) is removed, which also gives its space
+    // back; `read_snapshot` never reads a `.generating` file either.
+    let written = (|| -> Result<()> {
+        // write the snapshot bytes, followed by a crc64 checksum at the end
+        io_fail!(config, "snap write");
+        f.write_all(&*bytes)?;
+        io_fail!(config, "snap write len");
+        f.write_all(&len_bytes)?;
+        io_fail!(config, "snap write crc");
+        f.write_all(&crc32)?;
+        io_fail!(config, "snap write post");
+        f.sync_all()?;
+        Ok(())
+    })();
+    if let Err(e) = written {
+        drop(f);
+        let _ = std::fs::remove_file(&path_1);
+        return Err(e);
+    }
 
     trace!("wrote snapshot to {}", path_1.to_string_lossy());
 
