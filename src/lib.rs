@@ -16,6 +16,7 @@ pub mod node;
 pub mod server;
 pub mod session;
 pub mod shutdown;
+pub mod status;
 pub mod store;
 pub mod systemd;
 
