@@ -18,6 +18,7 @@ pub mod redis_link;
 pub mod server;
 pub mod session;
 pub mod shutdown;
+pub mod status;
 pub mod store;
 pub mod systemd;
 

@@ -3,19 +3,16 @@
 //! the store. `main.rs` only parses the configuration, sets up logging and
 //! the runtime, and passes the signals in as the shutdown future.
 
-use crate::admission::{Admission, RateLimiter};
 use crate::config::Config;
 use crate::http::App;
 use crate::metrics::Metrics;
-use crate::session::Limits;
-use crate::store::local::{LocalLimits, SledStore};
-use crate::store::{redis::RedisStore, Store, StoreLimits};
+use crate::shutdown::{self, Shutdown};
+use crate::store::{local::SledStore, redis::RedisStore, Store};
 use crate::{server, systemd};
 use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::watch;
 
 /// The earliest wall-clock time (unix ms) the node trusts: this build's
 /// commit time. `EDGENODE_TEST_CLOCK_FLOOR_MS` replaces it, so a test can
@@ -67,47 +64,31 @@ pub async fn run_on(
     // Under socket activation (or a caller's listener) this is not `listen`.
     config.check_exposure(addr)?;
 
-    let limits = Limits {
-        ttl_ms: config.session_ttl_secs.saturating_mul(1000),
-        max_lifetime_ms: config.session_max_lifetime_secs.saturating_mul(1000),
-        max_metadata_bytes: config.max_metadata_bytes,
-    };
+    let limits = config.session_limits();
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| format!("cannot create data_dir {}: {e}", config.data_dir.display()))?;
-    let local = LocalLimits {
-        cache_bytes: config.cache_capacity_bytes,
-        max_journal_bytes: config.max_journal_bytes,
-        min_free_bytes: config.min_free_bytes,
-    };
-    let sled = SledStore::open(&config.data_dir, local, limits).map_err(|e| {
+    let sled = SledStore::open(&config.data_dir, config.local_limits(), limits).map_err(|e| {
         format!(
             "cannot open the local store in {}: {e}",
             config.data_dir.display()
         )
     })?;
     let redis = match &config.redis_url {
-        Some(url) => Some(RedisStore::new(url, &config, limits, sled.origin())?),
+        Some(url) => Some(RedisStore::new(
+            url,
+            &config.redis_settings(),
+            limits,
+            sled.origin(),
+        )?),
         None => None,
     };
-    let store = Store::new(
-        sled,
-        redis,
-        StoreLimits {
-            clock_floor: clock_floor(),
-            replay_batch: config.replay_batch,
-            max_sessions_per_user: config.max_sessions_per_user,
-            max_sessions: config.max_sessions,
-            require_redis: config.require_redis,
-            store_timeout: config.store_timeout,
-            near_cache_bytes: config.near_cache_bytes,
-            touch_flush: config.touch_flush,
-        },
-    );
+    let store = Store::new(sled, redis, config.store_limits(clock_floor()));
     store.start_on_redis().await;
-    let cache = crate::cache::Cache::new(&config, store.sled().database().clone())?;
+    let cache =
+        crate::cache::Cache::new(&config.cache_settings(), store.sled().database().clone())?;
     return_free_memory();
 
-    let admission = Admission::new(config.workers, config.max_connections, config.max_in_flight);
+    let admission = config.admission();
     let metrics = Metrics::new(
         &config.instance_id,
         store.clone(),
@@ -119,11 +100,8 @@ pub async fn run_on(
         store: store.clone(),
         cache: cache.clone(),
         admission,
-        rate_limiter: RateLimiter::new(config.rate_limit_per_ip, config.rate_limit_burst),
-        create_limiter: RateLimiter::new(
-            config.create_rate_per_ip,
-            config.create_rate_per_ip.saturating_mul(3),
-        ),
+        rate_limiter: config.rate_limiter(),
+        create_limiter: config.create_limiter(),
         warned_proxy_without_token: false.into(),
         metrics,
         started,
@@ -131,41 +109,35 @@ pub async fn run_on(
         config,
     });
 
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    // Temporary: the store hears a named `Shutdown`, fired with the rest.
-    let (store_stop, store_shutdown) = crate::shutdown::channel();
+    let (trigger, stop) = shutdown::channel();
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(store.clone().run_housekeeping(store_shutdown.clone()));
-    tasks.spawn(store.clone().run_background(store_shutdown));
+    tasks.spawn(store.clone().run_housekeeping(stop.clone()));
+    tasks.spawn(store.clone().run_background(stop.clone()));
     // The shared cache's invalidation feed, probe and outage-journal replay.
-    tasks.spawn(cache.run(shutdown_rx.clone()));
-    tasks.spawn(every(Duration::from_secs(30), shutdown_rx.clone(), || {
+    tasks.spawn(cache.run(stop.clone()));
+    tasks.spawn(every(Duration::from_secs(30), stop.clone(), || {
         return_free_memory()
     }));
     // systemctl status shows the store mode and the session count.
     {
         let store = store.clone();
-        tasks.spawn(every(
-            Duration::from_secs(5),
-            shutdown_rx.clone(),
-            move || {
-                let st = store.status();
-                systemd::status(&format!(
-                    "store {}, {} sessions, {} pending sync{}",
-                    st.active.as_str(),
-                    st.sessions_active,
-                    st.pending_sync,
-                    st.degraded
-                        .map(|r| format!(", degraded: {r}"))
-                        .unwrap_or_default()
-                ));
-            },
-        ));
+        tasks.spawn(every(Duration::from_secs(5), stop.clone(), move || {
+            let st = store.status();
+            systemd::status(&format!(
+                "store {}, {} sessions, {} pending sync{}",
+                st.active.as_str(),
+                st.sessions_active,
+                st.pending_sync,
+                st.degraded
+                    .map(|r| format!(", degraded: {r}"))
+                    .unwrap_or_default()
+            ));
+        }));
     }
     if let Some(interval) = systemd::watchdog_interval() {
-        tasks.spawn(systemd::run_watchdog(interval, shutdown_rx.clone()));
+        tasks.spawn(systemd::run_watchdog(interval, stop.clone()));
     }
-    let server = tokio::spawn(server::run(app.clone(), listener, shutdown_rx));
+    let server = tokio::spawn(server::run(app.clone(), listener, stop));
 
     app.ready.store(true, Ordering::Release);
     let mode = store.mode().as_str();
@@ -194,8 +166,7 @@ pub async fn run_on(
     store.begin_drain().await;
     systemd::stopping();
     tokio::time::sleep(app.config.drain_delay).await;
-    let _ = shutdown_tx.send(true);
-    store_stop.fire();
+    trigger.fire();
     let _ = server.await;
     // Every task that writes to the store ends before the store closes; a
     // replay in progress stops between batches.
@@ -206,12 +177,12 @@ pub async fn run_on(
 }
 
 /// Runs `f` every `period` until shutdown.
-async fn every(period: Duration, mut shutdown: watch::Receiver<bool>, mut f: impl FnMut()) {
+async fn every(period: Duration, mut shutdown: Shutdown, mut f: impl FnMut()) {
     let mut tick = tokio::time::interval(period);
     loop {
         tokio::select! {
             _ = tick.tick() => f(),
-            _ = shutdown.changed() => return,
+            _ = shutdown.recv() => return,
         }
     }
 }

@@ -5,6 +5,7 @@
 
 use crate::admission::ConnectionSlot;
 use crate::http::{self, App};
+use crate::shutdown::Shutdown;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -14,7 +15,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 
 /// What an over-limit connection gets before it is closed.
 const CONNECTION_REFUSED: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\nConnection: close\r\nContent-Length: 84\r\n\r\n{\"error\":{\"code\":\"overloaded\",\"message\":\"too many open connections; retry shortly\"}}";
@@ -55,7 +55,7 @@ impl Drop for AwaitingFirstRequest {
 /// Largest request head (request line and headers) accepted.
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 
-pub async fn run(app: Arc<App>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+pub async fn run(app: Arc<App>, listener: TcpListener, mut shutdown: Shutdown) {
     let graceful = GracefulShutdown::new();
     let awaiting_first_request = Arc::new(AtomicUsize::new(0));
     let mut builder = http1::Builder::new();
@@ -84,7 +84,7 @@ pub async fn run(app: Arc<App>, listener: TcpListener, mut shutdown: watch::Rece
                     continue;
                 }
             },
-            _ = shutdown.changed() => break,
+            _ = shutdown.recv() => break,
         };
         let Some(slot) = app.admission.try_connect() else {
             tokio::spawn(refuse(stream));

@@ -79,12 +79,12 @@ pub fn watchdog_interval() -> Option<Duration> {
 
 /// Pings the watchdog from a runtime task: if the runtime wedges, the pings
 /// stop and systemd restarts the node.
-pub async fn run_watchdog(every: Duration, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+pub async fn run_watchdog(every: Duration, mut shutdown: crate::shutdown::Shutdown) {
     let mut tick = tokio::time::interval(every.max(Duration::from_millis(10)));
     loop {
         tokio::select! {
             _ = tick.tick() => send(&[NotifyState::Watchdog]),
-            _ = shutdown.changed() => return,
+            _ = shutdown.recv() => return,
         }
     }
 }

@@ -25,6 +25,7 @@
 //! `KEYS[1]` from the prefix: fine for one Redis or Sentinel, not for
 //! Redis Cluster (as for sessions).
 
+use super::Operation;
 use crate::redis_link::{boxed, Boxed, Link, LinkError, Target};
 use redis::{Script, Value};
 use std::time::Duration;
@@ -104,7 +105,7 @@ pub struct CacheRedis {
 pub struct Op<'a> {
     pub ns: &'a str,
     pub key: &'a str,
-    pub op: u8,
+    pub op: Operation,
     pub value: &'a [u8],
     pub ttl_ms: u64,
     pub token: &'a str,
@@ -142,14 +143,14 @@ impl CacheRedis {
     async fn run_inner(&self, op: &Op<'_>, fresh_gen: &str) -> Result<Value> {
         let mut inv = self.script.prepare_invoke();
         let ns_part = |kind: &str| format!("{}{kind}:{}:", self.prefix, op.ns);
-        let event = event(op.op, op.origin, op.ns, (op.op != b'g').then_some(op.key));
+        let event = event(op.op, op.origin, op.ns, op.op.names_key().then_some(op.key));
         inv.key(format!("{}cg:{}", self.prefix, op.ns))
             .arg(ns_part("cv"))
             .arg(ns_part("cl"))
             .arg(op.key)
             .arg(fresh_gen)
             .arg(self.gen_ttl_ms)
-            .arg(&[op.op][..])
+            .arg(&[op.op.byte()][..])
             .arg(op.value)
             .arg(op.ttl_ms.max(1))
             .arg(op.token)
@@ -197,7 +198,7 @@ impl CacheRedis {
         let op = Op {
             ns: "",
             key: "",
-            op: b'n',
+            op: Operation::Probe,
             value: &[],
             ttl_ms: 0,
             token: "",
@@ -225,8 +226,8 @@ impl CacheRedis {
 }
 
 /// An event on the channel: `<op> <origin hex> <ns>[ <key>]`.
-fn event(op: u8, origin: u64, ns: &str, key: Option<&str>) -> String {
-    let mut e = format!("{} {origin:x} {ns}", op as char);
+fn event(op: Operation, origin: u64, ns: &str, key: Option<&str>) -> String {
+    let mut e = format!("{} {origin:x} {ns}", op.byte() as char);
     if let Some(k) = key {
         e.push(' ');
         e.push_str(k);
@@ -235,15 +236,20 @@ fn event(op: u8, origin: u64, ns: &str, key: Option<&str>) -> String {
 }
 
 /// An event read back: (op, origin, namespace, key).
-pub fn parse_event(payload: &[u8]) -> Option<(u8, u64, &str, Option<&str>)> {
+pub fn parse_event(payload: &[u8]) -> Option<(Operation, u64, &str, Option<&str>)> {
     let text = std::str::from_utf8(payload).ok()?;
     let mut parts = text.split(' ');
-    let op = parts.next()?.as_bytes();
+    let op = match parts.next()?.as_bytes() {
+        [b] => Operation::from_byte(*b)?,
+        _ => return None,
+    };
     let origin = u64::from_str_radix(parts.next()?, 16).ok()?;
     let ns = parts.next()?;
     let key = parts.next();
     match (op, key) {
-        ([b'p' | b'd'], Some(_)) | ([b'g'], None) => Some((op[0], origin, ns, key)),
+        (Operation::Put | Operation::Delete, Some(_)) | (Operation::Purge, None) => {
+            Some((op, origin, ns, key))
+        }
         _ => None,
     }
 }
@@ -254,13 +260,18 @@ mod tests {
 
     #[test]
     fn events_round_trip_and_junk_is_ignored() {
-        let e = event(b'p', 0xabc, "ns", Some("k.1"));
+        let e = event(Operation::Put, 0xabc, "ns", Some("k.1"));
+        assert_eq!(e, "p abc ns k.1", "the wire format");
         assert_eq!(
             parse_event(e.as_bytes()),
-            Some((b'p', 0xabc, "ns", Some("k.1")))
+            Some((Operation::Put, 0xabc, "ns", Some("k.1")))
         );
-        let g = event(b'g', 7, "ns", None);
-        assert_eq!(parse_event(g.as_bytes()), Some((b'g', 7, "ns", None)));
+        let g = event(Operation::Purge, 7, "ns", None);
+        assert_eq!(g, "g 7 ns");
+        assert_eq!(
+            parse_event(g.as_bytes()),
+            Some((Operation::Purge, 7, "ns", None))
+        );
         for junk in ["", "p", "p zz ns k", "g 1 ns k", "x 1 ns k", "d 1 ns"] {
             assert_eq!(parse_event(junk.as_bytes()), None, "{junk}");
         }

@@ -309,6 +309,6 @@ fn api_error(e: CacheError) -> ApiError {
             "journal_full",
             "the cache's outage journal is full; deletions are refused until redis returns",
         ),
-        CacheError::Store(e) => e.into(),
+        CacheError::Disk(e) => crate::store::StoreError::from(e).into(),
     }
 }

@@ -364,60 +364,15 @@ fn cookie_session_id(req: &Request<Incoming>) -> Option<[u8; 16]> {
 }
 
 fn health(app: &App) -> Response<Body> {
-    let st = app.store.status();
-    let pool = app.admission.stats();
-    let cache = app.cache.stats();
-    let body = serde_json::json!({
-        "status": if st.degraded.is_some() { "degraded" } else { "ok" },
-        "degraded_reason": st.degraded,
-        "instance_id": app.config.instance_id,
-        "version": env!("CARGO_PKG_VERSION"),
-        "uptime_seconds": app.started.elapsed().as_secs(),
-        "store": {
-            "active": st.active.as_str(),
-            "redis_configured": st.redis_configured,
-            "redis_reachable": st.redis_reachable,
-            "pending_sync": st.pending_sync,
-            "failovers": st.failovers,
-            "reconciliations": st.reconciliations,
-            "redis_config_error": st.redis_config_error,
-            "replay_dropped": st.replay_dropped,
-            "deletions_heard": st.deletions_heard,
-            "corrupt_records": st.corrupt_records,
-            "journal_bytes": st.journal_bytes,
-            "touches_unjournaled": st.touches_unjournaled,
-            "near_cache": st.near.map(|n| serde_json::json!({
-                "up": n.link_up,
-                "entries": n.entries,
-                "bytes": n.bytes,
-                "capacity_bytes": n.capacity_bytes,
-                "hits": n.hits,
-                "misses": n.misses,
-                "invalidations": n.invalidations,
-                "evictions": n.evictions,
-                "pending_touches": n.pending,
-            })),
-        },
-        "sessions": { "active": st.sessions_active },
-        "cache": {
-            "redis_reachable": cache.redis_reachable,
-            "subscribed": cache.subscribed,
-            "pending_invalidations": cache.pending_invalidations,
-            "memory_bytes": cache.memory_bytes,
-            "disk_bytes": cache.disk_bytes,
-        },
-        "pool": {
-            "workers": pool.workers,
-            "in_flight": pool.in_flight,
-            // requests waiting on the disk (group commit): the only queue
-            // there is; the worker pool itself never queues (it refuses)
-            "queued": app.store.sled().commits_waiting(),
-            "completed": pool.completed,
-            "rejected": pool.rejected,
-            "connections": pool.connections,
-        },
-    });
-    json_response(StatusCode::OK, body.to_string().into_bytes())
+    let status = crate::status::NodeStatus::read(&app.store, &app.admission, &app.cache);
+    let mut body = status.to_json();
+    body.insert("instance_id".into(), app.config.instance_id.clone().into());
+    body.insert("version".into(), env!("CARGO_PKG_VERSION").into());
+    body.insert(
+        "uptime_seconds".into(),
+        app.started.elapsed().as_secs().into(),
+    );
+    json_response(StatusCode::OK, Value::Object(body).to_string().into_bytes())
 }
 
 fn ready(app: &App) -> Result<Response<Body>, ApiError> {

@@ -59,7 +59,7 @@ pub(crate) use scripts::CreateReply;
 pub use tracking::{Flush, Flushed, LinkEvent, TrackingSink, TRACKING_CLIENT_NAME};
 
 use super::StoreError;
-use crate::config::Config;
+use crate::config::settings::RedisSettings;
 use crate::redis_link::{Link, Target};
 use crate::session::{format_id, Limits};
 use scripts::Scripts;
@@ -99,7 +99,7 @@ impl RedisStore {
     /// so a node starts (in fallback) even when Redis is down.
     pub fn new(
         url: &str,
-        config: &Config,
+        settings: &RedisSettings,
         limits: Limits,
         origin: u64,
     ) -> std::result::Result<RedisStore, String> {
@@ -107,16 +107,16 @@ impl RedisStore {
         let target = Target::open(url, "redis_url")?;
         Ok(RedisStore {
             inner: Arc::new(Inner {
-                link: Link::new(target, config.store_timeout),
-                prefix: config.key_prefix.clone(),
-                timeout: config.store_timeout,
-                probe_interval: config.redis_probe_interval,
-                probe_max: config.redis_probe_max,
+                link: Link::new(target, settings.timeout),
+                prefix: settings.key_prefix.clone(),
+                timeout: settings.timeout,
+                probe_interval: settings.probe_interval,
+                probe_max: settings.probe_max,
                 limits,
                 origin_field: format!("o:{origin:016x}"),
                 origin,
                 tracking: tracking::Tracking::new(),
-                max_per_user: config.max_sessions_per_user,
+                max_per_user: settings.max_sessions_per_user,
                 active: AtomicU64::new(0),
                 corrupt: AtomicU64::new(0),
                 scripts: Scripts::new(),
