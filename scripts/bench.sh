@@ -28,7 +28,9 @@
 #     sessions, $WEAR_SECS s each, and creates paced at $CREATE_RATE a second
 #     for $CREATE_SECS s, in Redis mode and in sled mode: bytes the node wrote
 #     (/proc/<pid>/io write_bytes) per use and per create, and fsync-family
-#     calls per second (strace -c attached for the window).
+#     calls per second (strace -c attached for the window); and the same
+#     over $WEAR_IDLE_SECS s with no requests at all (what the node does on
+#     its own).
 #
 # Usage: scripts/bench.sh [seconds per wrk run, default 10]
 #   BIN=path/to/edgenode   measure that build (e.g. the static musl release,
@@ -56,6 +58,7 @@ if [ "$QUICK" = 1 ]; then
   WEAR_SESSIONS="${WEAR_SESSIONS:-2000}"
   WEAR_SECS="${WEAR_SECS:-5}"
   CREATE_SECS="${CREATE_SECS:-5}"
+  WEAR_IDLE_SECS="${WEAR_IDLE_SECS:-3}"
 fi
 DURATION="${1:-${DEFAULT_DURATION:-10}}"
 ONLY="${ONLY:-all}"
@@ -78,6 +81,7 @@ WEAR_RATES="${WEAR_RATES:-20 200}"
 WEAR_SECS="${WEAR_SECS:-60}"
 CREATE_RATE="${CREATE_RATE:-20}"
 CREATE_SECS="${CREATE_SECS:-20}"
+WEAR_IDLE_SECS="${WEAR_IDLE_SECS:-20}"
 
 case "$ONLY" in
   all | touch | memory | spread | wear) ;;
@@ -184,10 +188,13 @@ wait_redis_active() {  # node port
 # Creates sessions flat out through wrk (scripts/bench/create_ids.lua) until
 # at least $2 are made, and writes the first $2 ids to $3, one a line.
 create_ids() {  # port count file
-  local port=$1 want=$2 out=$3 run=0 have quota
+  local port=$1 want=$2 out=$3 run=0 have quota f
   rm -f "$out".part.*
   while :; do
-    have=$(cat "$out".part.* 2>/dev/null | wc -l)
+    have=0
+    for f in "$out".part.*; do
+      if [ -e "$f" ]; then have=$(( have + $(wc -l <"$f") )); fi
+    done
     [ "$have" -ge "$want" ] && break
     run=$((run + 1))
     if [ "$run" -gt 30 ]; then echo "bench.sh: only $have of $want sessions could be created" >&2; exit 1; fi
@@ -616,7 +623,12 @@ wear_window() {  # mode load pid port kind rate secs [ids n]
   done
   sleep 0.3  # -f attaches to the node's other threads after the first
   b0=$(write_bytes "$pid"); t0=$(ms_now)
-  python3 scripts/bench/paced.py "$port" "$kind" "$rate" "$secs" "${pick[@]}" >"$WORK/paced.out"
+  if [ "$kind" = idle ]; then
+    sleep "$secs"
+    printf 'ok=0\nachieved_rate=0\nlate=0\nerrors=0\n' >"$WORK/paced.out"
+  else
+    python3 scripts/bench/paced.py "$port" "$kind" "$rate" "$secs" "${pick[@]}" >"$WORK/paced.out"
+  fi
   b1=$(write_bytes "$pid"); t1=$(ms_now)
   if [ "$traced" = 1 ] && kill -INT "$spid" 2>/dev/null; then
     wait "$spid" 2>/dev/null || true
@@ -634,7 +646,10 @@ wear_window() {  # mode load pid port kind rate secs [ids n]
   kv "$b.target_rate" "$rate"; kv "$b.achieved_rate" "$achieved"; kv "$b.late" "$late"; kv "$b.errors" "$errors"
   kv "$b.bytes" "$(( b1 - b0 ))"
   kv "$b.window_s" "$(python3 -c "print(($t1 - $t0) / 1000)")"
-  if [ "$kind" = use ]; then kv "$b.uses" "$ok"; else kv "$b.creates" "$ok"; fi
+  case "$kind" in
+    use) kv "$b.uses" "$ok" ;;
+    create) kv "$b.creates" "$ok" ;;
+  esac
   [ -n "$fsyncs" ] && kv "$b.fsyncs" "$fsyncs"
   progress "wear $mode $load (repeat $REP): $achieved/s achieved of $rate/s ($late late), $(( b1 - b0 )) bytes written, ${fsyncs:-?} fsyncs in $(( (t1 - t0) / 1000 )) s"
 }
@@ -657,6 +672,8 @@ wear_mode() {  # redis|sled
       wear_window "$mode" "use_$rate" "$pid" "$port" use "$rate" "$WEAR_SECS" "$ids" "$WEAR_SESSIONS"
     done
     wear_window "$mode" create "$pid" "$port" create "$CREATE_RATE" "$CREATE_SECS"
+    # Nothing at all: what the node writes and syncs on its own.
+    wear_window "$mode" idle "$pid" "$port" idle 0 "$WEAR_IDLE_SECS"
   done
   REP=1
   stop_pid "$pid"
@@ -688,7 +705,7 @@ WEAR_FS=""
 if runs spread; then spread_part; fi
 if runs wear; then wear_part; fi
 if runs spread || runs wear; then
-  echo "spread: N in {$SPREAD_NS}, Zipf s=$ZIPF_S; wear: data under $WEAR_DIR (${WEAR_FS:-not run}), $WEAR_SESSIONS sessions, uses at {$WEAR_RATES}/s for ${WEAR_SECS}s, creates at $CREATE_RATE/s for ${CREATE_SECS}s"
+  echo "spread: N in {$SPREAD_NS}, Zipf s=$ZIPF_S; wear: data under $WEAR_DIR (${WEAR_FS:-not run}), $WEAR_SESSIONS sessions, uses at {$WEAR_RATES}/s for ${WEAR_SECS}s, creates at $CREATE_RATE/s for ${CREATE_SECS}s, idle ${WEAR_IDLE_SECS}s"
   echo
 fi
 python3 scripts/bench/report.py "$KV"

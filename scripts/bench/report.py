@@ -61,11 +61,11 @@ def derive(data):
                     put(base + "redis_get_ratio", rep, ru / g)
                 if ru is not None and i:
                     put(base + "redis_incr16_ratio", rep, ru / i)
-        m = re.match(r"wear\.(\w+)\.(use_(\d+)|create)\.bytes$", key)
+        m = re.match(r"wear\.(\w+)\.(use_(\d+)|create|idle)\.bytes$", key)
         if m:
             mode, load_, rate = m.groups()
             base = f"wear.{mode}.{load_}."
-            count_key = base + ("uses" if rate else "creates")
+            count_key = base + ("uses" if rate else "creates" if load_ == "create" else "-")
             for rep, b in data[key].items():
                 n = data.get(count_key, {}).get(rep)
                 w = data.get(base + "window_s", {}).get(rep)
@@ -84,12 +84,13 @@ def med(data, key):
     return statistics.median(vals) if vals else None
 
 
-def cell(data, key, fmt="{:.0f}", scale=1.0):
+def cell(data, key, fmt="{:.0f}", scale=1.0, spread=True):
+    """The median, and with more than one value its [min-max]."""
     vals = sorted(v * scale for v in data.get(key, {}).values())
     if not vals:
         return "-"
     s = fmt.format(statistics.median(vals))
-    if len(vals) > 1:
+    if spread and len(vals) > 1:
         s += " [" + fmt.format(vals[0]) + "-" + fmt.format(vals[-1]) + "]"
     return s
 
@@ -153,14 +154,21 @@ def wear_table(data):
     for mode in ("redis", "sled"):
         loads = []
         for key in data:
-            m = re.match(rf"wear\.{mode}\.(use_\d+|create)\.bytes$", key)
+            m = re.match(rf"wear\.{mode}\.(use_\d+|create|idle)\.bytes$", key)
             if m and m.group(1) not in loads:
                 loads.append(m.group(1))
-        loads.sort(key=lambda s: (s == "create", int(s.split("_")[1]) if s != "create" else 0))
+        order = {"create": 1, "idle": 2}
+        loads.sort(key=lambda s: (order.get(s, 0), int(s.split("_")[1]) if s.startswith("use_") else 0))
         for ld in loads:
             b = f"wear.{mode}.{ld}."
             checks = []
-            if ld == "create":
+            if ld == "idle":
+                label = "idle"
+                w = med(data, b + "window_s")
+                byt = med(data, b + "bytes")
+                per = "-" if not w else f"{byt / w:.0f} B/s"
+                day = "-" if not w else f"{byt / w * 86400 / 1e6:.1f}"
+            elif ld == "create":
                 label = "creates"
                 per = cell(data, b + "bytes_per_create", "{:.0f}")
                 if mode == "redis":
@@ -183,8 +191,8 @@ def wear_table(data):
             if missed:
                 misses.append(f"{mode} {ld}: " + ", ".join(missed))
             rows.append([
-                mode, label, cell(data, b + "target_rate", "{:.0f}"), cell(data, b + "achieved_rate", "{:.1f}"),
-                cell(data, b + "window_s", "{:.0f}"), per, cell(data, b + "fsync_per_s", "{:.2f}"),
+                mode, label, cell(data, b + "target_rate", "{:.0f}", spread=False),
+                cell(data, b + "achieved_rate", "{:.1f}"), cell(data, b + "window_s", "{:.0f}", spread=False), per, cell(data, b + "fsync_per_s", "{:.2f}"),
                 day, verdict,
             ])
     head = ["mode", "load", "rate/s", "achieved/s", "window s", "bytes each", "fsync/s", "MB/day", "targets"]
