@@ -41,6 +41,8 @@
 #   REPEAT=3               run the spread and wear measurements 3 times (on
 #                          the same nodes and sessions) and report medians
 #                          and min-max
+#   BENCH_KV=file          also keep the raw measurements there ("REPEAT KEY
+#                          VALUE" lines; scripts/bench/report.py FILE reprints)
 #   QUICK=1                smoke run: 2 s wrk runs, 5 s wear windows, 2 000
 #                          sessions (numbers meaningless, every path runs)
 # It prints a report a person reads, then key=value lines (medians; with
@@ -708,4 +710,5 @@ if runs spread || runs wear; then
   echo "spread: N in {$SPREAD_NS}, Zipf s=$ZIPF_S; wear: data under $WEAR_DIR (${WEAR_FS:-not run}), $WEAR_SESSIONS sessions, uses at {$WEAR_RATES}/s for ${WEAR_SECS}s, creates at $CREATE_RATE/s for ${CREATE_SECS}s, idle ${WEAR_IDLE_SECS}s"
   echo
 fi
+if [ -n "${BENCH_KV:-}" ]; then cp "$KV" "$BENCH_KV"; fi
 python3 scripts/bench/report.py "$KV"
