@@ -61,7 +61,7 @@ def derive(data):
                     put(base + "redis_get_ratio", rep, ru / g)
                 if ru is not None and i:
                     put(base + "redis_incr16_ratio", rep, ru / i)
-        m = re.match(r"wear\.(\w+)\.(use_(\d+)|create|idle)\.bytes$", key)
+        m = re.match(r"wear\.(\w+)\.((?:use|warmup)_(\d+)|create|idle)\.bytes$", key)
         if m:
             mode, load_, rate = m.groups()
             base = f"wear.{mode}.{load_}."
@@ -154,11 +154,11 @@ def wear_table(data):
     for mode in ("redis", "sled"):
         loads = []
         for key in data:
-            m = re.match(rf"wear\.{mode}\.(use_\d+|create|idle)\.bytes$", key)
+            m = re.match(rf"wear\.{mode}\.((?:use|warmup)_\d+|create|idle)\.bytes$", key)
             if m and m.group(1) not in loads:
                 loads.append(m.group(1))
-        order = {"create": 1, "idle": 2}
-        loads.sort(key=lambda s: (order.get(s, 0), int(s.split("_")[1]) if s.startswith("use_") else 0))
+        order = {"warmup": 0, "use": 1, "create": 2, "idle": 3}
+        loads.sort(key=lambda s: (order[s.split("_")[0]], int(s.split("_")[1]) if "_" in s else 0))
         for ld in loads:
             b = f"wear.{mode}.{ld}."
             checks = []
@@ -175,6 +175,12 @@ def wear_table(data):
                     v = med(data, b + "bytes_per_create")
                     checks.append(("<=1 KB/create", v is not None and v <= 1024))
                 day = "-"
+            elif ld.startswith("warmup_"):
+                # The first uses after the sessions were made flat out: the
+                # node is still writing what the creates left; no target.
+                label = "uses, first"
+                per = cell(data, b + "bytes_per_use", "{:.1f}")
+                day = cell(data, b + "mb_per_day", "{:.1f}")
             else:
                 label = "uses"
                 per = cell(data, b + "bytes_per_use", "{:.1f}")
