@@ -43,6 +43,7 @@ test                           @SYSROOT@/bin/rustfmt                            
 bench                          /usr/bin/redis-server                                   redis-server
 bench                          /usr/bin/redis-benchmark                                redis-tools
 bench                          /usr/bin/wrk                                            wrk
+bench                          /usr/bin/strace                                         strace
 containers                     /usr/bin/podman                                         podman
 containers                     @SYSROOT@/lib/rustlib/x86_64-unknown-linux-musl/lib     rustup-target:x86_64-unknown-linux-musl
 aarch64-unknown-linux-musl     /usr/bin/aarch64-linux-gnu-gcc                          gcc-aarch64-linux-gnu
