@@ -218,6 +218,12 @@ impl Collector for StateCollector {
         )?;
         counter(
             &mut enc,
+            "edgenode_duplicate_ops_refused",
+            "Operations Redis refused because their id was already applied (a late duplicate), on every path",
+            st.duplicate_ops_refused,
+        )?;
+        counter(
+            &mut enc,
             "edgenode_deletions_heard",
             "Deletions and rotations made on other nodes, heard through Redis pub/sub",
             st.deletions_heard,

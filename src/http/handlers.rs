@@ -384,6 +384,7 @@ fn health(app: &App) -> Response<Body> {
             "replay_dropped": st.replay_dropped,
             "deletions_heard": st.deletions_heard,
             "corrupt_records": st.corrupt_records,
+            "duplicate_ops_refused": st.duplicate_ops_refused,
             "journal_bytes": st.journal_bytes,
             "touches_unjournaled": st.touches_unjournaled,
             "near_cache": st.near.map(|n| serde_json::json!({

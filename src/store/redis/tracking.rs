@@ -333,7 +333,9 @@ impl RedisStore {
         let invocations: Vec<_> = batch
             .iter()
             .zip(&keys)
-            .map(|(f, (ids, key))| self.touch_inv(ids, key, f.at, f.count, f.seq, replay))
+            .map(|(f, (ids, key))| {
+                self.touch_inv(ids, key, f.at, f.count, self.stamp(f.seq), replay)
+            })
             .collect();
         let mut pipe = redis::pipe();
         for inv in &invocations {
@@ -367,6 +369,12 @@ impl RedisStore {
             .zip(batch)
             .map(|(reply, f)| match TouchReply::decode(reply) {
                 Some(TouchReply::Counted(_)) => Flushed::Counted,
+                // The retry of a batch whose first try did land (or a late
+                // copy): counted once, by the first.
+                Some(TouchReply::AlreadyApplied) => {
+                    self.refused_duplicate("touch written behind");
+                    Flushed::Counted
+                }
                 Some(TouchReply::Corrupt) => {
                     let _ = self.unreadable(&f.id);
                     Flushed::Corrupt
