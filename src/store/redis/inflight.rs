@@ -39,10 +39,14 @@ impl InFlight {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Draws an id with `next` and enters it.
-    pub(crate) fn draw<E>(&self, next: impl FnOnce() -> Result<u64, E>) -> Result<u64, E> {
+    /// Draws an id with `next` and enters it. Never 0 (a database's first
+    /// id): the scripts' floor starts at 0, and 0 is at or below it.
+    pub(crate) fn draw<E>(&self, mut next: impl FnMut() -> Result<u64, E>) -> Result<u64, E> {
         let mut st = self.lock();
-        let seq = next()?;
+        let mut seq = next()?;
+        if seq == 0 {
+            seq = next()?;
+        }
         st.flying.insert(seq);
         Ok(seq)
     }
@@ -91,6 +95,16 @@ mod tests {
             n += 1;
             Ok(n)
         };
+        let mut first = true;
+        let mut from_zero = || -> Result<u64, ()> {
+            if std::mem::take(&mut first) {
+                Ok(0)
+            } else {
+                Ok(1)
+            }
+        };
+        assert_eq!(f.draw(&mut from_zero), Ok(1), "0 is never an id");
+        f.settle(1);
         let a = f.draw(&mut next).unwrap();
         let b = f.draw(&mut next).unwrap();
         assert_eq!(f.floor(None), a - 1);

@@ -173,7 +173,7 @@ impl RedisStore {
     /// Draws an operation id (with `next`) for a call about to be sent.
     pub fn draw_op<E>(
         &self,
-        next: impl FnOnce() -> std::result::Result<u64, E>,
+        next: impl FnMut() -> std::result::Result<u64, E>,
     ) -> std::result::Result<u64, E> {
         self.inner.inflight.draw(next)
     }
