@@ -139,6 +139,21 @@ impl Store {
         self.mirror("touch", |m| m.mirror_touch(copy));
     }
 
+    /// Raises the mirror's live copy (if it holds one) to a count Redis
+    /// answered.
+    fn count_to_mirror(&self, id: &[u8; 16], count: u64, at: u64) {
+        let sled = &self.inner.sled;
+        let Some(mut copy) = sled.get(id, crate::session::now_ms()) else {
+            return;
+        };
+        if copy.request_count >= count || sled.is_deleted(id) {
+            return;
+        }
+        copy.request_count = count;
+        copy.last_accessed = copy.last_accessed.max(at);
+        self.mirror("touch", |m| m.mirror_touch(copy));
+    }
+
     /// Writes counts to Redis, one touch per session, pipelined in chunks;
     /// what Redis may not have applied is journaled under the id its call
     /// carried (exactly once on replay), and the rest, in fallback, is
@@ -189,9 +204,14 @@ impl Store {
                 Ok(results) => {
                     for (i, (f, result)) in chunk.iter().zip(results).enumerate() {
                         match result {
-                            Flushed::Counted => {
-                                if let Some(copy) = copies[n * CHUNK + i].take() {
-                                    self.mirror("touch", |m| m.mirror_touch(copy));
+                            Flushed::Counted(count) => {
+                                // Without a copy (another node's change
+                                // invalidated it), the mirror still learns
+                                // Redis's count: a re-seed after Redis
+                                // loses its data must not go below it.
+                                match copies[n * CHUNK + i].take() {
+                                    Some(copy) => self.mirror("touch", |m| m.mirror_touch(copy)),
+                                    None => self.count_to_mirror(&f.id, count, f.at),
                                 }
                             }
                             Flushed::Gone => {

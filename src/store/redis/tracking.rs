@@ -91,7 +91,9 @@ pub struct Flush {
 /// What Redis did with one [`Flush`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flushed {
-    Counted,
+    /// Counted: Redis's count after it (0 when a retry found it counted
+    /// already and Redis did not say).
+    Counted(u64),
     /// The session is gone (deleted, expired): nothing to count.
     Gone,
     /// The record is not one a node wrote; counted as corrupt.
@@ -368,12 +370,12 @@ impl RedisStore {
             .iter()
             .zip(batch)
             .map(|(reply, f)| match TouchReply::decode(reply) {
-                Some(TouchReply::Counted(_)) => Flushed::Counted,
+                Some(TouchReply::Counted(n)) => Flushed::Counted(n),
                 // The retry of a batch whose first try did land (or a late
                 // copy): counted once, by the first.
                 Some(TouchReply::AlreadyApplied) => {
                     self.refused_duplicate("touch written behind");
-                    Flushed::Counted
+                    Flushed::Counted(0)
                 }
                 Some(TouchReply::Corrupt) => {
                     let _ = self.unreadable(&f.id);
