@@ -131,6 +131,11 @@ pub const FIGURES: &[Figure] = &[
         |s| Some(Number(s.store.corrupt_records))
     ),
     figure!(
+        Some((STORE, "duplicate_ops_refused")),
+        Some(("edgenode_duplicate_ops_refused", Counter, "Operations Redis refused because their id was already applied (a late duplicate), on every path")),
+        |s| Some(Number(s.store.duplicate_ops_refused))
+    ),
+    figure!(
         Some((STORE, "deletions_heard")),
         Some(("edgenode_deletions_heard", Counter, "Deletions and rotations made on other nodes, heard through Redis pub/sub")),
         |s| Some(Number(s.store.deletions_heard))

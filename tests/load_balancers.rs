@@ -10,6 +10,7 @@
 
 mod common;
 
+use common::balancer::{render, self_signed_cert};
 use common::lan::{Lan, Netns, HUB};
 use common::*;
 use serde_json::Value;
@@ -105,66 +106,6 @@ impl Lb {
             .unwrap_or("")
             .to_string()
     }
-}
-
-/// Renders a template with `deploy/render.sh`, which refuses to leave a
-/// placeholder unfilled; a KEY=VALUE whose placeholder the template does not
-/// have (it only warns about that) fails here too.
-fn render(template: &str, out: &Path, vars: &[(&str, String)]) {
-    let mut cmd = Command::new("sh");
-    cmd.arg(Path::new(REPO).join("deploy/render.sh"))
-        .arg(Path::new(REPO).join("deploy").join(template))
-        .arg(out);
-    for (k, v) in vars {
-        cmd.arg(format!("{k}={v}"));
-    }
-    let done = cmd.output().expect("run deploy/render.sh");
-    let stderr = String::from_utf8_lossy(&done.stderr);
-    assert!(done.status.success(), "render {template} failed: {stderr}");
-    assert!(
-        stderr.trim().is_empty(),
-        "render {template} warned: {stderr}"
-    );
-}
-
-/// A throw-away self-signed certificate for 127.0.0.1 in `dir`:
-/// (certificate, key, both in one PEM for HAProxy).
-fn self_signed_cert(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    let (cert, key, pem) = (
-        dir.join("cert.pem"),
-        dir.join("key.pem"),
-        dir.join("cert+key.pem"),
-    );
-    let out = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=edgenode-test",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-keyout",
-        ])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("openssl must be installed (scripts/test.sh installs it)");
-    assert!(
-        out.status.success(),
-        "openssl req: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let both = std::fs::read_to_string(&cert).unwrap() + &std::fs::read_to_string(&key).unwrap();
-    std::fs::write(&pem, both).unwrap();
-    (cert, key, pem)
 }
 
 /// The balancer's four listeners, each on 127.0.0.1 and a free port.

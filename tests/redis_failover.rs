@@ -57,7 +57,7 @@ fn three_nodes_share_every_session_through_redis() {
     let path = format!("/api/sessions/{id}");
     assert_eq!(cs[1].get(&path).json()["metadata"], json!({"a":1}));
     let p = cs[2].patch(&path, r#"{"metadata":{"b":2,"a":null}}"#);
-    assert_eq!(p.json()["metadata"], json!({"b":2}));
+    assert_eq!(p.json()["metadata"], json!({"b":2}), "{}", p.json());
     assert_eq!(
         cs[0].get(&path).json()["metadata"],
         json!({"b":2}),

@@ -248,6 +248,9 @@ pub struct StoreStatus {
     /// Deletions and rotations made on other nodes, heard through Redis.
     pub deletions_heard: u64,
     pub corrupt_records: u64,
+    /// Operations Redis refused as already applied (late duplicates), on
+    /// every path.
+    pub duplicate_ops_refused: u64,
     pub journal_bytes: u64,
     pub touches_unjournaled: u64,
     /// What is wrong, if anything (health says `degraded` with it).

@@ -85,6 +85,7 @@ impl Store {
             let batch: Vec<Session> = live
                 .into_iter()
                 .filter(|s| !sled.is_deleted(&s.id))
+                .map(|s| self.with_answered_count(s))
                 .collect();
             if !batch.is_empty() {
                 written += redis.restore_batch(&batch).await?;
@@ -108,6 +109,22 @@ impl Store {
             );
         }
         Ok(())
+    }
+
+    /// A mirror copy about to be re-seeded, its count raised to what this
+    /// node's near cache answered, if it holds a copy: the mirror's copy
+    /// may lag (its touch writes are coarse, to spare the SD card). The
+    /// counts still waiting to be written behind are left out: they land on
+    /// top of the re-seeded record.
+    fn with_answered_count(&self, mut s: Session) -> Session {
+        if let Some((copy, unwritten)) = self.near_knowledge(&s.id) {
+            let answered = copy.request_count.saturating_sub(unwritten);
+            if answered > s.request_count {
+                s.request_count = answered;
+                s.last_accessed = s.last_accessed.max(copy.last_accessed);
+            }
+        }
+        s
     }
 
     /// Replays the journal into Redis, oldest first, then returns to Redis
@@ -150,6 +167,9 @@ impl Store {
                     }
                     continue;
                 }
+                // Every id in doubt was replayed (or dropped for good): the
+                // floor may pass them, and a late copy of one is refused.
+                redis.clear_doubt();
                 if !self.inner.redis_mode.swap(true, Ordering::AcqRel) {
                     // Only a return from a real outage is a reconciliation;
                     // a start with nothing to replay is just a start.
@@ -278,16 +298,13 @@ impl Store {
         if let Some(copy) = copy {
             // Marked as including this node's entries up to `upto`: their
             // replay is skipped by Redis itself, however often it repeats.
+            // Another node may have restored its own copy meanwhile: this
+            // one is compared and set against it (the higher version wins,
+            // counters take the max), and Redis's floor for this node is
+            // raised to `upto` either way.
             match redis.restore(&copy, upto).await? {
-                CreateReply::Created => {
+                CreateReply::Created | CreateReply::Raised | CreateReply::Exists => {
                     restored.insert(target, upto);
-                }
-                // Another node restored its own copy meanwhile: replay this
-                // node's entries onto it, from the next attempt on.
-                CreateReply::Exists => {
-                    return Err(StoreError::Redis(
-                        "the session was restored meanwhile; replaying onto it".into(),
-                    ))
                 }
                 CreateReply::Deleted => {}
             }

@@ -24,8 +24,10 @@
 //!   Redis, and a failover must not log anyone out;
 //! - deletes in fallback are journaled whether or not the mirror holds the
 //!   session, and answered "accepted";
-//! - every journaled operation carries an id that Redis records atomically
-//!   with it, so replay applies it exactly once (see `journal`).
+//! - every operation carries an id that Redis records atomically with it,
+//!   and every path (live, written behind, replayed) refuses one already
+//!   applied, so an operation applies at most once however late a copy of
+//!   it arrives (see `redis::inflight`).
 //!
 //! This room holds the route itself (`Store::on_redis` and what goes with
 //! it: the fallback gate, the mirror writes, the switch to fallback); the
@@ -35,6 +37,23 @@ use super::local::{Journal, SledStore};
 use super::{Mode, RedisStore, Result, Store, StoreError};
 use crate::session::now_ms;
 use std::sync::atomic::Ordering;
+
+/// An operation id in flight: settled when dropped, or held in doubt.
+struct OpTicket<'a> {
+    redis: &'a RedisStore,
+    seq: u64,
+    doubt: bool,
+}
+
+impl Drop for OpTicket<'_> {
+    fn drop(&mut self) {
+        if self.doubt {
+            self.redis.doubt_op(self.seq);
+        } else {
+            self.redis.settle_op(self.seq);
+        }
+    }
+}
 
 /// What Redis said to one operation.
 pub(super) enum Answer<T> {
@@ -90,8 +109,22 @@ impl Store {
             Some(r) if self.inner.redis_mode.load(Ordering::Acquire) => r.clone(),
             _ => return Ok(Answer::Fallback { sent: None }),
         };
-        let seq = self.inner.sled.next_seq()?;
-        match op(redis, seq).await {
+        // Entered among the ids in flight (see `redis::inflight`): settled
+        // on any answer, held in doubt on a failure until the replay; a
+        // request dropped mid-call settles it (nothing resends that id).
+        let seq = redis.draw_op(|| self.inner.sled.next_seq())?;
+        let mut ticket = OpTicket {
+            redis: &redis,
+            seq,
+            doubt: false,
+        };
+        let result = op(redis.clone(), seq).await;
+        ticket.doubt = matches!(
+            result,
+            Err(ref e) if !matches!(e, StoreError::Input(_) | StoreError::CorruptRecord(_))
+        );
+        drop(ticket);
+        match result {
             Ok(v) => Ok(Answer::Redis(v)),
             Err(e @ StoreError::Input(_)) => Err(e),
             Err(e @ StoreError::CorruptRecord(_)) => {

@@ -62,6 +62,11 @@ impl Store {
                     .redis
                     .as_ref()
                     .map_or(0, RedisStore::corrupt_records),
+            duplicate_ops_refused: self
+                .inner
+                .redis
+                .as_ref()
+                .map_or(0, RedisStore::duplicates_refused),
             journal_bytes: sled.journal_bytes(),
             touches_unjournaled: sled.touches_unjournaled(),
             degraded: unready.clone().or_else(|| config_error.clone()),

@@ -166,7 +166,8 @@ impl Drop for Balancer {
 }
 
 /// Renders a template with `deploy/render.sh`, which refuses to leave a
-/// placeholder unfilled.
+/// placeholder unfilled; a KEY=VALUE whose placeholder the template does not
+/// have (it only warns about that) fails here too.
 pub fn render(template: &str, out: &Path, vars: &[(&str, String)]) {
     let mut cmd = Command::new("sh");
     cmd.arg(Path::new(REPO).join("deploy/render.sh"))

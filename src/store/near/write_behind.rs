@@ -71,6 +71,14 @@ impl Store {
         }
     }
 
+    /// What the near cache knows of a session for a re-seed: its copy (the
+    /// count this node answered last) and the counts not yet written.
+    pub(in crate::store) fn near_knowledge(&self, id: &[u8; 16]) -> Option<(Session, u64)> {
+        let near = self.inner.near.as_ref()?;
+        let copy = near.cache.copy(id)?;
+        Some((copy, near.cache.pending_count(id)))
+    }
+
     /// Before a rotation or a PATCH: the session's counts not yet written
     /// land first (waiting for a flush in progress), so they are not written
     /// to an id that is gone, nor carry an operation id lower than a change
@@ -112,6 +120,40 @@ impl Store {
         }
     }
 
+    /// Redis no longer has a session whose counts were written behind:
+    /// usually it expired or was deleted, but if Redis lost its data the
+    /// re-seed that follows must not lose the uses this node answered. The
+    /// mirror's live copy (if it holds one) is raised to what this node
+    /// answered: the near cache's copy, or the mirror's count plus these.
+    fn counts_to_mirror(&self, f: &Flush, near_copy: Option<Session>) {
+        let sled = &self.inner.sled;
+        let Some(mut copy) = sled.get(&f.id, crate::session::now_ms()) else {
+            return;
+        };
+        if sled.is_deleted(&f.id) {
+            return;
+        }
+        let answered = near_copy.map_or(0, |c| c.request_count);
+        copy.request_count = answered.max(copy.request_count.saturating_add(f.count));
+        copy.last_accessed = copy.last_accessed.max(f.at);
+        self.mirror("touch", |m| m.mirror_touch(copy));
+    }
+
+    /// Raises the mirror's live copy (if it holds one) to a count Redis
+    /// answered.
+    fn count_to_mirror(&self, id: &[u8; 16], count: u64, at: u64) {
+        let sled = &self.inner.sled;
+        let Some(mut copy) = sled.get(id, crate::session::now_ms()) else {
+            return;
+        };
+        if copy.request_count >= count || sled.is_deleted(id) {
+            return;
+        }
+        copy.request_count = count;
+        copy.last_accessed = copy.last_accessed.max(at);
+        self.mirror("touch", |m| m.mirror_touch(copy));
+    }
+
     /// Writes counts to Redis, one touch per session, pipelined in chunks;
     /// what Redis may not have applied is journaled under the id its call
     /// carried (exactly once on replay), and the rest, in fallback, is
@@ -132,7 +174,7 @@ impl Store {
         };
         let mut batch = Vec::with_capacity(taken.len());
         for (id, pending) in taken {
-            match self.inner.sled.next_seq() {
+            match redis.draw_op(|| self.inner.sled.next_seq()) {
                 Ok(seq) => batch.push(Flush {
                     id,
                     count: pending.count,
@@ -162,12 +204,21 @@ impl Store {
                 Ok(results) => {
                     for (i, (f, result)) in chunk.iter().zip(results).enumerate() {
                         match result {
-                            Flushed::Counted => {
-                                if let Some(copy) = copies[n * CHUNK + i].take() {
-                                    self.mirror("touch", |m| m.mirror_touch(copy));
+                            Flushed::Counted(count) => {
+                                // Without a copy (another node's change
+                                // invalidated it), the mirror still learns
+                                // Redis's count: a re-seed after Redis
+                                // loses its data must not go below it.
+                                match copies[n * CHUNK + i].take() {
+                                    Some(copy) => self.mirror("touch", |m| m.mirror_touch(copy)),
+                                    None => self.count_to_mirror(&f.id, count, f.at),
                                 }
                             }
-                            Flushed::Gone | Flushed::Corrupt => near.invalidate(&f.id),
+                            Flushed::Gone => {
+                                near.invalidate(&f.id);
+                                self.counts_to_mirror(f, copies[n * CHUNK + i].take());
+                            }
+                            Flushed::Corrupt => near.invalidate(&f.id),
                         }
                     }
                 }
@@ -176,6 +227,14 @@ impl Store {
                     failed = Some(n * CHUNK);
                     break;
                 }
+            }
+        }
+        // Ids answered are settled; those of a failed chunk stay in doubt
+        // until the journal replay that applies them under the same ids.
+        for (i, f) in batch.iter().enumerate() {
+            match failed {
+                Some(from) if i >= from => redis.doubt_op(f.seq),
+                _ => redis.settle_op(f.seq),
             }
         }
         if let Some(from) = failed {

@@ -26,8 +26,11 @@
 //! - `epoch`: a random value set when Redis holds none. A node that finds
 //!   another value than the one it last saw knows Redis lost its data and
 //!   re-seeds it from its mirror.
-//! - in each session hash, `o:<origin>` → the highest operation id of that
-//!   node applied to the session (see `journal`): replays skip what it covers.
+//! - in each session hash, `o:<origin>` → `<floor> <id>...`: the operation
+//!   ids of that node applied to the session, as a floor (all settled ids at
+//!   or below it) and the few applied above it (see [`inflight`]). Every
+//!   path, live, written behind or replayed, refuses an id it covers, and
+//!   the refusals are counted (`duplicates_refused`).
 //! - `active`: sorted set id → expiry, for a cheap active-session count.
 //! - channel `events`: `del:<id>` for every delete and rotation (`del:<id>,<id>…`
 //!   for a chunk of a log-out-everywhere), so other nodes
@@ -48,6 +51,7 @@
 //! own connection).
 
 mod conn;
+mod inflight;
 mod ops;
 mod record;
 mod replay;
@@ -91,6 +95,10 @@ struct Inner {
     active: AtomicU64,
     /// Records found in Redis that no node could have written.
     corrupt: AtomicU64,
+    /// Operations a script refused as already applied (a late duplicate).
+    duplicates: AtomicU64,
+    /// This node's ids not yet settled (see [`inflight`]).
+    inflight: inflight::InFlight,
     scripts: Scripts,
 }
 
@@ -119,6 +127,8 @@ impl RedisStore {
                 max_per_user: settings.max_sessions_per_user,
                 active: AtomicU64::new(0),
                 corrupt: AtomicU64::new(0),
+                duplicates: AtomicU64::new(0),
+                inflight: inflight::InFlight::default(),
                 scripts: Scripts::new(),
             }),
         })
@@ -139,6 +149,57 @@ impl RedisStore {
 
     pub fn corrupt_records(&self) -> u64 {
         self.inner.corrupt.load(Ordering::Relaxed)
+    }
+
+    /// Operations refused as already applied, on every path.
+    pub fn duplicates_refused(&self) -> u64 {
+        self.inner.duplicates.load(Ordering::Relaxed)
+    }
+
+    /// A script answered "already applied": counted, and logged once in a
+    /// while (each is a command that arrived after its replay, or a replay
+    /// after its command).
+    fn refused_duplicate(&self, what: &str) {
+        let n = self.inner.duplicates.fetch_add(1, Ordering::Relaxed);
+        if n.is_power_of_two() || n == 0 {
+            tracing::info!(
+                operation = what,
+                refused = n + 1,
+                "redis refused an operation id it had applied already (a late duplicate)"
+            );
+        }
+    }
+
+    /// Draws an operation id (with `next`) for a call about to be sent.
+    pub fn draw_op<E>(
+        &self,
+        next: impl FnMut() -> std::result::Result<u64, E>,
+    ) -> std::result::Result<u64, E> {
+        self.inner.inflight.draw(next)
+    }
+
+    /// The call under `seq` has its answer.
+    pub fn settle_op(&self, seq: u64) {
+        self.inner.inflight.settle(seq);
+    }
+
+    /// The call under `seq` failed: Redis may have applied it, and it is
+    /// journaled under the same id.
+    pub fn doubt_op(&self, seq: u64) {
+        self.inner.inflight.doubt(seq);
+    }
+
+    /// The journal is drained: the ids in doubt are settled.
+    pub fn clear_doubt(&self) {
+        self.inner.inflight.clear_doubt();
+    }
+
+    /// A live call's id with the floor it carries (see [`inflight`]).
+    fn stamp(&self, seq: u64) -> ops::Stamp {
+        ops::Stamp {
+            seq,
+            floor: self.inner.inflight.floor(None),
+        }
     }
 
     /// The scripts' -2: a record whose counters are not numbers.

@@ -28,9 +28,38 @@ pub(super) fn delete_user_reply(reply: &Value) -> Result<(bool, Vec<[u8; 16]>)> 
     Ok((more, ids))
 }
 
+/// An operation's id and the floor it carries (see `inflight`).
+#[derive(Clone, Copy)]
+pub(super) struct Stamp {
+    pub seq: u64,
+    pub floor: u64,
+}
+
+/// How `create.lua` treats a session that exists or is tombstoned.
+#[derive(Clone, Copy)]
+pub(super) enum CreateMode {
+    /// A new session: written as is.
+    Live,
+    /// A journaled create: skipped if it exists or was deleted.
+    Replay,
+    /// A mirror copy after Redis lost data: skipped if deleted; compared and
+    /// set if it exists (the higher version wins, counters take the max).
+    Reseed,
+}
+
+impl CreateMode {
+    fn arg(self) -> &'static str {
+        match self {
+            CreateMode::Live => "0",
+            CreateMode::Replay => "1",
+            CreateMode::Reseed => "2",
+        }
+    }
+}
+
 impl RedisStore {
     pub async fn create(&self, s: &Session) -> Result<()> {
-        self.create_inner(s, false, 0).await?;
+        self.create_inner(s, CreateMode::Live, 0).await?;
         // The cached count (refreshed every second) follows creates at once,
         // so a burst of them meets `max_sessions` without waiting for it.
         self.inner
@@ -39,8 +68,13 @@ impl RedisStore {
         Ok(())
     }
 
-    async fn create_inner(&self, s: &Session, replay: bool, includes: u64) -> Result<CreateReply> {
-        let reply = self.run(self.create_inv(s, replay, includes)).await?;
+    async fn create_inner(
+        &self,
+        s: &Session,
+        mode: CreateMode,
+        includes: u64,
+    ) -> Result<CreateReply> {
+        let reply = self.run(self.create_inv(s, mode, includes)).await?;
         CreateReply::decode(&reply).ok_or_else(|| unexpected(&reply))
     }
 
@@ -49,7 +83,7 @@ impl RedisStore {
     pub(super) fn create_inv(
         &self,
         s: &Session,
-        replay: bool,
+        mode: CreateMode,
         includes: u64,
     ) -> redis::ScriptInvocation<'_> {
         let id = format_id(&s.id);
@@ -59,7 +93,7 @@ impl RedisStore {
             .key(self.key("active", ""))
             .key(self.key("u:", &s.user_id))
             .key(self.key("ut:", &s.user_id))
-            .arg(if replay { "1" } else { "0" })
+            .arg(mode.arg())
             .arg(&id)
             .arg(self.inner.limits.max_lifetime_ms)
             .arg(&s.user_id)
@@ -87,7 +121,7 @@ impl RedisStore {
     pub async fn touch(&self, id: &[u8; 16], now: u64, seq: u64) -> Result<Option<Session>> {
         let ids = format_id(id);
         let session_key = self.key("s:", &ids);
-        let inv = self.touch_inv(&ids, &session_key, now, 1, seq, false);
+        let inv = self.touch_inv(&ids, &session_key, now, 1, self.stamp(seq), false);
         let mut pipe = redis::pipe();
         pipe.atomic()
             .invoke_script(&inv)
@@ -112,7 +146,13 @@ impl RedisStore {
         match TouchReply::decode(&reply) {
             Some(TouchReply::Counted(_)) => self.session_from(id, &fields).map(Some),
             Some(TouchReply::Corrupt) => Err(self.unreadable(id)),
-            Some(TouchReply::Gone | TouchReply::Deleted | TouchReply::AlreadyApplied) => Ok(None),
+            // A late copy of a touch already counted: whoever sent it has
+            // long had its answer.
+            Some(TouchReply::AlreadyApplied) => {
+                self.refused_duplicate("touch");
+                Ok(None)
+            }
+            Some(TouchReply::Gone | TouchReply::Deleted) => Ok(None),
             None => Err(unexpected(&reply)),
         }
     }
@@ -125,7 +165,7 @@ impl RedisStore {
         session_key: &str,
         at: u64,
         count: u64,
-        seq: u64,
+        stamp: Stamp,
         replay: bool,
     ) -> redis::ScriptInvocation<'_> {
         let mut inv = self.inner.scripts.touch.prepare_invoke();
@@ -139,7 +179,8 @@ impl RedisStore {
             .arg(if replay { "1" } else { "0" })
             .arg(count)
             .arg(&self.inner.origin_field)
-            .arg(seq);
+            .arg(stamp.seq)
+            .arg(stamp.floor);
         inv
     }
 
@@ -152,7 +193,7 @@ impl RedisStore {
         seq: u64,
     ) -> Result<PatchOutcome> {
         let reply = self
-            .run(self.patch_inv(id, patch, if_match, now, seq, false))
+            .run(self.patch_inv(id, patch, if_match, now, self.stamp(seq), false))
             .await?;
         match PatchReply::decode(&reply) {
             Some(PatchReply::Applied(fields)) => {
@@ -168,9 +209,11 @@ impl RedisStore {
                     limit: self.inner.limits.max_metadata_bytes,
                 },
             )),
-            Some(PatchReply::Gone | PatchReply::Deleted | PatchReply::AlreadyApplied) => {
+            Some(PatchReply::AlreadyApplied) => {
+                self.refused_duplicate("patch");
                 Ok(PatchOutcome::NotFound)
             }
+            Some(PatchReply::Gone | PatchReply::Deleted) => Ok(PatchOutcome::NotFound),
             None => Err(unexpected(&reply)),
         }
     }
@@ -181,7 +224,7 @@ impl RedisStore {
         patch: &Patch,
         if_match: Option<u64>,
         now: u64,
-        seq: u64,
+        stamp: Stamp,
         replay: bool,
     ) -> redis::ScriptInvocation<'_> {
         let ids = format_id(id);
@@ -197,9 +240,10 @@ impl RedisStore {
             .arg(self.inner.limits.max_metadata_bytes)
             .arg(if replay { "1" } else { "0" })
             .arg(&self.inner.origin_field)
-            .arg(seq)
+            .arg(stamp.seq)
             .arg(patch.user_id.as_deref().map_or(0, |u| self.index_limit(u)))
-            .arg(self.channel());
+            .arg(self.channel())
+            .arg(stamp.floor);
         if let Some(meta) = &patch.metadata {
             for (k, v) in meta {
                 inv.arg(field_name(k)).arg(v.to_string());
@@ -352,14 +396,17 @@ impl RedisStore {
         inv
     }
 
-    /// Writes mirror copies into Redis, each unless it exists, is
+    /// Writes mirror copies into Redis (a re-seed), each unless it is
     /// tombstoned or its user logged out everywhere after its creation; one
-    /// pipelined round trip. Returns how many were written; an error when
-    /// Redis refused any (so the re-seed is tried again, not recorded done).
+    /// that exists (another node re-seeded it first) is compared and set:
+    /// replaced if this copy's version is higher, its counters raised to
+    /// this copy's if higher (`create.lua`). One pipelined round trip.
+    /// Returns how many were written or raised; an error when Redis refused
+    /// any (so the re-seed is tried again, not recorded done).
     pub async fn restore_batch(&self, sessions: &[Session]) -> Result<u64> {
         let invocations: Vec<_> = sessions
             .iter()
-            .map(|s| self.create_inv(s, true, 0))
+            .map(|s| self.create_inv(s, CreateMode::Reseed, 0))
             .collect();
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
@@ -378,7 +425,7 @@ impl RedisStore {
         let mut written = 0;
         for reply in &replies {
             match reply.as_ref().map(CreateReply::decode) {
-                Ok(Some(CreateReply::Created)) => written += 1,
+                Ok(Some(CreateReply::Created | CreateReply::Raised)) => written += 1,
                 Ok(Some(_)) => {}
                 Ok(None) => return Err(StoreError::Redis("unexpected reply to a restore".into())),
                 Err(e) => return Err(StoreError::Redis(format!("restore refused: {e}"))),
@@ -400,9 +447,10 @@ impl RedisStore {
         load
     }
 
-    /// Writes a mirror copy into Redis unless it exists or is tombstoned,
-    /// marked as including this node's operations up to `includes`.
+    /// Writes a mirror copy into Redis unless it is tombstoned, compared
+    /// and set against a copy that exists (see `restore_batch`), marked as
+    /// including this node's operations up to `includes`.
     pub(crate) async fn restore(&self, s: &Session, includes: u64) -> Result<CreateReply> {
-        self.create_inner(s, true, includes).await
+        self.create_inner(s, CreateMode::Reseed, includes).await
     }
 }

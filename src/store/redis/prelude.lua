@@ -37,3 +37,55 @@ local function evict_over(ukey, max, prefix, lifetime, channel, active)
     redis.call('PUBLISH', channel, 'del:' .. id)
   end
 end
+
+-- The operation ids of one node applied to a record, in its `o:<origin>`
+-- field: `<floor> <id> <id>...`. Every id at or below the floor is settled
+-- (the node has its answer, or replayed it: it never sends it again but as a
+-- duplicate); the ids listed are above the floor and applied. An id is
+-- applied at most once whatever the path and the order of arrival: it is
+-- refused when at or below the floor or listed. The caller's floor (the
+-- lowest id the node still waits on, minus one) raises the record's and
+-- drops the ids it covers, so the list holds only the few ids in flight.
+-- A record of 0.2 holds a bare number: a floor with no ids.
+local MAX_LISTED = 32
+local function marks(mark)
+  local f, ids, first = 0, {}, true
+  if mark then
+    for n in string.gmatch(mark, '%d+') do
+      if first then f = tonumber(n); first = false else ids[#ids + 1] = tonumber(n) end
+    end
+  end
+  return f, ids
+end
+local function render(f, ids)
+  local out = {string.format('%.0f', f)}
+  for _, n in ipairs(ids) do out[#out + 1] = string.format('%.0f', n) end
+  return table.concat(out, ' ')
+end
+-- Returns the field's new value with `seq` applied, or nil when `seq` was
+-- applied already (a duplicate: the caller refuses it).
+local function claim(mark, seq, floor)
+  local f, ids = marks(mark)
+  if seq <= f then return nil end
+  for _, n in ipairs(ids) do if n == seq then return nil end end
+  local nf = math.max(f, floor or 0)
+  local kept = {}
+  for _, n in ipairs(ids) do if n > nf then kept[#kept + 1] = n end end
+  kept[#kept + 1] = seq
+  -- Bounded: beyond MAX_LISTED ids in flight at once on one session, the
+  -- lowest settles into the floor.
+  if #kept > MAX_LISTED then
+    table.sort(kept)
+    nf = math.max(nf, kept[1])
+    table.remove(kept, 1)
+  end
+  return render(nf, kept)
+end
+-- The field's value with its floor raised to at least `floor`.
+local function raise(mark, floor)
+  local f, ids = marks(mark)
+  local nf = math.max(f, floor)
+  local kept = {}
+  for _, n in ipairs(ids) do if n > nf then kept[#kept + 1] = n end end
+  return render(nf, kept)
+end

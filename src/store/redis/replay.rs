@@ -2,6 +2,7 @@
 //! round trip, applied by Redis as a chain (see `epilogue.lua`), each entry's
 //! reply decoded into what the replay does with it.
 
+use super::ops::Stamp;
 use super::scripts::{self, CreateReply, PatchReply, RotateReply, TouchReply};
 use super::{RedisStore, Result};
 use crate::redis_link::{is_bad_record, is_transient};
@@ -37,20 +38,44 @@ impl RedisStore {
     /// (tombstone) or lost (restore it from the mirror). Pipelining is what
     /// lets replay outpace the fallback traffic that keeps arriving meanwhile.
     pub async fn replay_batch(&self, ops: &[(u64, &Op)]) -> Result<Vec<Replayed>> {
+        // Every id of the batch is still to be applied: the floor stays
+        // below the first (the journal is in id order; see `inflight`).
+        let floor = self
+            .inner
+            .inflight
+            .floor(ops.iter().map(|(seq, _)| *seq).min());
         let invocations: Vec<_> = ops
             .iter()
             .map(|&(seq, op)| match op {
-                Op::Create(s) => self.create_inv(s, true, 0),
+                Op::Create(s) => self.create_inv(s, super::ops::CreateMode::Replay, 0),
                 Op::Touch { id, at } => {
                     let ids = format_id(id);
-                    self.touch_inv(&ids, &self.key("s:", &ids), *at, 1, seq, true)
+                    self.touch_inv(
+                        &ids,
+                        &self.key("s:", &ids),
+                        *at,
+                        1,
+                        Stamp { seq, floor },
+                        true,
+                    )
                 }
                 Op::Touches { id, count, at } => {
                     let ids = format_id(id);
-                    self.touch_inv(&ids, &self.key("s:", &ids), *at, *count, seq, true)
+                    self.touch_inv(
+                        &ids,
+                        &self.key("s:", &ids),
+                        *at,
+                        *count,
+                        Stamp { seq, floor },
+                        true,
+                    )
                 }
-                Op::Patch { id, patch } => self.patch_inv(id, patch, None, 0, seq, true),
-                Op::PatchAt { id, patch, at } => self.patch_inv(id, patch, None, *at, seq, true),
+                Op::Patch { id, patch } => {
+                    self.patch_inv(id, patch, None, 0, Stamp { seq, floor }, true)
+                }
+                Op::PatchAt { id, patch, at } => {
+                    self.patch_inv(id, patch, None, *at, Stamp { seq, floor }, true)
+                }
                 Op::Rotate { old, new } => self.rotate_inv(old, new, 0, true),
                 Op::Delete { id } => self.delete_inv(id, true),
                 Op::DeleteUser { user, before } => {
@@ -130,19 +155,29 @@ impl RedisStore {
                 Err(_) => unexpected(),
             },
             Op::Create(_) => match CreateReply::decode(reply) {
-                Some(CreateReply::Created | CreateReply::Exists) => Replayed::Applied,
+                Some(CreateReply::Created | CreateReply::Exists | CreateReply::Raised) => {
+                    Replayed::Applied
+                }
                 Some(CreateReply::Deleted) => Replayed::Tombstoned,
                 None => unexpected(),
             },
             Op::Touch { .. } | Op::Touches { .. } => match TouchReply::decode(reply) {
-                Some(TouchReply::Counted(_) | TouchReply::AlreadyApplied) => Replayed::Applied,
+                Some(TouchReply::Counted(_)) => Replayed::Applied,
+                Some(TouchReply::AlreadyApplied) => {
+                    self.refused_duplicate("replayed touch");
+                    Replayed::Applied
+                }
                 Some(TouchReply::Deleted) => Replayed::Tombstoned,
                 Some(TouchReply::Gone) => Replayed::Missing,
                 Some(TouchReply::Corrupt) => corrupt(),
                 None => unexpected(),
             },
             Op::Patch { .. } | Op::PatchAt { .. } => match PatchReply::decode(reply) {
-                Some(PatchReply::Applied(_) | PatchReply::AlreadyApplied) => Replayed::Applied,
+                Some(PatchReply::Applied(_)) => Replayed::Applied,
+                Some(PatchReply::AlreadyApplied) => {
+                    self.refused_duplicate("replayed patch");
+                    Replayed::Applied
+                }
                 Some(PatchReply::Deleted) => Replayed::Tombstoned,
                 Some(PatchReply::Gone) => Replayed::Missing,
                 Some(PatchReply::Corrupt) => corrupt(),

@@ -93,6 +93,9 @@ pub(crate) enum CreateReply {
     /// Replay: it was deleted, or its user logged out everywhere after its
     /// creation.
     Deleted,
+    /// Re-seed: the session existed (another node re-seeded it) and this
+    /// copy replaced its data (a higher version) or raised its counters.
+    Raised,
 }
 
 impl CreateReply {
@@ -101,6 +104,7 @@ impl CreateReply {
             1 => Some(CreateReply::Created),
             0 => Some(CreateReply::Exists),
             -1 => Some(CreateReply::Deleted),
+            2 => Some(CreateReply::Raised),
             _ => None,
         }
     }

@@ -91,7 +91,9 @@ pub struct Flush {
 /// What Redis did with one [`Flush`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flushed {
-    Counted,
+    /// Counted: Redis's count after it (0 when a retry found it counted
+    /// already and Redis did not say).
+    Counted(u64),
     /// The session is gone (deleted, expired): nothing to count.
     Gone,
     /// The record is not one a node wrote; counted as corrupt.
@@ -333,7 +335,9 @@ impl RedisStore {
         let invocations: Vec<_> = batch
             .iter()
             .zip(&keys)
-            .map(|(f, (ids, key))| self.touch_inv(ids, key, f.at, f.count, f.seq, replay))
+            .map(|(f, (ids, key))| {
+                self.touch_inv(ids, key, f.at, f.count, self.stamp(f.seq), replay)
+            })
             .collect();
         let mut pipe = redis::pipe();
         for inv in &invocations {
@@ -366,7 +370,13 @@ impl RedisStore {
             .iter()
             .zip(batch)
             .map(|(reply, f)| match TouchReply::decode(reply) {
-                Some(TouchReply::Counted(_)) => Flushed::Counted,
+                Some(TouchReply::Counted(n)) => Flushed::Counted(n),
+                // The retry of a batch whose first try did land (or a late
+                // copy): counted once, by the first.
+                Some(TouchReply::AlreadyApplied) => {
+                    self.refused_duplicate("touch written behind");
+                    Flushed::Counted(0)
+                }
                 Some(TouchReply::Corrupt) => {
                     let _ = self.unreadable(&f.id);
                     Flushed::Corrupt
