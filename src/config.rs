@@ -38,6 +38,8 @@ const DEFAULT_RATE_LIMIT_PER_IP: u32 = 0;
 const DEFAULT_CACHE_CAPACITY_MB: u64 = 2;
 const DEFAULT_MAX_JOURNAL_MB: u64 = 64;
 const DEFAULT_MIN_FREE_MB: u64 = 64;
+/// A slow but working SD card finishes a flush well within it.
+const DEFAULT_DISK_FLUSH_TIMEOUT_MS: u64 = 5000;
 const DEFAULT_MAX_SESSIONS_PER_USER: u64 = 64;
 const DEFAULT_MAX_SESSIONS: u64 = 500000;
 const DEFAULT_CREATE_RATE_PER_IP: u32 = 10;
@@ -203,6 +205,10 @@ pub struct Args {
     #[arg(help = with_default("Free space kept on the data directory's file system: below it writes are refused (507) and the node reports itself degraded and unready; logouts may use half of it", DEFAULT_MIN_FREE_MB))]
     pub min_free_mb: Option<u64>,
 
+    #[arg(long, env = "EDGENODE_DISK_FLUSH_TIMEOUT_MS", value_name = "MS")]
+    #[arg(help = with_default("Longest wait for a flush of the local store to disk: a flush still running past it is a disk fault (writes 503 at once, degraded, unready) until it returns", DEFAULT_DISK_FLUSH_TIMEOUT_MS))]
+    pub disk_flush_timeout_ms: Option<u64>,
+
     #[arg(long, env = "EDGENODE_MAX_SESSIONS_PER_USER", value_name = "N")]
     #[arg(help = with_default("Sessions one user may hold; creating one more deletes the oldest", DEFAULT_MAX_SESSIONS_PER_USER))]
     pub max_sessions_per_user: Option<u64>,
@@ -333,6 +339,7 @@ pub struct Config {
     pub cache_capacity_bytes: u64,
     pub max_journal_bytes: u64,
     pub min_free_bytes: u64,
+    pub disk_flush_timeout: Duration,
     pub replay_batch: usize,
     pub near_cache_bytes: u64,
     pub touch_flush: Duration,
@@ -445,6 +452,9 @@ impl Config {
                 .min_free_mb
                 .unwrap_or(DEFAULT_MIN_FREE_MB)
                 .saturating_mul(1024 * 1024),
+            disk_flush_timeout: ms(a
+                .disk_flush_timeout_ms
+                .unwrap_or(DEFAULT_DISK_FLUSH_TIMEOUT_MS)),
             replay_batch: a.replay_batch.unwrap_or(DEFAULT_REPLAY_BATCH),
             near_cache_bytes: a
                 .near_cache_mb
@@ -519,6 +529,9 @@ impl Config {
         }
         if self.rate_limit_per_ip > 0 && self.rate_limit_burst == 0 {
             return bad("rate_limit_burst must be at least 1 when rate_limit_per_ip is set");
+        }
+        if self.disk_flush_timeout.is_zero() {
+            return bad("disk_flush_timeout_ms must be at least 1");
         }
         if self.store_timeout.is_zero() {
             return bad("store_timeout_ms must be at least 1");

@@ -78,6 +78,7 @@ pub async fn run_on(
         cache_bytes: config.cache_capacity_bytes,
         max_journal_bytes: config.max_journal_bytes,
         min_free_bytes: config.min_free_bytes,
+        flush_timeout: config.disk_flush_timeout,
     };
     let sled = SledStore::open(&config.data_dir, local, limits).map_err(|e| {
         format!(
