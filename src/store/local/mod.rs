@@ -230,10 +230,14 @@ impl SledStore {
         Ok(self.inner.db.current()?)
     }
 
-    /// A sled error met here, sorted and remembered by the database (see
-    /// [`Database::sled`]).
+    /// A sled error met by a read, remembered by the database (see
+    /// [`Database::sled`]) and answered as a disk fault (503) whatever its
+    /// kind: a read that fails on a full disk (one that waited for a write
+    /// sled abandoned) is not the reader's write being refused (507), and
+    /// never "absent" (404).
     fn failed(&self, e: sled::Error) -> super::StoreError {
-        self.inner.db.noted(DiskError::from(e)).into()
+        let e = self.inner.db.noted(DiskError::from(e));
+        super::StoreError::DiskFault(format!("reading the local store failed: {e}"))
     }
 
     /// Remembers a disk error the store met (the database is then dead
