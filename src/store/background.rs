@@ -21,14 +21,17 @@ impl Store {
     /// does: every wait here is raced against it (a flush stuck on a dead
     /// card must not hold the node's stop).
     pub async fn run_housekeeping(self, mut shutdown: Shutdown) {
-        let mut tick = tokio::time::interval(Duration::from_millis(500));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut rounds: u64 = 0;
+        let mut last_reopen_failure = String::new();
+        // Every 500 ms; every 100 ms while the disk is faulty, so a node
+        // whose space came back is ready again well within a second.
+        let mut wait = Duration::ZERO;
         loop {
             tokio::select! {
-                _ = tick.tick() => {}
+                _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.recv() => return,
             }
+            wait = Duration::from_millis(100);
             rounds += 1;
             if let Some(stuck) = self.inner.sled.flush_stuck_for() {
                 // A flush that has not returned: nothing can be reopened
@@ -55,13 +58,21 @@ impl Store {
                 tokio::select! {
                     res = reopen => match res {
                         Ok(Ok(())) => {}
-                        Ok(Err(e)) => tracing::debug!(error = %e, "local store not reopened yet"),
+                        Ok(Err(e)) => {
+                            // Said once per reason, at every change of it.
+                            let why = e.to_string();
+                            if why != last_reopen_failure {
+                                tracing::warn!(error = %why, "local store not reopened yet");
+                                last_reopen_failure = why;
+                            }
+                        }
                         Err(e) => tracing::error!(error = %e, "reopening the local store panicked"),
                     },
                     _ = shutdown.recv() => return,
                 }
                 continue;
             }
+            wait = Duration::from_millis(500);
             if rounds % 2 == 0 {
                 let sled = self.inner.sled.clone();
                 let sweep = tokio::task::spawn_blocking(move || {

@@ -261,17 +261,26 @@ impl SledStore {
     /// shutdown left (consumed, so a crash after this start forces a
     /// recount) or one walk of the keys; the journal's entries and bytes.
     fn count(&self) -> Result<()> {
-        self.count_in(&*self.t()?)
+        self.count_in(&*self.t()?, true)
     }
 
     /// [`count`](Self::count) over given trees (a reopen counts the new ones
-    /// before anyone else can write to them).
-    fn count_in(&self, t: &Opened) -> Result<()> {
-        let n = match t.meta().remove(CLEAN_COUNT_KEY)? {
-            Some(v) if v.len() == 8 => i64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8])),
-            _ => t.sessions().len() as i64,
-        };
-        self.inner.active.store(n, Ordering::Relaxed);
+    /// before anyone else can write to them). A reopen keeps the session
+    /// gauge (`sessions`: false): walking every session reads every record
+    /// (blob files for large ones), which would keep the node unready for
+    /// seconds after a disk fault; the journal, bounded by its budget and
+    /// counted exactly for the replay, is walked.
+    fn count_in(&self, t: &Opened, sessions: bool) -> Result<()> {
+        let clean = t.meta().remove(CLEAN_COUNT_KEY)?;
+        if sessions {
+            let n = match clean {
+                Some(v) if v.len() == 8 => {
+                    i64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8]))
+                }
+                _ => t.sessions().len() as i64,
+            };
+            self.inner.active.store(n, Ordering::Relaxed);
+        }
         let (mut entries, mut bytes) = (0u64, 0u64);
         for (_, v) in t.journal().iter().flatten() {
             entries += 1;
@@ -292,7 +301,7 @@ impl SledStore {
     /// [`Database::reopen`]), counting the new trees before anyone else can
     /// write to them. Blocking: run it on the blocking pool.
     pub fn reopen(&self) -> Result<()> {
-        self.inner.db.reopen(|t| self.count_in(t))
+        self.inner.db.reopen(|t| self.count_in(t, false))
     }
 
     /// A tree of this database for another part of the node (see

@@ -8,7 +8,7 @@ use super::journal_ops::Op;
 use super::{stripe, user_prefix, Journal, Result, SledStore, Trees};
 use crate::disk::Space;
 use crate::session::{Patch, Session};
-use crate::store::PatchOutcome;
+use crate::store::{PatchOutcome, StoreError};
 use std::sync::atomic::Ordering;
 
 impl SledStore {
@@ -42,7 +42,7 @@ impl SledStore {
             return self.get(id, now);
         }
         let coalesce = journal == Journal::Next;
-        let touched = self.modify(id, now, journal, |current| match current {
+        let touched = match self.modify(id, now, journal, |current| match current {
             None => Ok((Change::Keep, None, None)),
             Some(s) => {
                 let mut s = s.clone();
@@ -50,7 +50,18 @@ impl SledStore {
                 let op = (!coalesce).then_some(Op::Touch { id: *id, at: now });
                 Ok((Change::Put(s.clone()), Some(s), op))
             }
-        })?;
+        }) {
+            Ok(t) => t,
+            // The disk filled between the check and the write (sled met
+            // ENOSPC): served as stored, uncounted, as at the reserve.
+            Err(StoreError::DiskNoSpace(_) | StoreError::DiskFull { .. }) => {
+                self.inner
+                    .touches_unjournaled
+                    .fetch_add(1, Ordering::Relaxed);
+                return self.get(id, now);
+            }
+            Err(e) => return Err(e),
+        };
         if coalesce && touched.is_some() {
             let mut map = self.inner.pending_touches[stripe(id)]
                 .lock()
