@@ -370,6 +370,7 @@ fn records_with_impossible_times_are_absent_and_counted_never_a_reset_connection
             cache_bytes: 1 << 20,
             max_journal_bytes: 1 << 20,
             min_free_bytes: 0,
+            flush_timeout: std::time::Duration::from_secs(5),
         };
         let limits = edgenode::session::Limits {
             ttl_ms: 60_000,

@@ -476,6 +476,7 @@ fn a_corrupt_record_on_disk_is_logged_and_counted_not_fatal() {
             cache_bytes: 1 << 20,
             max_journal_bytes: 1 << 20,
             min_free_bytes: 0,
+            flush_timeout: std::time::Duration::from_secs(5),
         };
         let store =
             edgenode::store::local::SledStore::open(&dir.path().join("db"), local, limits).unwrap();

@@ -228,6 +228,9 @@ keys! {
         "Size of the outage journal above which creates, changes and rotations made during a Redis outage are refused (507); logouts never are, and touches stop being counted", default = 64;
     min_free_mb: u64, "MB",
         "Free space kept on the data directory's file system: below it writes are refused (507) and the node reports itself degraded and unready; logouts may use half of it", default = 64;
+    // A slow but working SD card finishes a flush well within it.
+    disk_flush_timeout_ms: u64, "MS",
+        "Longest wait for a flush of the local store to disk: a flush still running past it is a disk fault (writes 503 at once, degraded, unready) until it returns", default = 5000;
     max_sessions_per_user: u64, "N",
         "Sessions one user may hold; creating one more deletes the oldest", default = 64;
     max_sessions: u64, "N",

@@ -62,6 +62,7 @@ pub struct Config {
     pub cache_capacity_bytes: u64,
     pub max_journal_bytes: u64,
     pub min_free_bytes: u64,
+    pub disk_flush_timeout: Duration,
     pub replay_batch: usize,
     pub near_cache_bytes: u64,
     pub touch_flush: Duration,
@@ -154,6 +155,7 @@ impl Config {
             cache_capacity_bytes: v.cache_capacity_mb * 1024 * 1024,
             max_journal_bytes: mb(v.max_journal_mb),
             min_free_bytes: mb(v.min_free_mb),
+            disk_flush_timeout: ms(v.disk_flush_timeout_ms),
             replay_batch: v.replay_batch,
             near_cache_bytes: mb(v.near_cache_mb),
             touch_flush: ms(v.touch_flush_ms),
@@ -209,6 +211,9 @@ impl Config {
         }
         if self.store_timeout.is_zero() {
             return bad("store_timeout_ms must be at least 1");
+        }
+        if self.disk_flush_timeout.is_zero() {
+            return bad("disk_flush_timeout_ms must be at least 1");
         }
         if self.key_prefix.is_empty() || self.key_prefix.len() > 64 {
             return bad("key_prefix must be 1-64 characters");

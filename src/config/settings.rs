@@ -58,6 +58,7 @@ impl Config {
             cache_bytes: self.cache_capacity_bytes,
             max_journal_bytes: self.max_journal_bytes,
             min_free_bytes: self.min_free_bytes,
+            flush_timeout: self.disk_flush_timeout,
         }
     }
 

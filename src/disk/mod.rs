@@ -41,6 +41,26 @@ pub struct DiskConfig {
     pub cache_bytes: u64,
     /// Free space of the data directory's file system kept in reserve.
     pub min_free_bytes: u64,
+    /// The largest value written (a session record, a cache entry): sled
+    /// may rewrite a page of 17 of them at once, which the reserve must
+    /// allow for (see [`space`]).
+    pub largest_value_bytes: u64,
+    /// The longest wait for a flush (`disk_flush_timeout_ms`): beyond it
+    /// the disk is faulty (see [`commit`]).
+    pub flush_timeout: std::time::Duration,
+}
+
+impl DiskConfig {
+    /// The largest write sled can make on its own after a write passed the
+    /// reserve check: a leaf page of 17 values rewritten as a blob (a leaf
+    /// splits beyond 16), and a log buffer of a segment sealed and written.
+    fn largest_write(&self) -> u64 {
+        const SEGMENT: u64 = 256 * 1024;
+        self.largest_value_bytes
+            .saturating_add(256)
+            .saturating_mul(17)
+            .saturating_add(2 * SEGMENT)
+    }
 }
 
 /// The node's database. Cheap to clone: every clone is the same database.
@@ -63,14 +83,20 @@ struct Shared {
 }
 
 impl Shared {
-    fn current(&self) -> Arc<Opened> {
-        match self.slot.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
-            Some(t) => t.clone(),
-            // Empty only under `reopen`'s write lock, which it never
-            // releases empty (it exits instead), and after a `close` whose
-            // last reopen failed, when nothing uses the store any more.
-            None => unreachable!("the local store is used while reopened or after close"),
-        }
+    /// The open database, or a disk fault (503) while it is being reopened
+    /// or after a reopen that failed (tried again at the next tick). Never
+    /// waits: a request must not hold a runtime worker behind a reopen.
+    fn current(&self) -> Result<Arc<Opened>> {
+        let slot = match self.slot.try_read() {
+            Ok(s) => s,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                return Err(DiskError::Fault("the local store is being reopened".into()))
+            }
+        };
+        slot.as_ref().cloned().ok_or_else(|| {
+            DiskError::Fault("the local store is closed until it can be reopened".into())
+        })
     }
 }
 
@@ -124,51 +150,109 @@ impl Database {
                 dir: dir.to_path_buf(),
                 config,
                 names,
-                guard: DiskGuard::new(dir.to_path_buf()),
+                guard: DiskGuard::new(dir.to_path_buf(), config.largest_write()),
                 commit: GroupCommit::new(),
             }),
         })
     }
 
-    /// The open database and its named trees.
-    pub fn current(&self) -> Arc<Opened> {
+    /// The open database and its named trees, or a disk fault while it
+    /// cannot be had (see [`Shared::current`]).
+    pub fn current(&self) -> Result<Arc<Opened>> {
         self.inner.current()
     }
 
     /// A tree by name, for a part of the node that keeps no handle: take it
     /// per use and never keep it (see [`Opened`]).
     pub fn tree(&self, name: &str) -> Result<Tree> {
-        Ok(self.current().db.open_tree(name)?)
+        self.sled(self.current()?.db.open_tree(name))
     }
 
     /// A new operation id, unique in this database.
     pub fn next_seq(&self) -> Result<u64> {
-        Ok(self.current().db.generate_id()?)
+        self.sled(self.current()?.db.generate_id())
     }
 
-    /// Refuses ([`DiskError::Full`]) a write that would take the disk into
-    /// its reserve (half of it for a [`Space::Release`]).
+    /// sled's answer, its error sorted ([`DiskError`]) and a disk error
+    /// remembered: any I/O error means the database is dead until it is
+    /// reopened (health, readiness and the next writes see it at once).
+    pub fn sled<T>(&self, r: sled::Result<T>) -> Result<T> {
+        r.map_err(|e| self.noted(e.into()))
+    }
+
+    /// Remembers `e` if it is a disk error, and hands it back.
+    pub fn noted(&self, e: DiskError) -> DiskError {
+        self.inner.guard.note(&e);
+        e
+    }
+
+    /// Refuses a write at once while the disk is faulty (a failed write,
+    /// [`DiskError::NoSpace`] or [`DiskError::Fault`]; a stuck flush), and
+    /// ([`DiskError::Full`]) one that would take the disk into its reserve
+    /// (half of it for a [`Space::Release`]).
     pub fn check_space(&self, space: Space) -> Result<()> {
+        if let Some(e) = self.dead() {
+            return Err(e);
+        }
         let reserve = space.reserve(self.inner.config.min_free_bytes);
         self.inner.guard.check(reserve)
     }
 
-    /// Why the database cannot take writes now, if it cannot: the disk at
-    /// its reserve, or a write to it that failed.
+    /// The error every write gets now if the database cannot take writes
+    /// whatever the free space: a stuck flush, a remembered disk fault, or
+    /// sled's sticky error (a failed write nobody here saw fail yet).
+    pub fn dead(&self) -> Option<DiskError> {
+        if let Some(e) = self.stuck_error() {
+            return Some(e);
+        }
+        if let Some(e) = self.inner.guard.faulted() {
+            return Some(e);
+        }
+        let opened = match self.current() {
+            Ok(o) => o,
+            Err(e) => return Some(e),
+        };
+        // The patched sled sets its global error on any failed write.
+        match opened.db.context.global_error() {
+            Ok(()) => None,
+            Err(e) => Some(self.noted(e.into())),
+        }
+    }
+
+    /// Why the database cannot take writes now, if it cannot: a disk fault
+    /// (see [`dead`](Self::dead)), or the disk at its reserve.
     pub fn fault(&self) -> Option<String> {
+        if let Some(e) = self.dead() {
+            return Some(match e {
+                DiskError::NoSpace(_) | DiskError::Fault(_) => {
+                    self.inner.guard.fault(0).unwrap_or_else(|| e.to_string())
+                }
+                e => e.to_string(),
+            });
+        }
         self.inner.guard.fault(self.inner.config.min_free_bytes)
     }
 
-    /// Whether a write to disk failed (sled then refuses every write until
-    /// the database is reopened).
+    /// Whether the database must be reopened before it takes writes again:
+    /// a write (or read) failed on the disk, or the last reopen did not
+    /// open it.
     pub fn needs_reopen(&self) -> bool {
-        self.inner.guard.flush_failed()
+        let _ = self.dead();
+        self.inner.guard.has_fault() || self.slot_empty()
+    }
+
+    fn slot_empty(&self) -> bool {
+        match self.inner.slot.try_read() {
+            Ok(s) => s.is_none(),
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner().is_none(),
+            Err(std::sync::TryLockError::WouldBlock) => false,
+        }
     }
 
     /// Flushes at once, on the calling thread (tests of data at rest).
     #[doc(hidden)]
     pub fn flush_for_test(&self) -> Result<()> {
-        self.current().db.flush()?;
+        self.sled(self.current()?.db.flush())?;
         Ok(())
     }
 }

@@ -19,8 +19,11 @@ impl Database {
     /// is all there; what was not (lazy mirror copies, touches) may be lost.
     /// `counted` runs on the new database before anyone else can write to
     /// it; its failure is returned with the new database in place.
-    /// Blocking: run it on the blocking pool. Requests wait on the swap for
-    /// as long as the open takes.
+    /// Blocking: run it on the blocking pool. Requests get a disk fault
+    /// (503) at once while the swap is under way, and after a failed open
+    /// until a later call opens it (the database is left closed, not the
+    /// process ended: a disk still full fails sled's open while it writes
+    /// its snapshot, and the next try succeeds once space is back).
     pub fn reopen<E: From<DiskError>>(
         &self,
         counted: impl FnOnce(&Opened) -> std::result::Result<(), E>,
@@ -34,10 +37,9 @@ impl Database {
                 DiskError::Fault(format!("the data directory still refuses writes: {e}")).into(),
             );
         }
-        // Every request that reaches the store waits on this lock while it
-        // is held, on a runtime worker: it is held for well under a second
-        // (a longer wait is given up and tried again at the next tick), so
-        // no request hangs behind a reopen.
+        // Requests never wait on this lock (they try it, and get a disk
+        // fault while it is held), so no runtime worker hangs behind a
+        // reopen.
         let mut slot = self.inner.slot.write().unwrap_or_else(|p| p.into_inner());
         // sled holds an exclusive lock on its file until every handle of the
         // old database is gone; in-flight users drop theirs within moments
@@ -66,16 +68,18 @@ impl Database {
                 *slot = Some(Arc::new(t));
                 drop(slot);
                 counted?;
-                self.inner.guard.flushed(None);
+                self.inner.guard.clear();
                 tracing::warn!("the local store was reopened after a disk fault");
                 Ok(())
             }
             Err(e) => {
-                // The slot stays empty while it is locked, so nothing was
-                // written or acknowledged meanwhile; a restart by the
-                // service manager is the honest way on.
-                tracing::error!(error = %e, "cannot reopen the local store; exiting so that the service manager restarts the node");
-                std::process::exit(1);
+                // The slot stays empty: every use of the store is a disk
+                // fault (503, unready) until the next tick tries again. A
+                // failed open leaves nothing behind (the patched sled
+                // removes an unfinished snapshot), so trying again is safe.
+                drop(slot);
+                tracing::warn!(error = %e, "cannot reopen the local store yet; trying again at the next tick");
+                Err(DiskError::Fault(format!("reopening the local store failed: {e}")).into())
             }
         }
     }
@@ -91,6 +95,10 @@ impl Database {
     /// Blocking: run it on the blocking pool, after the last flush.
     pub fn leave_snapshot(&self) {
         let started = std::time::Instant::now();
+        if let Some(e) = self.dead() {
+            tracing::warn!(error = %e, "the local store's disk is faulty; no snapshot left at close (the next start reads its whole log)");
+            return;
+        }
         let mut slot = self.inner.slot.write().unwrap_or_else(|p| p.into_inner());
         let Some(old) = slot.take() else { return };
         let old = match Arc::try_unwrap(old) {
@@ -128,6 +136,12 @@ impl Database {
             match Opened::open(&i.dir, &i.config, i.names) {
                 Ok(t) => return Ok(t),
                 Err(e) if tries >= 20 => return Err(e),
+                // A full or failing disk: no use waiting for a lock.
+                Err(e)
+                    if matches!(e, DiskError::NoSpace(_) | DiskError::Fault(_)) && tries >= 2 =>
+                {
+                    return Err(e)
+                }
                 Err(_) => {
                     tries += 1;
                     std::thread::sleep(std::time::Duration::from_millis(50));

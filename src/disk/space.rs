@@ -1,14 +1,28 @@
-//! The free-space reserve: the disk is never allowed to fill.
+//! The free-space reserve (the disk is never allowed to fill) and the
+//! memory of a disk fault.
 //!
-//! Every write first checks the free space of the data directory (statvfs,
-//! cached for a moment) against `min_free_bytes`, and is refused with
+//! Every write first checks the free space of the data directory (statvfs)
+//! against `min_free_bytes` plus the largest write sled can make on its own
+//! after the check passed ([`DiskGuard::check`]), and is refused with
 //! [`DiskError::Full`] below it; deletes may use half of that reserve, so a
-//! logout still lands when nothing else does. A failed flush is remembered
-//! as a fault (health says so) until a later flush succeeds.
+//! logout still lands when nothing else does.
+//!
+//! Why the margin: one insert can make sled rewrite a whole leaf page (up to
+//! 17 records: a leaf splits beyond 16) as a blob file, or seal and write a
+//! log buffer; so a write that passed the check with a byte to spare could
+//! still take the disk that much further. And why statvfs is read afresh
+//! near the reserve: it is cheap but not free, so far from the reserve its
+//! answer is kept for [`DiskGuard::FRESH_MS`]; within [`DiskGuard::NEAR`]
+//! of the reserve a kept answer could be one window of fast writes stale,
+//! so every check reads it again.
+//!
+//! A disk fault (a write sled failed, a read that failed, a flush past its
+//! deadline) is remembered until the database is reopened or a flush
+//! succeeds: health and readiness say so, and writes are refused at once.
 //!
 //! The guard is the disk's, not a domain's: the session store and the shared
 //! cache write to one database on one file system, so they share one
-//! reserve and one memory of a failed flush.
+//! reserve and one memory of a fault.
 
 use super::error::{DiskError, Result};
 use std::path::{Path, PathBuf};
@@ -34,35 +48,53 @@ impl Space {
     }
 }
 
-/// Watches the data directory's free space and remembers failed flushes.
-///
-/// `statvfs` is cheap but not free, so its answer is kept for
-/// [`DiskGuard::FRESH_MS`]; the reserve is checked against that.
+/// A remembered disk fault.
+#[derive(Debug, Clone)]
+struct Fault {
+    reason: String,
+    /// The file system was full (ENOSPC): 507 for writes, not 503.
+    no_space: bool,
+}
+
+/// Watches the data directory's free space and remembers disk faults.
 pub(super) struct DiskGuard {
     dir: PathBuf,
+    /// The largest write sled may make after a check passed (see the
+    /// module doc); added to every non-zero reserve.
+    margin: u64,
     /// When the free space was last read, and what it was.
     last: Mutex<Option<(std::time::Instant, u64)>>,
-    /// The last flush's failure, until a flush succeeds.
-    flush_error: Mutex<Option<String>>,
+    /// The disk fault seen, until the database is reopened.
+    fault: Mutex<Option<Fault>>,
 }
 
 impl DiskGuard {
     const FRESH_MS: u64 = 100;
+    /// Within this much of the reserve (plus margin), statvfs is read at
+    /// every check: 100 ms of writes at SD-card speed is well under it.
+    const NEAR: u64 = 64 << 20;
 
-    pub(super) fn new(dir: PathBuf) -> DiskGuard {
+    pub(super) fn new(dir: PathBuf, margin: u64) -> DiskGuard {
         DiskGuard {
             dir,
+            margin,
             last: Mutex::new(None),
-            flush_error: Mutex::new(None),
+            fault: Mutex::new(None),
         }
     }
 
     /// Available bytes for an unprivileged writer (`f_bavail`); `u64::MAX`
-    /// when the file system cannot say.
-    fn available(&self) -> u64 {
+    /// when the file system cannot say. Read afresh when the last answer
+    /// is old or near `floor`.
+    fn available(&self, floor: u64) -> u64 {
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
         match *last {
-            Some((at, free)) if at.elapsed().as_millis() as u64 <= Self::FRESH_MS => free,
+            Some((at, free))
+                if at.elapsed().as_millis() as u64 <= Self::FRESH_MS
+                    && free >= floor.saturating_add(Self::NEAR) =>
+            {
+                free
+            }
             _ => {
                 let free = statvfs_available(&self.dir).unwrap_or(u64::MAX);
                 *last = Some((std::time::Instant::now(), free));
@@ -71,40 +103,93 @@ impl DiskGuard {
         }
     }
 
+    /// The free bytes a write must find: the reserve plus the margin; a
+    /// reserve of 0 turns the check off.
+    fn floor(&self, reserve: u64) -> u64 {
+        if reserve == 0 {
+            0
+        } else {
+            reserve.saturating_add(self.margin)
+        }
+    }
+
     pub(super) fn check(&self, reserve: u64) -> Result<()> {
-        let free = self.available();
-        if free < reserve {
-            return Err(DiskError::Full { free, reserve });
+        if let Some(e) = self.faulted() {
+            return Err(e);
+        }
+        let floor = self.floor(reserve);
+        if floor == 0 {
+            return Ok(());
+        }
+        let free = self.available(floor);
+        if free < floor {
+            return Err(DiskError::Full {
+                free,
+                reserve: floor,
+            });
         }
         Ok(())
     }
 
-    pub(super) fn flush_failed(&self) -> bool {
-        self.flush_error
+    /// The remembered fault as the error a write gets at once.
+    pub(super) fn faulted(&self) -> Option<DiskError> {
+        let f = self
+            .fault
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()?;
+        Some(if f.no_space {
+            DiskError::NoSpace(f.reason)
+        } else {
+            DiskError::Fault(f.reason)
+        })
+    }
+
+    pub(super) fn has_fault(&self) -> bool {
+        self.fault
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .is_some()
     }
 
-    pub(super) fn flushed(&self, error: Option<String>) {
-        *self.flush_error.lock().unwrap_or_else(|p| p.into_inner()) = error;
+    /// Remembers a disk error (the first one until cleared: it names the
+    /// write that failed, the later ones only repeat sled's sticky error).
+    pub(super) fn note(&self, e: &DiskError) {
+        let no_space = match e {
+            DiskError::NoSpace(_) => true,
+            DiskError::Fault(_) => false,
+            _ => return,
+        };
+        let mut f = self.fault.lock().unwrap_or_else(|p| p.into_inner());
+        if f.is_none() {
+            *f = Some(Fault {
+                reason: format!("writing to disk failed: {e}"),
+                no_space,
+            });
+        }
     }
 
+    /// Forgets the fault: the database was reopened.
+    pub(super) fn clear(&self) {
+        *self.fault.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// Why writes are refused now, if they are.
     pub(super) fn fault(&self, reserve: u64) -> Option<String> {
-        if let Some(e) = self
-            .flush_error
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-        {
-            return Some(e);
+        if let Some(f) = self.fault.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            return Some(f.reason);
         }
-        let free = self.available();
-        (free < reserve).then(|| {
+        let floor = self.floor(reserve);
+        if floor == 0 {
+            return None;
+        }
+        let free = self.available(floor);
+        (free < floor).then(|| {
             format!(
                 "disk almost full: {} KiB free, {} KiB kept in reserve; writes refused",
                 free / 1024,
-                reserve / 1024
+                floor / 1024
             )
         })
     }

@@ -85,7 +85,7 @@ impl From<StoreError> for ApiError {
                 "store_unavailable",
                 "the session store is unreachable and this node does not hold the session; retry shortly",
             ),
-            e @ StoreError::DiskFull { .. } => {
+            e @ (StoreError::DiskFull { .. } | StoreError::DiskNoSpace(_)) => {
                 tracing::warn!(error = %e, "write refused");
                 ApiError::new(
                     StatusCode::INSUFFICIENT_STORAGE,

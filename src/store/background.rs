@@ -9,38 +9,80 @@ use crate::shutdown::Shutdown;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+/// How long a flush may stay stuck past `disk_flush_timeout_ms` before the
+/// process exits for the service manager to restart it: the flush thread
+/// holds the database, so nothing short of a restart frees it.
+const STUCK_FLUSH_EXIT: Duration = Duration::from_secs(60);
+
 impl Store {
     /// Background upkeep: the expiry sweeps, the journaling of coalesced
-    /// fallback touches and the lazy flush. Returns once `shutdown` fires.
+    /// fallback touches and the lazy flush, and the reopen of the database
+    /// after a disk fault. Returns once `shutdown` fires, whatever the disk
+    /// does: every wait here is raced against it (a flush stuck on a dead
+    /// card must not hold the node's stop).
     pub async fn run_housekeeping(self, mut shutdown: Shutdown) {
-        let mut tick = tokio::time::interval(Duration::from_millis(500));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut rounds: u64 = 0;
+        let mut last_reopen_failure = String::new();
+        // Every 500 ms; every 100 ms while the disk is faulty, so a node
+        // whose space came back is ready again well within a second.
+        let mut wait = Duration::ZERO;
         loop {
             tokio::select! {
-                _ = tick.tick() => {}
+                _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.recv() => return,
             }
+            wait = Duration::from_millis(100);
             rounds += 1;
-            if self.inner.sled.needs_reopen() {
-                // A failed flush: sled refuses writes until reopened. Try
-                // once a tick; it succeeds once the disk takes writes again.
-                let sled = self.inner.sled.clone();
-                match tokio::task::spawn_blocking(move || sled.reopen()).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => tracing::debug!(error = %e, "local store not reopened yet"),
-                    Err(e) => tracing::error!(error = %e, "reopening the local store panicked"),
+            if let Some(stuck) = self.inner.sled.flush_stuck_for() {
+                // A flush that has not returned: nothing can be reopened
+                // while it holds the database. One that never returns (a
+                // card that stopped answering) is left to the service
+                // manager: the process exits and systemd restarts it
+                // (`Restart=` in the unit).
+                if stuck >= STUCK_FLUSH_EXIT {
+                    tracing::error!(
+                        stuck_s = stuck.as_secs(),
+                        "a flush of the local store never returned; exiting so that the service manager restarts the node"
+                    );
+                    std::process::exit(1);
                 }
                 continue;
             }
+            if self.inner.sled.needs_reopen() {
+                // A write (or read) failed on the disk: sled refuses writes
+                // until reopened. Try once a tick; it succeeds once the disk
+                // takes writes again (until then the store answers 503 and
+                // is unready).
+                let sled = self.inner.sled.clone();
+                let reopen = tokio::task::spawn_blocking(move || sled.reopen());
+                tokio::select! {
+                    res = reopen => match res {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            // Said once per reason, at every change of it.
+                            let why = e.to_string();
+                            if why != last_reopen_failure {
+                                tracing::warn!(error = %why, "local store not reopened yet");
+                                last_reopen_failure = why;
+                            }
+                        }
+                        Err(e) => tracing::error!(error = %e, "reopening the local store panicked"),
+                    },
+                    _ = shutdown.recv() => return,
+                }
+                continue;
+            }
+            wait = Duration::from_millis(500);
             if rounds % 2 == 0 {
                 let sled = self.inner.sled.clone();
-                let removed = tokio::task::spawn_blocking(move || {
+                let sweep = tokio::task::spawn_blocking(move || {
                     let now = now_ms();
                     sled.sweep(now, 1_000) + sled.sweep_tombstones(now, 1_000)
-                })
-                .await
-                .unwrap_or(0);
+                });
+                let removed = tokio::select! {
+                    r = sweep => r.unwrap_or(0),
+                    _ = shutdown.recv() => return,
+                };
                 if removed > 0 {
                     tracing::debug!(removed, "swept expired sessions and deletion records");
                 }
@@ -48,8 +90,13 @@ impl Store {
             if let Err(e) = self.inner.sled.flush_pending_touches() {
                 tracing::warn!(error = %e, "journaling fallback touches failed");
             }
-            if let Err(e) = self.inner.sled.flush_lazy().await {
-                tracing::warn!(error = %e, "lazy flush failed");
+            tokio::select! {
+                r = self.inner.sled.flush_lazy() => {
+                    if let Err(e) = r {
+                        tracing::warn!(error = %e, "lazy flush failed");
+                    }
+                }
+                _ = shutdown.recv() => return,
             }
         }
     }

@@ -172,7 +172,7 @@ pub enum StoreError {
     #[error(transparent)]
     Input(#[from] InputError),
     #[error("local store error: {0}")]
-    Sled(#[from] ::sled::Error),
+    Sled(::sled::Error),
     #[error("redis: {0}")]
     Redis(String),
     /// Redis refuses the node's credentials or database: a configuration
@@ -193,7 +193,11 @@ pub enum StoreError {
     /// The data directory's free space is at the reserve.
     #[error("disk almost full: {free} bytes free, {reserve} kept in reserve")]
     DiskFull { free: u64, reserve: u64 },
-    /// Writing to the local disk failed (EIO, read-only file system...).
+    /// A write found the file system full (ENOSPC): 507, like the reserve.
+    #[error("disk full: {0}")]
+    DiskNoSpace(String),
+    /// Writing to the local disk failed (EIO, read-only file system...), a
+    /// read failed, or a flush missed its deadline: 503.
     #[error("local disk fault: {0}")]
     DiskFault(String),
     /// `max_sessions` are stored: no more are created.
@@ -211,9 +215,18 @@ impl From<DiskError> for StoreError {
         match e {
             DiskError::Sled(e) => StoreError::Sled(e),
             DiskError::Full { free, reserve } => StoreError::DiskFull { free, reserve },
+            DiskError::NoSpace(m) => StoreError::DiskNoSpace(m),
             DiskError::Fault(m) => StoreError::DiskFault(m),
             DiskError::Closed(m) => StoreError::Unavailable(m),
         }
+    }
+}
+
+/// sled's errors, sorted as the disk layer sorts them (an I/O error is a
+/// disk fault, by its kind; see [`DiskError`]).
+impl From<::sled::Error> for StoreError {
+    fn from(e: ::sled::Error) -> StoreError {
+        DiskError::from(e).into()
     }
 }
 

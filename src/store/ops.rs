@@ -121,7 +121,8 @@ impl Store {
     /// the answer is an error (503) and the copy is kept.
     async fn restored_after_loss(&self, id: &[u8; 16], now: u64) -> Result<bool> {
         let sled = &self.inner.sled;
-        let held = sled.get(id, now).is_some() && !sled.is_deleted(id);
+        // A mirror that cannot be read is an error (503), not a miss.
+        let held = sled.get(id, now)?.is_some() && !sled.is_deleted(id);
         let Some(redis) = self.inner.redis.as_ref().filter(|_| held) else {
             self.mirror("miss", |m| m.mirror_forget(id).map(|_| ()));
             return Ok(false);
@@ -326,7 +327,7 @@ impl Store {
         {
             Answer::Redis(page) => Ok(page),
             Answer::Corrupt | Answer::Fallback { .. } => {
-                Ok(self.inner.sled.list_user_page(user, now, offset, limit))
+                self.inner.sled.list_user_page(user, now, offset, limit)
             }
         }
     }
@@ -351,7 +352,10 @@ impl Store {
                 Answer::Redis(ids) => {
                     ids.iter().for_each(|id| self.forget_near(id));
                     let sled = &self.inner.sled;
-                    for id in sled.user_session_ids(user).iter().chain(ids.iter()) {
+                    // Redis did it; a mirror that cannot be read now is
+                    // left to the deletion feed.
+                    let held = sled.user_session_ids(user).unwrap_or_default();
+                    for id in held.iter().chain(ids.iter()) {
                         self.mirror("delete_user", |m| m.mirror_deleted(id).map(|_| ()));
                     }
                     self.mirror_durable("logout").await;

@@ -81,7 +81,7 @@ impl Store {
                 return Ok(());
             }
             let now = now_ms();
-            let (live, next) = sled.sessions_page(after, self.inner.replay.batch, now);
+            let (live, next) = sled.sessions_page(after, self.inner.replay.batch, now)?;
             let batch: Vec<Session> = live
                 .into_iter()
                 .filter(|s| !sled.is_deleted(&s.id))
@@ -155,15 +155,15 @@ impl Store {
             if shutdown.is_shutdown() {
                 return Ok(());
             }
-            let batch = sled.journal_head(self.inner.replay.batch);
+            let batch = sled.journal_head(self.inner.replay.batch)?;
             if batch.is_empty() {
                 let _gate = self.inner.switch.write().await;
                 sled.flush_pending_touches()?;
                 if sled.journal_len() > 0 {
-                    if sled.journal_head(1).is_empty() {
+                    if sled.journal_head(1)?.is_empty() {
                         // The counter is off (no fallback write is in flight
                         // under the gate): trust the tree.
-                        sled.recount_journal();
+                        sled.recount_journal()?;
                     }
                     continue;
                 }

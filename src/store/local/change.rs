@@ -28,6 +28,9 @@ impl SledStore {
     /// `op` is journaled as `journal` says: its coalesced touches first, so
     /// the order per session holds. Creates, changes and rotations beyond the
     /// journal's budget are refused before anything changes.
+    ///
+    /// A disk error on the way is remembered by the database (it is dead
+    /// until reopened: see [`crate::disk::Database::sled`]).
     pub(super) fn modify<R>(
         &self,
         id: &[u8; 16],
@@ -37,8 +40,21 @@ impl SledStore {
             Option<&Session>,
         ) -> std::result::Result<(Change, R, Option<Op>), InputError>,
     ) -> Result<R> {
+        self.modify_unnoted(id, now, journal, decide)
+            .map_err(|e| self.noted(e))
+    }
+
+    fn modify_unnoted<R>(
+        &self,
+        id: &[u8; 16],
+        now: u64,
+        journal: Journal,
+        decide: impl FnOnce(
+            Option<&Session>,
+        ) -> std::result::Result<(Change, R, Option<Op>), InputError>,
+    ) -> Result<R> {
         let _guard = self.lock(id);
-        let mut current = self.load(id);
+        let mut current = self.load(id)?;
         // A touch Redis answered and the lazy flush has not written yet is
         // the newest copy: it lands first, so whatever runs now (a fallback
         // write just after a failover, racing the flush) sees it.
@@ -73,7 +89,7 @@ impl SledStore {
                 if let Some(old) = &current {
                     self.remove_locked(old)?;
                 }
-                self.t()
+                self.t()?
                     .deleted()
                     .insert(id, &now_or_clock(now).to_be_bytes())?;
             }
@@ -91,7 +107,7 @@ impl SledStore {
                 if let Some(old) = &current {
                     self.remove_locked(old)?;
                 }
-                self.t()
+                self.t()?
                     .deleted()
                     .insert(id, &now_or_clock(now).to_be_bytes())?;
             }
@@ -112,7 +128,7 @@ impl SledStore {
 
     pub(super) fn put_locked(&self, old: Option<&Session>, new: &Session) -> Result<()> {
         let inner = &self.inner;
-        let t = self.t();
+        let t = self.t()?;
         if new.user_id != crate::session::ANONYMOUS
             && old.map(|o| o.user_id != new.user_id).unwrap_or(true)
         {
@@ -138,8 +154,9 @@ impl SledStore {
     /// Removes a record and its user index entry. Its expiry entry is left for
     /// the sweep, which drops entries whose record is gone.
     pub(super) fn remove_locked(&self, old: &Session) -> Result<()> {
-        self.t().sessions().remove(old.id)?;
-        self.t().by_user().remove(user_key(&old.user_id, &old.id))?;
+        let t = self.t()?;
+        t.sessions().remove(old.id)?;
+        t.by_user().remove(user_key(&old.user_id, &old.id))?;
         self.inner.active.fetch_sub(1, Ordering::Relaxed);
         Ok(())
     }

@@ -74,24 +74,28 @@ impl SledStore {
 
     /// Sets the journal's counters from the tree itself (when they disagree
     /// with it, as a reopen racing a write could leave them).
-    pub fn recount_journal(&self) {
+    pub fn recount_journal(&self) -> Result<()> {
         let (mut entries, mut bytes) = (0u64, 0u64);
-        for (_, v) in self.t().journal().iter().flatten() {
+        for r in self.t()?.journal().iter() {
+            let (_, v) = r.map_err(|e| self.failed(e))?;
             entries += 1;
             bytes += v.len() as u64;
         }
         self.inner.journal_entries.store(entries, Ordering::Relaxed);
         self.inner.journal_bytes.store(bytes, Ordering::Relaxed);
+        Ok(())
     }
 
     /// The oldest `n` journal entries, in order. An entry that does not decode
     /// is counted, logged and skipped (returned as `None` so it can be dropped).
-    pub fn journal_head(&self, n: usize) -> Vec<(u64, Option<Op>)> {
-        self.t().journal()
+    /// A read error is a disk fault, never an empty journal.
+    pub fn journal_head(&self, n: usize) -> Result<Vec<(u64, Option<Op>)>> {
+        self.t()?
+            .journal()
             .iter()
             .take(n)
-            .filter_map(|r| r.ok())
-            .map(|(k, v)| {
+            .map(|r| {
+                let (k, v) = r.map_err(|e| self.failed(e))?;
                 let seq = k.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0);
                 let op = journal_ops::decode(&v)
                     .map_err(|e| {
@@ -99,13 +103,13 @@ impl SledStore {
                         tracing::error!(seq, error = %e, "journal entry does not decode; dropping it");
                     })
                     .ok();
-                (seq, op)
+                Ok((seq, op))
             })
             .collect()
     }
 
     pub fn journal_remove(&self, seq: u64) -> Result<()> {
-        if let Some(old) = self.t().journal().remove(seq.to_be_bytes())? {
+        if let Some(old) = self.t()?.journal().remove(seq.to_be_bytes())? {
             self.inner.journal_entries.fetch_sub(1, Ordering::Relaxed);
             self.inner
                 .journal_bytes
@@ -129,7 +133,7 @@ impl SledStore {
         };
         let len = bytes.len() as u64;
         if self
-            .t()
+            .t()?
             .journal()
             .insert(seq.to_be_bytes(), bytes)?
             .is_none()
@@ -141,13 +145,13 @@ impl SledStore {
     }
 
     /// The newest journal sequence number, or 0 when empty.
-    pub fn journal_last_seq(&self) -> u64 {
-        self.t()
+    pub fn journal_last_seq(&self) -> Result<u64> {
+        Ok(self
+            .t()?
             .journal()
             .last()
-            .ok()
-            .flatten()
+            .map_err(|e| self.failed(e))?
             .and_then(|(k, _)| k.as_ref().try_into().ok().map(u64::from_be_bytes))
-            .unwrap_or(0)
+            .unwrap_or(0))
     }
 }

@@ -117,8 +117,8 @@ impl SledStore {
         after: Option<[u8; 16]>,
         batch: usize,
         now: u64,
-    ) -> (Vec<Session>, Option<[u8; 16]>) {
-        let t = self.t();
+    ) -> Result<(Vec<Session>, Option<[u8; 16]>)> {
+        let t = self.t()?;
         let iter = match after {
             Some(a) => t.sessions().range((
                 std::ops::Bound::Excluded(a.to_vec()),
@@ -126,15 +126,19 @@ impl SledStore {
             )),
             None => t.sessions().iter(),
         };
-        let ids: Vec<[u8; 16]> = iter
-            .keys()
-            .filter_map(|k| k.ok())
-            .take(batch)
-            .filter_map(|k| <[u8; 16]>::try_from(k.as_ref()).ok())
-            .collect();
+        let mut ids: Vec<[u8; 16]> = Vec::new();
+        for k in iter.keys().take(batch) {
+            let k = k.map_err(|e| self.failed(e))?;
+            if let Ok(id) = <[u8; 16]>::try_from(k.as_ref()) {
+                ids.push(id);
+            }
+        }
         let next = (ids.len() == batch).then(|| ids.last().copied()).flatten();
-        let live = ids.iter().filter_map(|id| self.get(id, now)).collect();
-        (live, next)
+        let mut live = Vec::with_capacity(ids.len());
+        for id in &ids {
+            live.extend(self.get(id, now)?);
+        }
+        Ok((live, next))
     }
 
     /// The mirror's copy of a session and the journal position it includes,
@@ -143,7 +147,7 @@ impl SledStore {
     pub fn snapshot_for_restore(&self, id: &[u8; 16], now: u64) -> Result<(Option<Session>, u64)> {
         let _guard = self.lock(id);
         self.journal_pending_touches_locked(id)?;
-        Ok((self.get(id, now), self.journal_last_seq()))
+        Ok((self.get(id, now)?, self.journal_last_seq()?))
     }
 }
 

@@ -50,7 +50,7 @@ mod mirror;
 mod sessions;
 mod sweep;
 
-use crate::disk::{Database, DiskConfig, Opened, Space};
+use crate::disk::{Database, DiskConfig, DiskError, Opened, Space};
 use crate::session::{Limits, Session};
 use sled::Tree;
 use std::collections::HashMap;
@@ -148,6 +148,8 @@ pub struct LocalLimits {
     pub max_journal_bytes: u64,
     /// Free space of the data directory's file system kept in reserve.
     pub min_free_bytes: u64,
+    /// The longest wait for a flush (`disk_flush_timeout_ms`).
+    pub flush_timeout: std::time::Duration,
 }
 
 /// How a write uses the journal.
@@ -169,9 +171,13 @@ impl SledStore {
         let config = DiskConfig {
             cache_bytes: local.cache_bytes,
             min_free_bytes: local.min_free_bytes,
+            // A session record, or a shared-cache entry (bounded by the
+            // request body, 64 KiB by default), whichever is larger.
+            largest_value_bytes: (limits.max_metadata_bytes as u64 + 1024).max(64 << 10),
+            flush_timeout: local.flush_timeout,
         };
         let db = Database::open(dir, config, TREES)?;
-        let trees = db.current();
+        let trees = db.current()?;
         // A fresh origin whenever nothing journaled depends on the old one:
         // two boards started from one cloned SD card must not share one.
         let kept = match trees.meta().get(ORIGIN_KEY)? {
@@ -218,9 +224,31 @@ impl SledStore {
         Ok(store)
     }
 
-    /// The open trees.
-    fn t(&self) -> Arc<Opened> {
-        self.inner.db.current()
+    /// The open trees, or a disk fault while the database is being
+    /// reopened.
+    fn t(&self) -> Result<Arc<Opened>> {
+        Ok(self.inner.db.current()?)
+    }
+
+    /// A sled error met by a read, remembered by the database (see
+    /// [`Database::sled`]) and answered as a disk fault (503) whatever its
+    /// kind: a read that fails on a full disk (one that waited for a write
+    /// sled abandoned) is not the reader's write being refused (507), and
+    /// never "absent" (404).
+    fn failed(&self, e: sled::Error) -> super::StoreError {
+        let e = self.inner.db.noted(DiskError::from(e));
+        super::StoreError::DiskFault(format!("reading the local store failed: {e}"))
+    }
+
+    /// Remembers a disk error the store met (the database is then dead
+    /// until reopened) and hands it back.
+    fn noted(&self, e: super::StoreError) -> super::StoreError {
+        use super::StoreError as E;
+        match e {
+            E::DiskNoSpace(m) => self.inner.db.noted(DiskError::NoSpace(m)).into(),
+            E::DiskFault(m) => self.inner.db.noted(DiskError::Fault(m)).into(),
+            other => other,
+        }
     }
 
     /// The node's database, for the other parts of the node that keep
@@ -233,17 +261,26 @@ impl SledStore {
     /// shutdown left (consumed, so a crash after this start forces a
     /// recount) or one walk of the keys; the journal's entries and bytes.
     fn count(&self) -> Result<()> {
-        self.count_in(&self.t())
+        self.count_in(&*self.t()?, true)
     }
 
     /// [`count`](Self::count) over given trees (a reopen counts the new ones
-    /// before anyone else can write to them).
-    fn count_in(&self, t: &Opened) -> Result<()> {
-        let n = match t.meta().remove(CLEAN_COUNT_KEY)? {
-            Some(v) if v.len() == 8 => i64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8])),
-            _ => t.sessions().len() as i64,
-        };
-        self.inner.active.store(n, Ordering::Relaxed);
+    /// before anyone else can write to them). A reopen keeps the session
+    /// gauge (`sessions`: false): walking every session reads every record
+    /// (blob files for large ones), which would keep the node unready for
+    /// seconds after a disk fault; the journal, bounded by its budget and
+    /// counted exactly for the replay, is walked.
+    fn count_in(&self, t: &Opened, sessions: bool) -> Result<()> {
+        let clean = t.meta().remove(CLEAN_COUNT_KEY)?;
+        if sessions {
+            let n = match clean {
+                Some(v) if v.len() == 8 => {
+                    i64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8]))
+                }
+                _ => t.sessions().len() as i64,
+            };
+            self.inner.active.store(n, Ordering::Relaxed);
+        }
         let (mut entries, mut bytes) = (0u64, 0u64);
         for (_, v) in t.journal().iter().flatten() {
             entries += 1;
@@ -264,7 +301,7 @@ impl SledStore {
     /// [`Database::reopen`]), counting the new trees before anyone else can
     /// write to them. Blocking: run it on the blocking pool.
     pub fn reopen(&self) -> Result<()> {
-        self.inner.db.reopen(|t| self.count_in(t))
+        self.inner.db.reopen(|t| self.count_in(t, false))
     }
 
     /// A tree of this database for another part of the node (see
@@ -298,6 +335,7 @@ impl SledStore {
     /// The Redis epoch this node's mirror was last synchronised with.
     pub fn redis_epoch(&self) -> Option<String> {
         self.t()
+            .ok()?
             .meta()
             .get(EPOCH_KEY)
             .ok()
@@ -306,7 +344,7 @@ impl SledStore {
     }
 
     pub fn set_redis_epoch(&self, epoch: &str) -> Result<()> {
-        self.t().meta().insert(EPOCH_KEY, epoch.as_bytes())?;
+        self.t()?.meta().insert(EPOCH_KEY, epoch.as_bytes())?;
         Ok(())
     }
 
@@ -326,7 +364,8 @@ impl SledStore {
 
     /// Whether this node saw the session deleted (or rotated away).
     pub fn is_deleted(&self, id: &[u8; 16]) -> bool {
-        matches!(self.t().deleted().get(id), Ok(Some(_)))
+        self.t()
+            .is_ok_and(|t| matches!(t.deleted().get(id), Ok(Some(_))))
     }
 
     /// Refuses a write that would take the disk into its reserve.
@@ -361,18 +400,38 @@ impl SledStore {
         self.durable().await
     }
 
+    /// Whether a flush is stuck past its deadline, and for how long.
+    pub fn flush_stuck_for(&self) -> Option<std::time::Duration> {
+        self.inner.db.flush_stuck_for()
+    }
+
     /// Final flush on a clean shutdown; records the session count so the
     /// next start skips the recount, and leaves sled's snapshot behind
-    /// ([`Database::leave_snapshot`]).
+    /// ([`Database::leave_snapshot`]). On a faulty disk it writes nothing:
+    /// everything acknowledged was flushed before it was acknowledged, the
+    /// next start recounts, and the process must end within the shutdown
+    /// grace whatever the disk does (every wait here has the flush
+    /// deadline).
     pub async fn close(&self) -> Result<()> {
+        if let Some(e) = self.inner.db.dead() {
+            tracing::warn!(error = %e, "the local store's disk is faulty: no closing flush, no snapshot; the next start recounts");
+            return Ok(());
+        }
         self.flush_touched()?;
         self.flush_pending_touches()?;
         let n = self.inner.active.load(Ordering::Relaxed);
-        self.t().meta().insert(CLEAN_COUNT_KEY, &n.to_be_bytes())?;
+        self.t()?.meta().insert(CLEAN_COUNT_KEY, &n.to_be_bytes())?;
         self.durable().await?;
         // sled's open reads files: the blocking pool's work, not a worker's.
+        // Bounded: a close that cannot finish is left to the next start.
         let db = self.inner.db.clone();
-        let _ = tokio::task::spawn_blocking(move || db.leave_snapshot()).await;
+        let snapshot = tokio::task::spawn_blocking(move || db.leave_snapshot());
+        if tokio::time::timeout(self.inner.local.flush_timeout, snapshot)
+            .await
+            .is_err()
+        {
+            tracing::warn!("leaving the local store's snapshot takes too long; not waiting for it");
+        }
         Ok(())
     }
 
@@ -385,21 +444,23 @@ impl SledStore {
     }
 
     /// Reads and decodes a record; a corrupt one is logged, counted and
-    /// treated as absent.
-    fn load(&self, id: &[u8; 16]) -> Option<Session> {
-        let bytes = match self.t().sessions().get(id) {
-            Ok(b) => b?,
+    /// treated as absent. A read that fails is a disk fault (503), never
+    /// "absent": a full or failing disk must not log anyone out.
+    fn load(&self, id: &[u8; 16]) -> Result<Option<Session>> {
+        let bytes = match self.t()?.sessions().get(id) {
+            Ok(Some(b)) => b,
+            Ok(None) => return Ok(None),
             Err(e) => {
                 tracing::error!(error = %e, "reading session failed");
-                return None;
+                return Err(self.failed(e));
             }
         };
         match Session::decode(&bytes) {
-            Ok(s) => Some(s),
+            Ok(s) => Ok(Some(s)),
             Err(e) => {
                 self.inner.corrupt.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(id = %crate::session::format_id(id), error = %e, "corrupt session record; treating as absent");
-                None
+                Ok(None)
             }
         }
     }
@@ -408,7 +469,7 @@ impl SledStore {
     /// data at rest).
     #[doc(hidden)]
     pub fn put_raw_for_test(&self, id: &[u8; 16], bytes: &[u8]) -> Result<()> {
-        self.t().sessions().insert(id, bytes)?;
+        self.t()?.sessions().insert(id, bytes)?;
         self.inner.db.flush_for_test()?;
         Ok(())
     }
@@ -487,9 +548,11 @@ mod tests {
         let config = DiskConfig {
             cache_bytes: 1 << 20,
             min_free_bytes: 0,
+            largest_value_bytes: 1 << 16,
+            flush_timeout: std::time::Duration::from_secs(5),
         };
         let db = Database::open(dir.path(), config, TREES).unwrap();
-        let t = db.current();
+        let t = db.current().unwrap();
         let named: [(&Tree, &str); 6] = [
             (t.sessions(), "sessions"),
             (t.by_user(), "by_user"),

@@ -8,7 +8,7 @@ use super::journal_ops::Op;
 use super::{stripe, user_prefix, Journal, Result, SledStore, Trees};
 use crate::disk::Space;
 use crate::session::{Patch, Session};
-use crate::store::PatchOutcome;
+use crate::store::{PatchOutcome, StoreError};
 use std::sync::atomic::Ordering;
 
 impl SledStore {
@@ -25,17 +25,24 @@ impl SledStore {
     /// flushed: a touch lost to a crash costs one count, not a session.
     /// With [`Journal::Next`] the count is coalesced in memory and journaled
     /// by [`flush_pending_touches`](Self::flush_pending_touches). With the
-    /// disk at its reserve the session is served as it is, uncounted.
+    /// disk at its reserve, full or failing, the session is served as it is
+    /// stored, uncounted (the count is in `touches_unjournaled`): a full
+    /// disk never logs anyone out. Only a read that fails is an error (a
+    /// disk fault, 503), never "absent".
     pub fn touch(&self, id: &[u8; 16], now: u64, journal: Journal) -> Result<Option<Session>> {
         let limits = self.inner.limits;
-        if self.check_space(Space::Write).is_err() {
+        if let Err(refused) = self.check_space(Space::Write) {
+            // A stuck flush: reads may wait on it too; answer at once.
+            if self.inner.db.flush_stuck_for().is_some() {
+                return Err(refused);
+            }
             self.inner
                 .touches_unjournaled
                 .fetch_add(1, Ordering::Relaxed);
-            return Ok(self.get(id, now));
+            return self.get(id, now);
         }
         let coalesce = journal == Journal::Next;
-        let touched = self.modify(id, now, journal, |current| match current {
+        let touched = match self.modify(id, now, journal, |current| match current {
             None => Ok((Change::Keep, None, None)),
             Some(s) => {
                 let mut s = s.clone();
@@ -43,7 +50,18 @@ impl SledStore {
                 let op = (!coalesce).then_some(Op::Touch { id: *id, at: now });
                 Ok((Change::Put(s.clone()), Some(s), op))
             }
-        })?;
+        }) {
+            Ok(t) => t,
+            // The disk filled between the check and the write (sled met
+            // ENOSPC): served as stored, uncounted, as at the reserve.
+            Err(StoreError::DiskNoSpace(_) | StoreError::DiskFull { .. }) => {
+                self.inner
+                    .touches_unjournaled
+                    .fetch_add(1, Ordering::Relaxed);
+                return self.get(id, now);
+            }
+            Err(e) => return Err(e),
+        };
         if coalesce && touched.is_some() {
             let mut map = self.inner.pending_touches[stripe(id)]
                 .lock()
@@ -55,9 +73,10 @@ impl SledStore {
         Ok(touched)
     }
 
-    /// Reads without counting (used for mirror restores and tests).
-    pub fn get(&self, id: &[u8; 16], now: u64) -> Option<Session> {
-        self.load(id).filter(|s| !s.is_expired(now))
+    /// Reads without counting (used for mirror restores and tests). A read
+    /// that fails is a disk fault, never "absent".
+    pub fn get(&self, id: &[u8; 16], now: u64) -> Result<Option<Session>> {
+        Ok(self.load(id)?.filter(|s| !s.is_expired(now)))
     }
 
     pub fn patch(
@@ -112,7 +131,7 @@ impl SledStore {
     pub fn delete_user(&self, user: &str, now: u64, journal: Journal) -> Result<u64> {
         self.check_space(Space::Release)?;
         let mut deleted = 0;
-        for s in self.list_user(user, now) {
+        for s in self.list_user(user, now)? {
             if self.delete(&s.id, now, Journal::Off)? {
                 deleted += 1;
             }
@@ -154,20 +173,18 @@ impl SledStore {
 
     /// Live sessions of one user (this node's view), oldest first.
     /// Anonymous sessions are not indexed: none are listed.
-    pub fn list_user(&self, user: &str, now: u64) -> Vec<Session> {
+    pub fn list_user(&self, user: &str, now: u64) -> Result<Vec<Session>> {
         if user == crate::session::ANONYMOUS {
-            return Vec::new();
+            return Ok(Vec::new());
         }
-        let mut list: Vec<Session> = self
-            .user_session_ids(user)
-            .iter()
-            .filter_map(|id| self.get(id, now))
-            .filter(|s| s.user_id == user)
-            .collect();
+        let mut list = Vec::new();
+        for id in self.user_session_ids(user)? {
+            list.extend(self.get(&id, now)?.filter(|s| s.user_id == user));
+        }
         // oldest first: by when each became the user's (created or logged
         // in), as Redis orders a user's index
         list.sort_by_key(|s| (s.born(), s.id));
-        list
+        Ok(list)
     }
 
     /// One page of [`list_user`](Self::list_user) and the next offset.
@@ -177,12 +194,12 @@ impl SledStore {
         now: u64,
         offset: u64,
         limit: u64,
-    ) -> (Vec<Session>, Option<u64>) {
-        let all = self.list_user(user, now);
+    ) -> Result<(Vec<Session>, Option<u64>)> {
+        let all = self.list_user(user, now)?;
         let start = (offset as usize).min(all.len());
         let end = start.saturating_add(limit as usize).min(all.len());
         let next = (end < all.len()).then_some(end as u64);
-        (all[start..end].to_vec(), next)
+        Ok((all[start..end].to_vec(), next))
     }
 
     /// Keeps `user` at `max` sessions: deletes the oldest beyond it (journaled
@@ -194,10 +211,10 @@ impl SledStore {
         // Reading them all on every create decoded each of the user's
         // sessions and pulled their leaf pages (scattered: ids are random)
         // through sled's cache, for nothing in the usual case.
-        if self.user_session_ids(user).len() as u64 <= max {
+        if self.user_session_ids(user)?.len() as u64 <= max {
             return Ok(0);
         }
-        let list = self.list_user(user, now);
+        let list = self.list_user(user, now)?;
         let over = list.len().saturating_sub(max as usize);
         let mut evicted = 0;
         for s in list.iter().take(over) {
@@ -209,17 +226,16 @@ impl SledStore {
     }
 
     /// Ids filed under a user; may include stale entries, callers re-check.
-    pub fn user_session_ids(&self, user: &str) -> Vec<[u8; 16]> {
+    pub fn user_session_ids(&self, user: &str) -> Result<Vec<[u8; 16]>> {
         let prefix = user_prefix(user);
-        self.t()
-            .by_user()
-            .scan_prefix(&prefix)
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter_map(|k| {
+        let mut ids = Vec::new();
+        for k in self.t()?.by_user().scan_prefix(&prefix).keys() {
+            let k = k.map_err(|e| self.failed(e))?;
+            ids.extend(
                 k.get(prefix.len()..)
-                    .and_then(|id| <[u8; 16]>::try_from(id).ok())
-            })
-            .collect()
+                    .and_then(|id| <[u8; 16]>::try_from(id).ok()),
+            );
+        }
+        Ok(ids)
     }
 }

@@ -10,8 +10,8 @@ impl SledStore {
     /// Bounded work per call keeps a sweep from stalling a small board.
     pub fn sweep(&self, now: u64, budget: usize) -> usize {
         let mut removed = 0;
-        let due: Vec<_> = self
-            .t()
+        let Ok(t) = self.t() else { return 0 };
+        let due: Vec<_> = t
             .by_expiry()
             .range(..now.to_be_bytes().to_vec())
             .keys()
@@ -20,23 +20,22 @@ impl SledStore {
             .collect();
         for key in due {
             let Some(id) = key.get(8..24).and_then(|b| <[u8; 16]>::try_from(b).ok()) else {
-                let _ = self.t().by_expiry().remove(&key);
+                let _ = t.by_expiry().remove(&key);
                 continue;
             };
             let _guard = self.lock(&id);
             match self.load(&id) {
-                Some(s) if s.is_expired(now) && self.remove_locked(&s).is_ok() => removed += 1,
-                Some(s) if s.is_expired(now) => {}
-                Some(s) => {
+                Ok(Some(s)) if s.is_expired(now) && self.remove_locked(&s).is_ok() => removed += 1,
+                Ok(Some(s)) if s.is_expired(now) => {}
+                Ok(Some(s)) => {
                     // Still alive: re-file at its real expiry.
-                    let _ = self
-                        .t()
-                        .by_expiry()
-                        .insert(expiry_key(s.expires_at, &id), &[]);
+                    let _ = t.by_expiry().insert(expiry_key(s.expires_at, &id), &[]);
                 }
-                None => {}
+                Ok(None) => {}
+                // The disk failed: the next sweep, after a reopen, goes on.
+                Err(_) => return removed,
             }
-            let _ = self.t().by_expiry().remove(&key);
+            let _ = t.by_expiry().remove(&key);
         }
         removed
     }
@@ -51,8 +50,8 @@ impl SledStore {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         let horizon = now.saturating_sub(self.inner.limits.max_lifetime_ms);
-        let batch: Vec<_> = self
-            .t()
+        let Ok(t) = self.t() else { return 0 };
+        let batch: Vec<_> = t
             .deleted()
             .range((
                 std::ops::Bound::Excluded(cursor.clone()),
@@ -64,7 +63,7 @@ impl SledStore {
         let mut removed = 0;
         for (k, v) in &batch {
             let at = v.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0);
-            if at < horizon && self.t().deleted().remove(k).is_ok() {
+            if at < horizon && t.deleted().remove(k).is_ok() {
                 removed += 1;
             }
         }

@@ -127,7 +127,7 @@ impl Store {
     /// answered: the near cache's copy, or the mirror's count plus these.
     fn counts_to_mirror(&self, f: &Flush, near_copy: Option<Session>) {
         let sled = &self.inner.sled;
-        let Some(mut copy) = sled.get(&f.id, crate::session::now_ms()) else {
+        let Ok(Some(mut copy)) = sled.get(&f.id, crate::session::now_ms()) else {
             return;
         };
         if sled.is_deleted(&f.id) {
@@ -143,7 +143,7 @@ impl Store {
     /// answered.
     fn count_to_mirror(&self, id: &[u8; 16], count: u64, at: u64) {
         let sled = &self.inner.sled;
-        let Some(mut copy) = sled.get(id, crate::session::now_ms()) else {
+        let Ok(Some(mut copy)) = sled.get(id, crate::session::now_ms()) else {
             return;
         };
         if copy.request_count >= count || sled.is_deleted(id) {
