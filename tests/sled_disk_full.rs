@@ -154,7 +154,7 @@ fn within<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static)
     }
 }
 
-/// The configuration `SledStore::open` (src/store/sled.rs) uses, with
+/// The configuration the node opens its database with (`src/disk/mod.rs`), with
 /// edgenode's default cache capacity (2 MB).
 fn open(dir: &Path) -> sled::Result<sled::Db> {
     sled::Config::new()
