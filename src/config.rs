@@ -232,6 +232,14 @@ pub struct Args {
     #[arg(help = with_default("How often touches answered from the near cache are written to Redis (request counts, last access, sliding expiry): one command per session per interval. A node killed with SIGKILL loses at most this much of its counts", DEFAULT_TOUCH_FLUSH_MS))]
     pub touch_flush_ms: Option<u64>,
 
+    /// How far (in seconds) the disk mirror's copy of a session this node
+    /// serves may lag the expiry Redis gives it before a use rewrites the
+    /// copy; its count there lags by the uses of that long. Larger writes
+    /// the SD card less; 0 rewrites it on every use. At most a tenth of
+    /// session_ttl_secs [default: a tenth of session_ttl_secs]
+    #[arg(long, env = "EDGENODE_MIRROR_LAG_SECS", value_name = "SECS")]
+    pub mirror_lag_secs: Option<u64>,
+
     #[arg(long, env = "EDGENODE_REPLAY_BATCH", value_name = "N")]
     #[arg(help = with_default("Journal entries sent to Redis in one pipelined round trip when replaying after an outage", DEFAULT_REPLAY_BATCH))]
     pub replay_batch: Option<usize>,
@@ -336,6 +344,8 @@ pub struct Config {
     pub replay_batch: usize,
     pub near_cache_bytes: u64,
     pub touch_flush: Duration,
+    /// See `Args::mirror_lag_secs`.
+    pub mirror_lag_secs: u64,
     pub max_sessions_per_user: u64,
     pub max_sessions: u64,
     /// 0 = no limit.
@@ -451,6 +461,7 @@ impl Config {
                 .unwrap_or(DEFAULT_NEAR_CACHE_MB)
                 .saturating_mul(1024 * 1024),
             touch_flush: ms(a.touch_flush_ms.unwrap_or(DEFAULT_TOUCH_FLUSH_MS)),
+            mirror_lag_secs: a.mirror_lag_secs.unwrap_or(session_ttl_secs / 10),
             max_sessions_per_user: a
                 .max_sessions_per_user
                 .unwrap_or(DEFAULT_MAX_SESSIONS_PER_USER),
@@ -498,6 +509,9 @@ impl Config {
         }
         if self.touch_flush.is_zero() || self.touch_flush > Duration::from_secs(10) {
             return bad("touch_flush_ms must be between 1 and 10000");
+        }
+        if self.mirror_lag_secs > self.session_ttl_secs / 10 {
+            return bad("mirror_lag_secs must be at most a tenth of session_ttl_secs");
         }
         if self.workers == 0 || self.blocking_threads == 0 {
             return bad("workers and blocking_threads must be at least 1");

@@ -320,6 +320,26 @@ impl Collector for StateCollector {
             "Requests waiting for a disk flush",
             self.store.sled().commits_waiting() as i64,
         )?;
+        counter(
+            &mut enc,
+            "edgenode_disk_fsyncs",
+            "Flushes of the local database that wrote and synced data to disk (group commits and lazy flushes; a flush with nothing new syncs nothing)",
+            self.store.sled().disk_syncs(),
+        )?;
+        if let Some(written) = crate::disk::Database::process_written_bytes() {
+            counter(
+                &mut enc,
+                "edgenode_disk_written_bytes",
+                "Bytes the node has caused to be written to storage (/proc/self/io write_bytes): the SD card's wear",
+                written,
+            )?;
+        }
+        counter(
+            &mut enc,
+            "edgenode_mirror_touches_skipped",
+            "Uses served in Redis mode whose disk-mirror copy was within mirror_lag_secs and so was not rewritten",
+            self.store.sled().mirror_touches_skipped(),
+        )?;
         gauge(
             &mut enc,
             "edgenode_open_connections",

@@ -31,9 +31,9 @@ pub mod route;
 mod status;
 
 use crate::session::{now_ms, InputError, Session};
+use local::SledStore;
 use near::Near;
 use redis::RedisStore;
-use local::SledStore;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -3,8 +3,8 @@
 //! logging a user out everywhere. What each does with the near cache goes
 //! through the near module (`near::serve`), which alone holds it.
 
-use super::route::Answer;
 use super::local::Journal;
+use super::route::Answer;
 use super::{Deleted, PatchOutcome, Result, Store, StoreError};
 use crate::session::{now_ms, Patch, Session};
 use std::sync::atomic::Ordering;
