@@ -44,6 +44,7 @@ const DEFAULT_CREATE_RATE_PER_IP: u32 = 10;
 const DEFAULT_REQUIRE_REDIS: bool = false;
 const DEFAULT_REPLAY_BATCH: usize = 256;
 const DEFAULT_NEAR_CACHE_MB: u64 = 8;
+const DEFAULT_NEAR_ADMIT_MS: u64 = 1_000;
 const DEFAULT_TOUCH_FLUSH_MS: u64 = 100;
 const DEFAULT_HEADER_TIMEOUT_MS: u64 = 10000;
 const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 10000;
@@ -228,6 +229,10 @@ pub struct Args {
     #[arg(help = with_default("Memory for the near cache: in Redis mode, the sessions this node serves are kept here, coherent with Redis (CLIENT TRACKING), so a touch costs no Redis round trip. 0 = off", DEFAULT_NEAR_CACHE_MB))]
     pub near_cache_mb: Option<u64>,
 
+    #[arg(long, env = "EDGENODE_NEAR_ADMIT_MS", value_name = "MS")]
+    #[arg(help = with_default("A session the near cache does not hold is cached only when used again within this long; its other uses are counted in Redis at once. Spares Redis and the node the cost of caching sessions used once in a while (a LAN of browsers). 0 = cache every session used", DEFAULT_NEAR_ADMIT_MS))]
+    pub near_admit_ms: Option<u64>,
+
     #[arg(long, env = "EDGENODE_TOUCH_FLUSH_MS", value_name = "MS")]
     #[arg(help = with_default("How often touches answered from the near cache are written to Redis (request counts, last access, sliding expiry): one command per session per interval. A node killed with SIGKILL loses at most this much of its counts", DEFAULT_TOUCH_FLUSH_MS))]
     pub touch_flush_ms: Option<u64>,
@@ -343,6 +348,7 @@ pub struct Config {
     pub min_free_bytes: u64,
     pub replay_batch: usize,
     pub near_cache_bytes: u64,
+    pub near_admit: Duration,
     pub touch_flush: Duration,
     /// See `Args::mirror_lag_secs`.
     pub mirror_lag_secs: u64,
@@ -460,6 +466,7 @@ impl Config {
                 .near_cache_mb
                 .unwrap_or(DEFAULT_NEAR_CACHE_MB)
                 .saturating_mul(1024 * 1024),
+            near_admit: ms(a.near_admit_ms.unwrap_or(DEFAULT_NEAR_ADMIT_MS)),
             touch_flush: ms(a.touch_flush_ms.unwrap_or(DEFAULT_TOUCH_FLUSH_MS)),
             mirror_lag_secs: a.mirror_lag_secs.unwrap_or(session_ttl_secs / 10),
             max_sessions_per_user: a

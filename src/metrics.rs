@@ -283,6 +283,12 @@ impl Collector for StateCollector {
                 "Near-cache copies evicted to stay within near_cache_mb",
                 near.evictions,
             )?;
+            counter(
+                &mut enc,
+                "edgenode_near_cache_unadmitted",
+                "Touches of sessions not used again within near_admit_ms: counted in Redis at once, not cached",
+                near.unadmitted,
+            )?;
             gauge(
                 &mut enc,
                 "edgenode_near_cache_bytes",

@@ -102,6 +102,7 @@ pub async fn run_on(
             store_timeout: config.store_timeout,
             near_cache_bytes: config.near_cache_bytes,
             touch_flush: config.touch_flush,
+            near_admit: config.near_admit,
         },
     );
     store.start_on_redis().await;

@@ -396,6 +396,7 @@ fn health(app: &App) -> Response<Body> {
                 "invalidations": n.invalidations,
                 "evictions": n.evictions,
                 "pending_touches": n.pending,
+                "unadmitted": n.unadmitted,
             })),
         },
         "sessions": { "active": st.sessions_active },

@@ -73,7 +73,7 @@ impl Store {
                 self.settle_if_draining(id).await;
                 return Ok(Some(s));
             }
-            self.has_near()
+            self.near_admits(id, now)
         };
         let mut may_restore = true;
         loop {

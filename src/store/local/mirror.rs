@@ -344,4 +344,103 @@ mod tests {
             assert_eq!(merged.expires_at, 2_000);
         }
     }
+
+    fn open(ttl_ms: u64) -> (tempfile::TempDir, SledStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let local = super::super::LocalLimits {
+            cache_bytes: 1 << 20,
+            max_journal_bytes: 1 << 20,
+            min_free_bytes: 0,
+        };
+        let limits = crate::session::Limits {
+            ttl_ms,
+            max_lifetime_ms: 10 * ttl_ms,
+            max_metadata_bytes: 1024,
+        };
+        let store = SledStore::open(dir.path(), local, limits).unwrap();
+        (dir, store)
+    }
+
+    /// The mirror's lag bounds (docs/failure-model.md): a touch whose
+    /// expiry the mirror's copy is within `mirror_lag` of writes nothing; one
+    /// beyond it, or one carrying changed data, rewrites the copy; after a
+    /// restart (nothing remembered) the copy on disk is checked, not
+    /// rewritten blindly. At every step the copy's expiry is no earlier than
+    /// the latest touch's minus the lag, and its count is the count of a
+    /// touch no more than the lag older than the latest.
+    #[test]
+    fn mirror_touches_are_written_only_past_the_lag_and_the_copy_stays_within_it() {
+        let (_dir, store) = open(100_000); // lag: a tenth, 10 s
+        let now = now_ms();
+        let mut s = session(1, 1, now, now + 100_000, "{}");
+        s.created_at = now;
+        store.mirror_put(&s).unwrap();
+        let check = |latest: &Session, count: u64| {
+            store.flush_touched().unwrap();
+            let held = store.get(&s.id, now).expect("the mirror holds it");
+            assert!(held.expires_at + 10_000 >= latest.expires_at);
+            assert_eq!(held.request_count, count);
+        };
+
+        // 9 s of use: within the lag, nothing written
+        let mut t = s.clone();
+        t.request_count = 50;
+        t.last_accessed += 9_000;
+        t.expires_at += 9_000;
+        store.mirror_touch(t.clone()).unwrap();
+        check(&t, 1);
+        assert_eq!(store.mirror_touches_skipped(), 1);
+
+        // 10.5 s: beyond it, the copy is rewritten
+        t.request_count = 80;
+        t.last_accessed = s.last_accessed + 10_500;
+        t.expires_at = s.expires_at + 10_500;
+        store.mirror_touch(t.clone()).unwrap();
+        check(&t, 80);
+
+        // changed data is written at once, whatever the expiry
+        t.version = 2;
+        t.metadata = r#"{"new":1}"#.into();
+        t.request_count = 81;
+        store.mirror_touch(t.clone()).unwrap();
+        check(&t, 81);
+        assert_eq!(store.get(&s.id, now).unwrap().metadata, r#"{"new":1}"#);
+
+        // as after a restart: nothing remembered, the disk copy is compared
+        store.forget_written();
+        let mut u = t.clone();
+        u.request_count = 90;
+        u.expires_at += 5_000;
+        store.mirror_touch(u.clone()).unwrap();
+        check(&u, 81);
+        // ... and remembered from then on
+        store.mirror_touch(u.clone()).unwrap();
+        assert_eq!(store.mirror_touches_skipped(), 2);
+
+        // a lag of 0 writes every use
+        store.set_mirror_lag_ms(0);
+        u.request_count = 91;
+        u.expires_at += 1_000;
+        store.mirror_touch(u.clone()).unwrap();
+        check(&u, 91);
+    }
+
+    /// A session this node never wrote to its mirror (created elsewhere)
+    /// is written at its first touch; a deleted one is forgotten.
+    #[test]
+    fn a_first_touch_writes_the_copy_and_a_deletion_forgets_it() {
+        let (_dir, store) = open(100_000);
+        let now = now_ms();
+        let mut s = session(1, 3, now, now + 100_000, "{}");
+        s.created_at = now;
+        store.mirror_touch(s.clone()).unwrap();
+        store.flush_touched().unwrap();
+        assert_eq!(store.get(&s.id, now).unwrap().request_count, 3);
+        assert!(store.mirror_deleted(&s.id).unwrap());
+        assert!(store.get(&s.id, now).is_none());
+        // a later touch result (a race with the deletion) is not skipped
+        // on the strength of the copy that is gone
+        store.mirror_touch(s.clone()).unwrap();
+        assert_eq!(store.mirror_touches_skipped(), 0);
+    }
 }
