@@ -40,7 +40,8 @@ fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
-/// A data directory on a real disk (tmpfs counts no written bytes).
+/// A directory on a real disk (tmpfs counts no written bytes), for the
+/// nodes' data directories (`<name>/db`) and their logs (beside them).
 fn disk_dir() -> tempfile::TempDir {
     tempfile::Builder::new()
         .prefix("edgenode-sd-")
@@ -52,7 +53,6 @@ fn node_on(redis: &Redis, dir: &std::path::Path, extra: &[&str]) -> Node {
     let node = Node::builder()
         .args(["--redis-url", &redis.url()])
         .args(["--store-timeout-ms", "250"])
-        .args(["--session-ttl-secs", "100"])
         .args(extra.iter().copied())
         .data_dir(dir)
         .start();
@@ -76,7 +76,7 @@ fn uses_in_redis_mode_barely_write_to_the_disk() {
         .unwrap_or(300);
     let redis = Redis::start(false);
     let dir = disk_dir();
-    let node = node_on(&redis, dir.path(), &[]);
+    let node = node_on(&redis, &dir.path().join("n"), &[]);
     let c = node.client();
     let ids: Vec<String> = (0..sessions).map(|_| id_of(&c.create("{}"))).collect();
     let written = || metric(&c, "edgenode_disk_written_bytes_total");
@@ -126,9 +126,15 @@ fn uses_in_redis_mode_barely_write_to_the_disk() {
 fn the_mirror_holds_what_the_node_served_within_the_lag_through_an_outage() {
     const LAG_MS: u64 = 1_000;
     let mut redis = Redis::start(false);
-    let (dir1, dir2) = (disk_dir(), disk_dir());
-    let mut n1 = node_on(&redis, dir1.path(), &["--mirror-lag-secs", "1"]);
-    let n2 = node_on(&redis, dir2.path(), &[]);
+    let dir = disk_dir();
+    let (dir1, dir2) = (dir.path().join("n1"), dir.path().join("n2"));
+    let ttl = ["--session-ttl-secs", "100"];
+    let mut n1 = node_on(
+        &redis,
+        &dir1,
+        &[&ttl[..], &["--mirror-lag-secs", "1"]].concat(),
+    );
+    let n2 = node_on(&redis, &dir2, &ttl);
     let (c1, c2) = (n1.client(), n2.client());
     let mine = id_of(&c1.create("{}"));
     let theirs = id_of(&c2.create(r#"{"metadata":{"made":"elsewhere"}}"#));
@@ -163,7 +169,7 @@ fn the_mirror_holds_what_the_node_served_within_the_lag_through_an_outage() {
     }));
     assert!(n1.terminate().success());
     let store = SledStore::open(
-        dir1.path(),
+        &dir1.join("db"),
         LocalLimits {
             cache_bytes: 1 << 20,
             max_journal_bytes: 1 << 20,
