@@ -78,7 +78,8 @@ impl SledStore {
         Ok(())
     }
 
-    /// Takes a touch result from Redis for the mirror: nothing to do when
+    /// Takes a touch result from Redis (or a session just created there)
+    /// for the mirror: nothing to do when
     /// the mirror's copy is within its bounds of it (see the module doc),
     /// else buffered for the next flush (see `touched`).
     pub fn mirror_touch(&self, session: Session) -> Result<()> {
