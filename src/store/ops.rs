@@ -122,6 +122,8 @@ impl Store {
     /// the answer is an error (503) and the copy is kept.
     async fn restored_after_loss(&self, id: &[u8; 16], now: u64) -> Result<bool> {
         let sled = &self.inner.sled;
+        // A copy still buffered (created or used in the last 5 s) is held.
+        sled.land_buffered(id)?;
         let held = sled.get(id, now).is_some() && !sled.is_deleted(id);
         let Some(redis) = self.inner.redis.as_ref().filter(|_| held) else {
             self.mirror("miss", |m| m.mirror_forget(id).map(|_| ()));

@@ -148,6 +148,12 @@ impl SledStore {
         Ok(())
     }
 
+    /// Writes a session's buffered copy, if any, into the mirror now (before
+    /// the mirror is read for it).
+    pub fn land_buffered(&self, id: &[u8; 16]) -> Result<()> {
+        self.land_touch(id, None)
+    }
+
     /// Remembers what the mirror now holds of a session.
     fn note_written(&self, s: &Session) {
         self.inner.written[stripe(&s.id)]
