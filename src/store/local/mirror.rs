@@ -25,8 +25,12 @@ use crate::disk::Space;
 use crate::session::{now_ms, Session};
 use std::sync::atomic::Ordering;
 
-/// Most buffered touches per stripe; past it a touch is written through.
-const TOUCHED_PER_STRIPE: usize = 512;
+/// Most buffered copies per stripe (4 096 in all, about 1 MB); past it a
+/// copy is written through. Small on purpose: at the rates where it fills
+/// (thousands of creates a second) the writes share flushes anyway, and a
+/// larger buffer cost the node its memory bound (its maps and the heap
+/// they fragment: RSS +15 MB while creating 100 000 sessions with 512).
+const TOUCHED_PER_STRIPE: usize = 64;
 
 /// What the mirror holds of one session, as far as a touch needs to know:
 /// a lower bound on its stored expiry (whole seconds, rounded down) and
@@ -206,6 +210,11 @@ impl SledStore {
             for id in ids_in(shard) {
                 self.land_touch(&id, None)?;
             }
+            // A map keeps the room it once needed: given back.
+            shard
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .shrink_to(TOUCHED_PER_STRIPE / 4);
         }
         let cursor = self.inner.prune_cursor.fetch_add(1, Ordering::Relaxed);
         let now_s = now_ms() / 1000;
