@@ -73,6 +73,7 @@ pub async fn run_on(
             config.data_dir.display()
         )
     })?;
+    sled.set_mirror_lag_ms(config.mirror_lag_secs.saturating_mul(1000));
     let redis = match &config.redis_url {
         Some(url) => Some(RedisStore::new(
             url,

@@ -17,6 +17,12 @@ pub struct NodeStatus {
     /// Requests waiting on the disk (group commit): the only queue there
     /// is; the worker pool itself never queues (it refuses).
     pub disk_flush_waiters: u64,
+    /// What the node has written to storage (`/proc/self/io`), if readable.
+    pub disk_written_bytes: Option<u64>,
+    /// Flushes of the local database that synced data.
+    pub disk_fsyncs: u64,
+    /// Uses whose mirror copy was recent enough not to be rewritten.
+    pub mirror_touches_skipped: u64,
     pub cache: CacheStats,
 }
 
@@ -26,6 +32,9 @@ impl NodeStatus {
             store: store.status(),
             pool: admission.stats(),
             disk_flush_waiters: store.sled().commits_waiting(),
+            disk_written_bytes: crate::disk::Database::process_written_bytes(),
+            disk_fsyncs: store.sled().disk_syncs(),
+            mirror_touches_skipped: store.sled().mirror_touches_skipped(),
             cache: cache.stats(),
         }
     }
@@ -69,6 +78,7 @@ const NEAR: &[&str] = &["store", "near_cache"];
 const SESSIONS: &[&str] = &["sessions"];
 const POOL: &[&str] = &["pool"];
 const CACHE: &[&str] = &["cache"];
+const DISK: &[&str] = &["disk"];
 
 macro_rules! figure {
     ($json:expr, $metric:expr, |$s:ident| $read:expr) => {
@@ -191,6 +201,11 @@ pub const FIGURES: &[Figure] = &[
         |s| s.store.near.map(|n| Number(n.evictions))
     ),
     figure!(
+        Some((NEAR, "unadmitted")),
+        Some(("edgenode_near_cache_unadmitted", Counter, "Touches of sessions not used again within near_admit_ms: counted in Redis at once, not cached")),
+        |s| s.store.near.map(|n| Number(n.unadmitted))
+    ),
+    figure!(
         Some((NEAR, "bytes")),
         Some(("edgenode_near_cache_bytes", Gauge, "Estimated memory held by near-cache copies (bound: near_cache_mb)")),
         |s| s.store.near.map(|n| Number(n.bytes))
@@ -223,6 +238,21 @@ pub const FIGURES: &[Figure] = &[
         Some((POOL, "queued")),
         Some(("edgenode_disk_flush_waiters", Gauge, "Requests waiting for a disk flush")),
         |s| Some(Number(s.disk_flush_waiters))
+    ),
+    figure!(
+        Some((DISK, "written_bytes")),
+        Some(("edgenode_disk_written_bytes", Counter, "Bytes the node has caused to be written to storage (/proc/self/io write_bytes): the SD card's wear")),
+        |s| s.disk_written_bytes.map(Number)
+    ),
+    figure!(
+        Some((DISK, "fsyncs")),
+        Some(("edgenode_disk_fsyncs", Counter, "Flushes of the local database that wrote and synced data to disk (group commits and lazy flushes; a flush with nothing new syncs nothing)")),
+        |s| Some(Number(s.disk_fsyncs))
+    ),
+    figure!(
+        Some((DISK, "mirror_touches_skipped")),
+        Some(("edgenode_mirror_touches_skipped", Counter, "Uses served in Redis mode whose disk-mirror copy was within mirror_lag_secs and so was not rewritten")),
+        |s| Some(Number(s.mirror_touches_skipped))
     ),
     figure!(
         Some((POOL, "connections")),

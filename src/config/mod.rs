@@ -66,6 +66,9 @@ pub struct Config {
     pub replay_batch: usize,
     pub near_cache_bytes: u64,
     pub touch_flush: Duration,
+    pub near_admit: Duration,
+    /// See the key `mirror_lag_secs`.
+    pub mirror_lag_secs: u64,
     pub max_sessions_per_user: u64,
     pub max_sessions: u64,
     /// 0 = no limit.
@@ -159,6 +162,8 @@ impl Config {
             replay_batch: v.replay_batch,
             near_cache_bytes: mb(v.near_cache_mb),
             touch_flush: ms(v.touch_flush_ms),
+            near_admit: ms(v.near_admit_ms),
+            mirror_lag_secs: v.mirror_lag_secs.unwrap_or(v.session_ttl_secs / 10),
             max_sessions_per_user: v.max_sessions_per_user,
             max_sessions: v.max_sessions,
             create_rate_per_ip: v.create_rate_per_ip,
@@ -211,6 +216,9 @@ impl Config {
         }
         if self.store_timeout.is_zero() {
             return bad("store_timeout_ms must be at least 1");
+        }
+        if self.mirror_lag_secs > self.session_ttl_secs / 10 {
+            return bad("mirror_lag_secs must be at most a tenth of session_ttl_secs");
         }
         if self.disk_flush_timeout.is_zero() {
             return bad("disk_flush_timeout_ms must be at least 1");

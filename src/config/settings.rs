@@ -73,6 +73,7 @@ impl Config {
             store_timeout: self.store_timeout,
             near_cache_bytes: self.near_cache_bytes,
             touch_flush: self.touch_flush,
+            near_admit: self.near_admit,
         }
     }
 

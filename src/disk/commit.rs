@@ -34,6 +34,9 @@ pub(super) struct GroupCommit {
     started: AtomicU64,
     epoch: Instant,
     pub(super) waiting: AtomicU64,
+    /// Flushes that wrote and synced something (sled skips the sync of a
+    /// flush with nothing new): what wears an SD card, as a metric.
+    syncs: AtomicU64,
 }
 
 impl GroupCommit {
@@ -45,6 +48,7 @@ impl GroupCommit {
             started: AtomicU64::new(0),
             epoch: Instant::now(),
             waiting: AtomicU64::new(0),
+            syncs: AtomicU64::new(0),
         }
     }
 
@@ -137,9 +141,14 @@ impl Database {
                     // handle) so that a reopen waits for it to return.
                     let res = tokio::task::spawn_blocking(move || opened.db().flush()).await;
                     let ok = matches!(res, Ok(Ok(_)));
-                    let failed = match res {
-                        Ok(Ok(_)) => None,
-                        Ok(Err(e)) => Some(DiskError::from(e)),
+                    let failed = match &res {
+                        Ok(Ok(written)) => {
+                            if *written > 0 {
+                                inner.commit.syncs.fetch_add(1, Ordering::Relaxed);
+                            }
+                            None
+                        }
+                        Ok(Err(e)) => Some(DiskError::from(e.clone())),
                         Err(e) => Some(DiskError::Fault(format!("the flush panicked: {e}"))),
                     };
                     if let Some(e) = failed {
@@ -158,6 +167,12 @@ impl Database {
                 return Err(DiskError::Closed("local store closed".into()));
             }
         }
+    }
+
+    /// Group-commit flushes (lazy ones included) that wrote and synced
+    /// data since the node started.
+    pub fn syncs(&self) -> u64 {
+        self.inner.commit.syncs.load(Ordering::Relaxed)
     }
 
     /// Writers waiting for a flush now.

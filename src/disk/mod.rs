@@ -249,6 +249,17 @@ impl Database {
         }
     }
 
+    /// Bytes this process has caused to be written to storage
+    /// (`write_bytes` of `/proc/self/io`: the disk's wear, whatever wrote
+    /// it); `None` where the kernel does not say (no procfs, or no task
+    /// I/O accounting).
+    pub fn process_written_bytes() -> Option<u64> {
+        let io = std::fs::read_to_string("/proc/self/io").ok()?;
+        io.lines()
+            .find_map(|l| l.strip_prefix("write_bytes:"))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
     /// Flushes at once, on the calling thread (tests of data at rest).
     #[doc(hidden)]
     pub fn flush_for_test(&self) -> Result<()> {

@@ -14,6 +14,11 @@ use std::time::Duration;
 /// holds the database, so nothing short of a restart frees it.
 const STUCK_FLUSH_EXIT: Duration = Duration::from_secs(60);
 
+/// Housekeeping rounds (of 500 ms) between two writes of the buffered
+/// mirror touches: 5 s, so a node serving with Redis healthy syncs the disk
+/// at most once every 5 s for them.
+const MIRROR_FLUSH_ROUNDS: u64 = 10;
+
 impl Store {
     /// Background upkeep: the expiry sweeps, the journaling of coalesced
     /// fallback touches and the lazy flush, and the reopen of the database
@@ -90,8 +95,11 @@ impl Store {
             if let Err(e) = self.inner.sled.flush_pending_touches() {
                 tracing::warn!(error = %e, "journaling fallback touches failed");
             }
+            // Mirror touches are written coarsely (every 5 s): each write
+            // costs the SD card a sync, and Redis holds the session anyway.
+            let touched = rounds % MIRROR_FLUSH_ROUNDS == 0;
             tokio::select! {
-                r = self.inner.sled.flush_lazy() => {
+                r = self.inner.sled.flush_lazy(touched) => {
                     if let Err(e) = r {
                         tracing::warn!(error = %e, "lazy flush failed");
                     }

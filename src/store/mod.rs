@@ -97,6 +97,9 @@ pub struct StoreLimits {
     /// The near cache's bound; 0 turns it off.
     pub near_cache_bytes: u64,
     pub touch_flush: Duration,
+    /// A session not held by the near cache is cached only when used again
+    /// within this (`near_admit_ms`; zero: always).
+    pub near_admit: Duration,
 }
 
 /// What a DELETE did.
@@ -112,8 +115,14 @@ pub enum Deleted {
 
 impl Store {
     pub fn new(sled: SledStore, redis: Option<RedisStore>, limits: StoreLimits) -> Store {
-        let near = (redis.is_some() && limits.near_cache_bytes > 0)
-            .then(|| Near::new(limits.near_cache_bytes, *sled.limits(), limits.touch_flush));
+        let near = (redis.is_some() && limits.near_cache_bytes > 0).then(|| {
+            Near::new(
+                limits.near_cache_bytes,
+                *sled.limits(),
+                limits.touch_flush,
+                limits.near_admit,
+            )
+        });
         Store {
             inner: Arc::new(Inner {
                 sled,

@@ -74,6 +74,9 @@ impl Store {
                 .store(false, Ordering::Release);
             return Ok(());
         }
+        // The copies still buffered (the last 5 s of creates and uses) are
+        // part of what this node holds.
+        sled.flush_touched()?;
         let started = std::time::Instant::now();
         let (mut after, mut written) = (None, 0u64);
         loop {

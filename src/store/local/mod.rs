@@ -55,7 +55,7 @@ use crate::session::{Limits, Session};
 use sled::Tree;
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 const LOCK_STRIPES: usize = 64;
@@ -96,6 +96,17 @@ struct Inner {
     /// lock stripe. Written by the housekeeping flush (and at once on a
     /// failover), so the Redis-mode hot path does no sled write at all.
     touched: Vec<Mutex<HashMap<[u8; 16], Session>>>,
+    /// What the mirror holds of each session served here, compactly, one
+    /// map per lock stripe: a touch whose expiry the mirror's copy is within
+    /// `mirror_lag_ms` of writes nothing (see `mirror::MirrorWritten`).
+    written: Vec<Mutex<HashMap<u64, mirror::MirrorWritten>>>,
+    /// How far the mirror's copy of a session may lag Redis's expiry before
+    /// a touch rewrites it (`mirror_lag_secs`, at most a tenth of the TTL).
+    mirror_lag_ms: AtomicU64,
+    /// The stripe of `written` the next lazy flush prunes of expired entries.
+    prune_cursor: AtomicUsize,
+    /// Touch results from Redis the mirror did not need to write.
+    mirror_touches_skipped: AtomicU64,
 }
 
 /// Declares the session store's trees once: their names, in the order the
@@ -218,6 +229,12 @@ impl SledStore {
                 touched: (0..LOCK_STRIPES)
                     .map(|_| Mutex::new(HashMap::new()))
                     .collect(),
+                written: (0..LOCK_STRIPES)
+                    .map(|_| Mutex::new(HashMap::new()))
+                    .collect(),
+                mirror_lag_ms: AtomicU64::new(limits.ttl_ms / 10),
+                prune_cursor: AtomicUsize::new(0),
+                mirror_touches_skipped: AtomicU64::new(0),
             }),
         };
         store.count()?;
@@ -301,6 +318,9 @@ impl SledStore {
     /// [`Database::reopen`]), counting the new trees before anyone else can
     /// write to them. Blocking: run it on the blocking pool.
     pub fn reopen(&self) -> Result<()> {
+        // What the failed flush did not write is gone: the mirror's record
+        // of what it holds is forgotten, so the next touches write again.
+        self.forget_written();
         self.inner.db.reopen(|t| self.count_in(t, false))
     }
 
@@ -389,14 +409,24 @@ impl SledStore {
         self.inner.db.commits_waiting()
     }
 
+    /// Flushes that wrote and synced data (see [`Database::syncs`]).
+    pub fn disk_syncs(&self) -> u64 {
+        self.inner.db.syncs()
+    }
+
     /// Waits until everything written before this call is on disk.
     pub async fn durable(&self) -> Result<()> {
         Ok(self.inner.db.durable().await?)
     }
 
-    /// Flushes lazily-written data (touches, mirror updates, sweeps).
-    pub async fn flush_lazy(&self) -> Result<()> {
-        self.flush_touched()?;
+    /// Flushes lazily-written data (mirror updates, sweeps), and first the
+    /// buffered mirror touches when `touched` (every few seconds: see
+    /// `Store::run_housekeeping`). With nothing written since the last
+    /// flush, sled writes and syncs nothing.
+    pub async fn flush_lazy(&self, touched: bool) -> Result<()> {
+        if touched {
+            self.flush_touched()?;
+        }
         self.durable().await
     }
 

@@ -34,6 +34,7 @@
 //! over shards; a full shard evicts copies not used since the last sweep
 //! (the clock algorithm) before older ones.
 
+mod admit;
 mod push;
 mod serve;
 mod write_behind;
@@ -98,6 +99,9 @@ pub struct NearStats {
     pub link_up: bool,
     /// Requests counted here and not yet written to Redis.
     pub pending: u64,
+    /// Uses of sessions not used again within `near_admit_ms`: counted in
+    /// Redis at once, not cached (see `admit`).
+    pub unadmitted: u64,
 }
 
 pub struct NearCache {
@@ -398,6 +402,7 @@ impl NearCache {
             capacity_bytes: (self.shard_capacity * SHARDS) as u64,
             link_up: self.is_up(),
             pending,
+            unadmitted: 0,
         }
     }
 }

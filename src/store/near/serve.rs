@@ -26,9 +26,18 @@ impl Store {
         Some(near.cache.clone())
     }
 
-    /// Whether a touch may go through the near cache: there is one.
-    pub(in crate::store) fn has_near(&self) -> bool {
-        self.inner.near.is_some()
+    /// Whether a touch of a session the near cache does not hold goes
+    /// through it (read, cached unless refused, counted behind): there is
+    /// one, and the session was used within `near_admit_ms` (see `admit`)
+    /// or still has counts here not yet written (a count sent now, ahead
+    /// of them, would carry a higher operation id and could make a replay
+    /// of theirs be skipped). While the cache is bypassed every use goes
+    /// through it, so this node's counts keep the order of their ids.
+    pub(in crate::store) fn near_admits(&self, id: &[u8; 16], now: u64) -> bool {
+        let Some(near) = self.inner.near.as_ref() else {
+            return false;
+        };
+        !near.cache.is_up() || near.door.admits(id, now) || near.cache.has_unwritten(id)
     }
 
     /// A touch answered from the near cache (counted there, written behind);
@@ -98,6 +107,9 @@ impl Store {
 
     /// The near cache's counters, when there is one.
     pub(in crate::store) fn near_stats(&self) -> Option<NearStats> {
-        self.inner.near.as_ref().map(|n| n.cache.stats())
+        self.inner.near.as_ref().map(|n| NearStats {
+            unadmitted: n.door.refused(),
+            ..n.cache.stats()
+        })
     }
 }

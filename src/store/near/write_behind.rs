@@ -7,6 +7,7 @@
 //! of everything (each tick, the drain, the close), and the hand-over to
 //! the journal when the node fails over.
 
+use super::admit::Doorkeeper;
 use super::{NearCache, Pending};
 use crate::session::{Limits, Session};
 use crate::store::redis::{Flush, Flushed};
@@ -23,6 +24,8 @@ pub struct Near {
     /// Held by a write-behind flush while it runs: a rotation waits for the
     /// session's counts to land before moving the session.
     flush_lock: tokio::sync::Mutex<()>,
+    /// Which uses fill the cache (`near_admit_ms`).
+    pub(super) door: Doorkeeper,
 }
 
 impl Near {
@@ -30,11 +33,13 @@ impl Near {
         capacity_bytes: u64,
         limits: Limits,
         touch_flush: Duration,
+        admit_window: Duration,
     ) -> Near {
         Near {
             cache: Arc::new(NearCache::new(capacity_bytes, limits)),
             touch_flush,
             flush_lock: tokio::sync::Mutex::new(()),
+            door: Doorkeeper::new(admit_window),
         }
     }
 
