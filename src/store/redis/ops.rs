@@ -172,6 +172,7 @@ impl RedisStore {
         inv.key(session_key)
             .key(self.key("active", ""))
             .key(self.key("t:", ids))
+            .key(self.dups_key())
             .arg(at)
             .arg(self.inner.limits.ttl_ms)
             .arg(self.inner.limits.max_lifetime_ms)
@@ -231,6 +232,7 @@ impl RedisStore {
         let mut inv = self.inner.scripts.patch.prepare_invoke();
         inv.key(self.key("s:", &ids))
             .key(self.key("t:", &ids))
+            .key(self.dups_key())
             .arg(now)
             .arg(if_match.map(|v| v.to_string()).unwrap_or_default())
             .arg(patch.user_id.as_deref().unwrap_or(""))
