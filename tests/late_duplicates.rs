@@ -93,6 +93,15 @@ fn connections_from(client_list: &str, addr: &str) -> Vec<Conn> {
         .collect()
 }
 
+/// `ss -tnoi` towards Redis inside a host, for a failure message.
+fn sockets(ns: &Netns) -> String {
+    std::process::Command::new("ip")
+        .args(["netns", "exec", &ns.name, "ss", "-tnoi", "dst", HUB])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
 /// Bytes the host's kernel has sent on a connection to Redis and not had
 /// acknowledged, per source port (`ss`, inside the host's namespace).
 fn unacked(ns: &Netns, ports: &[String]) -> u64 {
@@ -289,7 +298,12 @@ fn the_original_commands_delivered_after_their_replay_are_refused_and_counted() 
         // 3. What the node sent on the old connections goes through, and
         // from Redis only bare ACKs come back: data (a reply, an
         // invalidation) would meet a socket the node closed, which answers
-        // with a reset that would throw the late copies away.
+        // with a reset that would throw the late copies away. Told apart
+        // without parsing: Redis's answers are small writes, each one
+        // segment with PSH; a segment of a larger write is bigger than any
+        // bare ACK (52 bytes with timestamps, up to 80 with SACK blocks: a
+        // duplicate segment is acknowledged with one, and dropping those
+        // leaves the node retransmitting forever).
         for p in &old {
             let p = p.as_str();
             let from_redis = ["-p", "tcp", "-s", HUB, "--dport", p];
@@ -301,7 +315,7 @@ fn the_original_commands_delivered_after_their_replay_are_refused_and_counted() 
                 iptables(cut.ns, &r);
             };
             with(&["--tcp-flags", "PSH", "PSH"]);
-            with(&["-m", "length", "--length", "53:65535"]);
+            with(&["-m", "length", "--length", "81:65535"]);
             iptables(
                 cut.ns,
                 &[
@@ -320,8 +334,9 @@ fn the_original_commands_delivered_after_their_replay_are_refused_and_counted() 
         // of the kernel's retransmissions (backed off during the cut).
         assert!(
             wait_until(Duration::from_secs(40), || unacked(cut.ns, &old) == 0),
-            "run {run}: the old connections still hold {} unacknowledged bytes",
-            unacked(cut.ns, &old)
+            "run {run}: the old connections still hold {} unacknowledged bytes:\n{}",
+            unacked(cut.ns, &old),
+            sockets(cut.ns)
         );
         let delivered_in = let_through.elapsed();
         assert!(
