@@ -23,6 +23,9 @@
 //!    the late copies arrived);
 //! 4. everything let through.
 //!
+//! Also: Redis's counter of the node's refusals (`dups:<origin>`) lapses,
+//! and one that another tool overwrote with another type is dropped.
+//!
 //! `EDGENODE_LATE_DUP_RUNS` (default 2) sets how many times.
 
 mod common;
@@ -186,6 +189,17 @@ fn the_original_commands_delivered_after_their_replay_are_refused_and_counted() 
             .unwrap_or(0)
     };
 
+    // The counter overwritten by another tool with another type: the node
+    // drops it (counted as a bad record) and stays on Redis.
+    assert!(in_redis(&["SET", &dups_key, "not a hash"]).starts_with("+OK"));
+    assert!(
+        wait_until(Duration::from_secs(5), || in_redis(&["EXISTS", &dups_key])
+            .trim()
+            == ":0"),
+        "the node did not drop a refusal counter of another type"
+    );
+    assert_eq!(cut.store("active"), "redis", "{}", cut.health());
+
     let started = Instant::now();
     for run in 1..=runs {
         let first = cut.get("/api/session");
@@ -343,6 +357,16 @@ fn the_original_commands_delivered_after_their_replay_are_refused_and_counted() 
             wait_until(Duration::from_secs(5), || dups_in_redis() > at_release),
             "run {run}: no late copy arrived after the replay (or none was refused): redis holds {:?} for {uses} uses",
             count_in_redis(&id)
+        );
+        // The counter lapses a session lifetime after the last refusal.
+        let ttl: i64 = in_redis(&["PTTL", &dups_key])
+            .trim()
+            .trim_start_matches(':')
+            .parse()
+            .unwrap_or(-3);
+        assert!(
+            ttl > 0,
+            "run {run}: the refusal counter never lapses: PTTL {ttl}"
         );
         // 4. Everything through.
         lan.heal(0);
