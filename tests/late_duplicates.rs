@@ -210,7 +210,7 @@ fn the_original_commands_delivered_after_their_replay_are_refused_and_counted() 
         let failures = Mutex::new(Vec::<String>::new());
         let (redis_before, node_before) = (dups_in_redis(), cut.refused());
 
-        let (old, journaled, replayed_in) = std::thread::scope(|s| {
+        let (old, journaled, replayed_in, born) = std::thread::scope(|s| {
             // Uses of the session through the cut node, without pause, from
             // before the cut until it ends.
             s.spawn(|| {
@@ -244,6 +244,23 @@ fn the_original_commands_delivered_after_their_replay_are_refused_and_counted() 
                 .map(|c| c.port)
                 .collect();
             lan.cut_from_redis(0);
+            // A session born as the cut comes: its create is sent, and then
+            // answered from the disk, journaled under its id; then used.
+            let born = cut.get("/api/session");
+            assert_eq!(born.status, 200, "run {run}: {}", born.text);
+            let born = id_of(&born.json());
+            for _ in 0..BORN_USES {
+                let a = cut.ns.within(|| {
+                    cut.node.client().request(
+                        "GET",
+                        "/api/session",
+                        &[("X-Session-ID", &born)],
+                        None,
+                    )
+                });
+                assert_eq!(a.status, 200, "run {run}: {}", a.text);
+                assert_eq!(id_of(&a.json()), born);
+            }
             assert!(
                 wait_until(Duration::from_secs(5), || cut.store("active") == "sled"),
                 "run {run}: the cut node did not fail over: {}",
@@ -292,7 +309,7 @@ fn the_original_commands_delivered_after_their_replay_are_refused_and_counted() 
                 cut.health(),
                 log_tail(&cut.node)
             );
-            (old, journaled, reconnect_at.elapsed())
+            (old, journaled, reconnect_at.elapsed(), born)
         });
         let failures = failures.into_inner().unwrap_or_else(|p| p.into_inner());
         assert!(
@@ -387,6 +404,13 @@ fn the_original_commands_delivered_after_their_replay_are_refused_and_counted() 
             Some(uses),
             "run {run}: {uses} uses answered 200 after {late} late copies"
         );
+        // The late original of the create did not write over the session
+        // its replay made and the uses since.
+        assert_eq!(
+            count_in_redis(&born),
+            Some(1 + BORN_USES),
+            "run {run}: a session created as the cut came, then used {BORN_USES} times"
+        );
         // ...and so does every node (each read is a use, which reaches
         // Redis within a flush interval: waited for before the next node's).
         for (i, h) in hosts.iter().enumerate() {
@@ -420,6 +444,9 @@ fn log_tail(node: &Node) -> String {
     let lines: Vec<&str> = log.lines().collect();
     lines[lines.len().saturating_sub(40)..].join("\n")
 }
+
+/// Uses of the session created as the cut comes.
+const BORN_USES: u64 = 4;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())

@@ -59,7 +59,11 @@ impl CreateMode {
 
 impl RedisStore {
     pub async fn create(&self, s: &Session) -> Result<()> {
-        self.create_inner(s, CreateMode::Live, 0).await?;
+        if self.create_inner(s, CreateMode::Live, 0).await? == CreateReply::Exists {
+            // A copy of this create was applied already (see create.lua).
+            self.refused_duplicate("create");
+            return Ok(());
+        }
         // The cached count (refreshed every second) follows creates at once,
         // so a burst of them meets `max_sessions` without waiting for it.
         self.inner
@@ -93,6 +97,7 @@ impl RedisStore {
             .key(self.key("active", ""))
             .key(self.key("u:", &s.user_id))
             .key(self.key("ut:", &s.user_id))
+            .key(self.dups_key())
             .arg(mode.arg())
             .arg(&id)
             .arg(self.inner.limits.max_lifetime_ms)
