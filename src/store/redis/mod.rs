@@ -299,12 +299,14 @@ impl RedisStore {
         let Some(now) = held.map_or(Some(0), |v| v.parse::<u64>().ok()) else {
             return Ok(());
         };
-        let new = self.inner.duplicates.redis_holds(now);
-        if new > 0 {
+        let before = self.inner.duplicates.total();
+        self.inner.duplicates.redis_holds(now);
+        let after = self.inner.duplicates.total();
+        if after > before {
             tracing::info!(
-                refused = new,
-                total = self.inner.duplicates.total(),
-                "redis refused late duplicates of this node's operations (their answers went unread: most arrive on a connection closed during an outage)"
+                refused = after - before,
+                total = after,
+                "redis refused late duplicates of this node's operations whose answers it never read (most arrive on a connection closed during an outage)"
             );
         }
         Ok(())
