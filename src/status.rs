@@ -142,7 +142,7 @@ pub const FIGURES: &[Figure] = &[
     ),
     figure!(
         Some((STORE, "duplicate_ops_refused")),
-        Some(("edgenode_duplicate_ops_refused", Counter, "Operations Redis refused because their id was already applied (a late duplicate), on every path")),
+        Some(("edgenode_duplicate_ops_refused", Counter, "Operations Redis refused because their id was already applied (a late duplicate), on every path, also those whose answers the node never read (counted in Redis, read about once a second)")),
         |s| Some(Number(s.store.duplicate_ops_refused))
     ),
     figure!(

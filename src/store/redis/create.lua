@@ -1,10 +1,11 @@
--- KEYS: session, tombstone, active, user index, user's log-out time
+-- KEYS: session, tombstone, active, user index, user's log-out time, this node's refusals
+--       (`count_refusal`)
 -- ARGV: replay ('1' = skip if exists or tombstoned; '2' = a re-seed from a
 --       mirror: as '1', but a copy that exists is compared and set), id, max_lifetime_ms, u, c, a, e, n, v,
 --       max sessions per user ('0' = not indexed: anonymous), prefix, channel,
 --       origin field, operation id the record already includes ('0' = none),
 --       login time ('0' = created as this user), then metadata field/value pairs
--- Returns 1 created, 0 already there (replay), -1 deleted meanwhile (replay),
+-- Returns 1 created, 0 already there (replay; live: a late copy, refused), -1 deleted meanwhile (replay),
 -- 2 a re-seed that raised or replaced what another node re-seeded
 -- A re-seed meets what another node re-seeded (or what was written since):
 -- the copy with the higher version wins (on equal versions, the later use);
@@ -51,6 +52,15 @@ local function reseed_over()
     redis.call('HSET', KEYS[1], ARGV[13], raise(cur[6], tonumber(ARGV[14])))
   end
   if changed then return 2 end
+  return 0
+end
+-- A live create names a new random id: a record or a tombstone under it can
+-- only come from this very create, applied already (its replay ran first,
+-- after an outage that left the original in flight). Written again, the late
+-- original would reset the counts and data acknowledged since, or bring a
+-- deleted session back.
+if ARGV[1] == '0' and (redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', KEYS[2]) == 1) then
+  count_refusal(KEYS[6], ARGV[3])
   return 0
 end
 if ARGV[1] ~= '0' then

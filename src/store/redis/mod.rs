@@ -31,6 +31,10 @@
 //!   or below it) and the few applied above it (see [`inflight`]). Every
 //!   path, live, written behind or replayed, refuses an id it covers, and
 //!   the refusals are counted (`duplicates_refused`).
+//! - `dups:<origin>`: a hash, `n` → the operations of that node refused as
+//!   duplicates, raised by the refusing script itself (most late duplicates
+//!   arrive on a connection the node closed: it never reads their answer;
+//!   see [`refusals`]). Lapses a lifetime after its last refusal.
 //! - `active`: sorted set id → expiry, for a cheap active-session count.
 //! - channel `events`: `del:<id>` for every delete and rotation (`del:<id>,<id>…`
 //!   for a chunk of a log-out-everywhere), so other nodes
@@ -54,6 +58,7 @@ mod conn;
 mod inflight;
 mod ops;
 mod record;
+mod refusals;
 mod replay;
 mod scripts;
 mod tracking;
@@ -96,7 +101,9 @@ struct Inner {
     /// Records found in Redis that no node could have written.
     corrupt: AtomicU64,
     /// Operations a script refused as already applied (a late duplicate).
-    duplicates: AtomicU64,
+    duplicates: refusals::Refusals,
+    /// `dups:<origin>`: where the scripts count this node's refusals.
+    dups_key: String,
     /// This node's ids not yet settled (see [`inflight`]).
     inflight: inflight::InFlight,
     scripts: Scripts,
@@ -127,7 +134,8 @@ impl RedisStore {
                 max_per_user: settings.max_sessions_per_user,
                 active: AtomicU64::new(0),
                 corrupt: AtomicU64::new(0),
-                duplicates: AtomicU64::new(0),
+                duplicates: refusals::Refusals::default(),
+                dups_key: format!("{}dups:{origin:016x}", settings.key_prefix),
                 inflight: inflight::InFlight::default(),
                 scripts: Scripts::new(),
             }),
@@ -151,20 +159,21 @@ impl RedisStore {
         self.inner.corrupt.load(Ordering::Relaxed)
     }
 
-    /// Operations refused as already applied, on every path.
+    /// Operations refused as already applied, on every path, whether this
+    /// node read the answer or not (see [`refusals`]).
     pub fn duplicates_refused(&self) -> u64 {
-        self.inner.duplicates.load(Ordering::Relaxed)
+        self.inner.duplicates.total()
     }
 
     /// A script answered "already applied": counted, and logged once in a
     /// while (each is a command that arrived after its replay, or a replay
     /// after its command).
     fn refused_duplicate(&self, what: &str) {
-        let n = self.inner.duplicates.fetch_add(1, Ordering::Relaxed);
-        if n.is_power_of_two() || n == 0 {
+        let n = self.inner.duplicates.read_one();
+        if n.is_power_of_two() {
             tracing::info!(
                 operation = what,
-                refused = n + 1,
+                refused = n,
                 "redis refused an operation id it had applied already (a late duplicate)"
             );
         }
@@ -257,7 +266,55 @@ impl RedisStore {
             Err(e) => return Err(e),
         };
         self.inner.active.store(n, Ordering::Relaxed);
+        self.read_refusals().await
+    }
+
+    /// Reads what the scripts counted of this node's refused duplicates
+    /// (see [`refusals`]). A key another tool overwrote with another type
+    /// is dropped (the counter then starts again, which [`refusals`] reads
+    /// as such); a value that is not a number is no news.
+    async fn read_refusals(&self) -> Result<()> {
+        let key = &self.inner.dups_key;
+        let held: Option<String> = match self
+            .call(self.inner.timeout, |mut c| async move {
+                redis::cmd("HGET")
+                    .arg(key)
+                    .arg("n")
+                    .query_async(&mut c)
+                    .await
+            })
+            .await
+        {
+            Ok(v) => v,
+            Err(StoreError::CorruptRecord(why)) => {
+                tracing::warn!(error = %why, "the refused-duplicates counter was not a hash; dropped");
+                return self
+                    .call(self.inner.timeout, |mut c| async move {
+                        redis::cmd("DEL").arg(key).query_async::<()>(&mut c).await
+                    })
+                    .await;
+            }
+            Err(e) => return Err(e),
+        };
+        let Some(now) = held.map_or(Some(0), |v| v.parse::<u64>().ok()) else {
+            return Ok(());
+        };
+        let before = self.inner.duplicates.total();
+        self.inner.duplicates.redis_holds(now);
+        let after = self.inner.duplicates.total();
+        if after > before {
+            tracing::info!(
+                refused = after - before,
+                total = after,
+                "redis refused late duplicates of this node's operations whose answers it never read (most arrive on a connection closed during an outage)"
+            );
+        }
         Ok(())
+    }
+
+    /// `dups:<origin>`, which the scripts get as a key.
+    fn dups_key(&self) -> &str {
+        &self.inner.dups_key
     }
 
     /// The cluster's Redis epoch: the value of `epoch`, set to `fresh` first

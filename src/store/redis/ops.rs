@@ -59,7 +59,11 @@ impl CreateMode {
 
 impl RedisStore {
     pub async fn create(&self, s: &Session) -> Result<()> {
-        self.create_inner(s, CreateMode::Live, 0).await?;
+        if self.create_inner(s, CreateMode::Live, 0).await? == CreateReply::Exists {
+            // A copy of this create was applied already (see create.lua).
+            self.refused_duplicate("create");
+            return Ok(());
+        }
         // The cached count (refreshed every second) follows creates at once,
         // so a burst of them meets `max_sessions` without waiting for it.
         self.inner
@@ -93,6 +97,7 @@ impl RedisStore {
             .key(self.key("active", ""))
             .key(self.key("u:", &s.user_id))
             .key(self.key("ut:", &s.user_id))
+            .key(self.dups_key())
             .arg(mode.arg())
             .arg(&id)
             .arg(self.inner.limits.max_lifetime_ms)
@@ -172,6 +177,7 @@ impl RedisStore {
         inv.key(session_key)
             .key(self.key("active", ""))
             .key(self.key("t:", ids))
+            .key(self.dups_key())
             .arg(at)
             .arg(self.inner.limits.ttl_ms)
             .arg(self.inner.limits.max_lifetime_ms)
@@ -231,6 +237,7 @@ impl RedisStore {
         let mut inv = self.inner.scripts.patch.prepare_invoke();
         inv.key(self.key("s:", &ids))
             .key(self.key("t:", &ids))
+            .key(self.dups_key())
             .arg(now)
             .arg(if_match.map(|v| v.to_string()).unwrap_or_default())
             .arg(patch.user_id.as_deref().unwrap_or(""))

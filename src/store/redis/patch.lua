@@ -1,4 +1,4 @@
--- KEYS: session, tombstone
+-- KEYS: session, tombstone, this node's refusals (`count_refusal`)
 -- ARGV: now, if_match ('' = none), new user ('' = none), prefix, id, max_lifetime_ms, max_metadata_bytes, replay,
 --       origin field, operation id, max sessions per user of the new user ('0' = not indexed), channel,
 --       the node's floor (see `claim` in the prelude), then pairs of metadata field, value ('null' deletes)
@@ -14,7 +14,10 @@ if not (string.match(cur[1], '^%d+$') and cur[2] and string.match(cur[2], '^%d+$
   return {-2}
 end
 local mark = claim(cur[4], tonumber(ARGV[10]), tonumber(ARGV[13]))
-if not mark then return {4} end
+if not mark then
+  count_refusal(KEYS[3], ARGV[6])
+  return {4}
+end
 if ARGV[8] ~= '1' and tonumber(cur[1]) <= tonumber(ARGV[1]) then return {0} end
 if ARGV[2] ~= '' and tonumber(ARGV[2]) ~= tonumber(cur[2]) then return {2, cur[2]} end
 if #ARGV > 13 then

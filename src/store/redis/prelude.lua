@@ -81,6 +81,18 @@ local function claim(mark, seq, floor)
   end
   return render(nf, kept)
 end
+-- A refusal, counted where its node can read it: `dups:<origin>` (a hash,
+-- field `n`). The late copy of a command usually arrives on a connection its
+-- node closed long ago (that is why it is late), so nobody reads the script's
+-- answer; the node reads this counter instead (see `refusals.rs`). One small
+-- key per node, whose ids are in no session a lifetime after its last
+-- refusal: it lapses then. Never an error (pcall; a key of another type is
+-- dropped): a refused duplicate must stay refused, not fail.
+local function count_refusal(key, lifetime)
+  index(key, 'hash')
+  redis.pcall('HINCRBY', key, 'n', 1)
+  redis.pcall('PEXPIRE', key, lifetime)
+end
 -- The field's value with its floor raised to at least `floor`.
 local function raise(mark, floor)
   local f, ids = marks(mark)

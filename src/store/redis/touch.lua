@@ -1,4 +1,4 @@
--- KEYS: session, active, tombstone
+-- KEYS: session, active, tombstone, this node's refusals (`count_refusal`)
 -- ARGV: at, ttl_ms, max_lifetime_ms, id, replay, requests to count, origin field, operation id,
 --       the node's floor (see `claim` in the prelude)
 -- Returns the new request count, 0 when the session is gone, -1 when a
@@ -17,7 +17,10 @@ local at, c, e, a = tonumber(ARGV[1]), tonumber(cur[1]), tonumber(cur[2]), tonum
 -- integer string)
 if not (c and e and a and cur[4] and string.match(cur[4], '^%d+$')) then return -2 end
 local mark = claim(cur[5], tonumber(ARGV[8]), tonumber(ARGV[9]))
-if not mark then return -3 end
+if not mark then
+  count_refusal(KEYS[4], ARGV[3])
+  return -3
+end
 if ARGV[5] ~= '1' and e <= at then
   redis.call('DEL', KEYS[1])
   redis.call('ZREM', index(KEYS[2], 'zset'), ARGV[4])
