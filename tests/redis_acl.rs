@@ -268,8 +268,8 @@ fn the_redis_password_changes_node_by_node_with_zero_failed_requests() {
     );
     // 2. Node by node: out of the balancer, stopped, restarted with the new
     //    URL, back in once ready.
-    for k in 0..nodes.len() {
-        let addr = nodes[k].url();
+    for n in &mut nodes {
+        let addr = n.url();
         in_service.lock().unwrap().retain(|c| c.base != addr);
         // As a balancer's drain: no request on its way to the node when
         // it stops (the loop's round that still had it is over).
@@ -277,7 +277,6 @@ fn the_redis_password_changes_node_by_node_with_zero_failed_requests() {
         assert!(wait_until(Duration::from_secs(5), || rounds
             .load(Ordering::Relaxed)
             > r + 1));
-        let n = &mut nodes[k];
         assert!(n.terminate().success());
         let at = n.args.iter().position(|a| a == "--redis-url").unwrap() + 1;
         n.args[at] = url(&redis, "new");
