@@ -8,6 +8,13 @@
 //! same port with no RDB and no AOF. Every session is then checked in Redis
 //! and read on every node.
 //!
+//! The nodes run with `mirror_lag_secs` 0: a mirror copy then lags what its
+//! node answered by nothing but the 5 s write of buffered copies, which a
+//! re-seed flushes first, so every count must come back at least as high as
+//! any node answered. With a lag L (the default: a tenth of the session TTL)
+//! a count may come back lower by the uses of the last L; that bound is the
+//! mirror's own, proven in `sd_card.rs`.
+//!
 //! `EDGENODE_RESEED_RUNS` (default 1) repeats it; `EDGENODE_RESEED_SESSIONS`
 //! (default 240) sets the sessions per run.
 
@@ -30,6 +37,7 @@ fn node_on(redis: &Redis, name: &str) -> Node {
     Node::builder()
         .args(["--redis-url", &redis.url(), "--instance-id", name])
         .args(["--touch-flush-ms", "100", "--store-timeout-ms", "250"])
+        .args(["--mirror-lag-secs", "0"])
         .args([
             "--redis-probe-interval-ms",
             "100",

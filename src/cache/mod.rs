@@ -224,6 +224,7 @@ impl Cache {
                 &settings.key_prefix,
                 settings.timeout,
                 settings.max_ttl_ms,
+                &settings.tls,
             )?)),
             None => None,
         };

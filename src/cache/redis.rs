@@ -119,10 +119,11 @@ impl CacheRedis {
         prefix: &str,
         timeout: Duration,
         gen_ttl_ms: u64,
+        tls: &crate::config::RedisTls,
     ) -> std::result::Result<CacheRedis, String> {
         // The link names the URL's form in Sentinel errors; the operator
         // needs to know which setting holds it.
-        let target = Target::open(url, "cache_redis_url")
+        let target = Target::open(url, "cache_redis_url", tls)
             .map_err(|e| e.replacen("redis+sentinel URL", "cache_redis_url", 1))?;
         Ok(CacheRedis {
             link: Link::new(target, timeout),
@@ -275,8 +276,21 @@ mod tests {
         for junk in ["", "p", "p zz ns k", "g 1 ns k", "x 1 ns k", "d 1 ns"] {
             assert_eq!(parse_event(junk.as_bytes()), None, "{junk}");
         }
-        assert!(CacheRedis::new("redis+sentinel://h:1/m/2", "p:", Duration::ZERO, 1).is_ok());
-        let bad = CacheRedis::new("redis+sentinel://h:1", "p:", Duration::ZERO, 1);
+        assert!(CacheRedis::new(
+            "redis+sentinel://h:1/m/2",
+            "p:",
+            Duration::ZERO,
+            1,
+            &Default::default()
+        )
+        .is_ok());
+        let bad = CacheRedis::new(
+            "redis+sentinel://h:1",
+            "p:",
+            Duration::ZERO,
+            1,
+            &Default::default(),
+        );
         assert!(bad.is_err_and(|e| e.starts_with("cache_redis_url")));
     }
 }

@@ -263,6 +263,14 @@ keys! {
     #[arg(hide_env_values = true)]
     cache_redis_url: String, "URL",
         "Redis of the shared cache (/api/cache), same forms as redis_url; a separate instance keeps cache memory from ever evicting sessions [default: redis_url]";
+    // TLS to Redis (rediss://, rediss+sentinel://), for redis_url and
+    // cache_redis_url alike.
+    redis_ca_file: PathBuf, "FILE",
+        "PEM file of the CA(s) that signed Redis's (and Sentinel's) TLS certificates, for rediss:// URLs [default: the system's CA bundle]";
+    redis_cert_file: PathBuf, "FILE",
+        "PEM client certificate presented to Redis over TLS (for Redis's default tls-auth-clients yes); needs redis_key_file";
+    redis_key_file: PathBuf, "FILE",
+        "PEM private key of redis_cert_file";
     cache_ttl_secs: u64, "SECS",
         "Lifetime of a cache value stored without ?ttl= or Cache-Control: max-age (at most 30 days)", default = 300;
     max_cache_value_bytes: usize, "BYTES",

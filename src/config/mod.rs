@@ -14,6 +14,7 @@ mod keys;
 pub mod settings;
 
 pub use keys::{Args, DEFAULT_CONFIG_FILE};
+pub use settings::RedisTls;
 
 use ipnet::IpNet;
 use serde::Deserialize;
@@ -82,6 +83,8 @@ pub struct Config {
     pub drain_delay: Duration,
     /// The shared cache's Redis: `cache_redis_url`, else `redis_url`.
     pub cache_redis_url: Option<String>,
+    /// TLS to Redis: the files of `rediss://` URLs (both Redis URLs).
+    pub redis_tls: RedisTls,
     pub cache_ttl_secs: u64,
     pub max_cache_value_bytes: usize,
     pub cache_memory_bytes: u64,
@@ -132,6 +135,11 @@ impl Config {
                 .filter(|u| !u.is_empty())
                 .or_else(|| redis_url.clone()),
             redis_url,
+            redis_tls: RedisTls {
+                ca_file: v.redis_ca_file,
+                cert_file: v.redis_cert_file,
+                key_file: v.redis_key_file,
+            },
             key_prefix: v.key_prefix,
             store_timeout: ms(v.store_timeout_ms),
             redis_probe_interval: ms(v.redis_probe_interval_ms),
@@ -187,6 +195,9 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
+        if self.redis_tls.cert_file.is_some() != self.redis_tls.key_file.is_some() {
+            return bad("redis_cert_file and redis_key_file go together");
+        }
         if self.replay_batch == 0 {
             return bad("replay_batch must be at least 1");
         }

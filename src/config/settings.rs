@@ -7,8 +7,19 @@ use crate::admission::{Admission, RateLimiter};
 use crate::session::Limits;
 use crate::store::local::LocalLimits;
 use crate::store::StoreLimits;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// TLS to Redis (`redis_ca_file`, `redis_cert_file`, `redis_key_file`),
+/// used by every `rediss://` target; read at start.
+#[derive(Debug, Clone, Default)]
+pub struct RedisTls {
+    /// None: the system's CA bundle.
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
 
 /// The session store's Redis (`redis_url`).
 #[derive(Debug, Clone)]
@@ -20,6 +31,7 @@ pub struct RedisSettings {
     pub probe_max: Duration,
     /// A user's index keeps this many sessions.
     pub max_sessions_per_user: u64,
+    pub tls: RedisTls,
 }
 
 /// The shared cache (`/api/cache`).
@@ -27,6 +39,7 @@ pub struct RedisSettings {
 pub struct CacheSettings {
     /// `cache_redis_url`, else `redis_url`; none: memory and disk only.
     pub redis_url: Option<String>,
+    pub tls: RedisTls,
     pub key_prefix: String,
     pub timeout: Duration,
     /// The TTL of a namespace's generation key: the longest a value lives.
@@ -85,6 +98,7 @@ impl Config {
             probe_interval: self.redis_probe_interval,
             probe_max: self.redis_probe_max,
             max_sessions_per_user: self.max_sessions_per_user,
+            tls: self.redis_tls.clone(),
         }
     }
 
@@ -92,6 +106,7 @@ impl Config {
     pub fn cache_settings(&self) -> CacheSettings {
         CacheSettings {
             redis_url: self.cache_redis_url.clone(),
+            tls: self.redis_tls.clone(),
             key_prefix: self.key_prefix.clone(),
             timeout: self.store_timeout,
             max_ttl_ms: MAX_CACHE_TTL_SECS * 1000,

@@ -12,7 +12,9 @@
 //! which one it is.
 
 mod sentinel;
+mod tls;
 
+use crate::config::RedisTls;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client};
 use std::sync::RwLock;
@@ -37,7 +39,8 @@ pub enum LinkError {
     #[error("{0}")]
     Outage(String),
     /// Redis refuses the node's credentials or database (NOAUTH, WRONGPASS,
-    /// NOPERM...): a configuration error, which does not pass by itself.
+    /// NOPERM...), or TLS refuses a certificate: a configuration error,
+    /// which does not pass by itself.
     #[error("{0}")]
     Config(String),
     /// Redis answered, but the record the call touched is not one a node
@@ -55,24 +58,43 @@ pub enum Target {
 }
 
 impl Target {
-    /// A target from a `redis://` or `redis+sentinel://` URL; `setting` names
-    /// the configuration key in errors. Replies are read as RESP2 whatever
-    /// the URL says.
-    pub fn open(url: &str, setting: &str) -> std::result::Result<Target, String> {
-        if let Some(rest) = url.strip_prefix("redis+sentinel://") {
+    /// A target from a `redis://`, `rediss://` (TLS), `redis+sentinel://` or
+    /// `rediss+sentinel://` (TLS to the sentinels and the master) URL;
+    /// `setting` names the configuration key in errors; `tls` gives the
+    /// files of the TLS ones. Replies are read as RESP2 whatever the URL
+    /// says.
+    pub fn open(url: &str, setting: &str, tls: &RedisTls) -> std::result::Result<Target, String> {
+        let sentinel = [("redis+sentinel://", false), ("rediss+sentinel://", true)]
+            .into_iter()
+            .find_map(|(scheme, secure)| url.strip_prefix(scheme).map(|rest| (rest, secure)));
+        if let Some((rest, secure)) = sentinel {
+            let certs = if secure {
+                tls::certificates(tls)?
+            } else {
+                None
+            };
             return Ok(Target::Sentinel(tokio::sync::Mutex::new(sentinel::client(
-                rest,
+                rest, secure, certs,
             )?)));
         }
         let info = redis::IntoConnectionInfo::into_connection_info(url)
             .map_err(|e| format!("{setting}: {e}"))?;
+        tls::check_secure(info.addr(), setting)?;
         let settings = info
             .redis_settings()
             .clone()
             .set_protocol(redis::ProtocolVersion::RESP2);
         let info = info.set_redis_settings(settings);
+        let certs = match info.addr() {
+            redis::ConnectionAddr::TcpTls { .. } => tls::certificates(tls)?,
+            _ => None,
+        };
+        let client = match certs {
+            Some(certs) => Client::build_with_tls(info, certs),
+            None => Client::open(info),
+        };
         Ok(Target::Direct(
-            Client::open(info).map_err(|e| format!("{setting}: {e}"))?,
+            client.map_err(|e| format!("{setting}: {e}"))?,
         ))
     }
 }
@@ -224,16 +246,17 @@ pub fn is_transient(e: &redis::RedisError) -> bool {
     }
 }
 
-/// A Redis error by class: one that says the node's credentials or database
-/// are wrong is a configuration error (it will not pass by itself),
-/// anything else an outage.
+/// A Redis error by class: one that says the node's credentials, database
+/// or TLS certificates are wrong is a configuration error (it will not pass
+/// by itself), anything else an outage.
 pub fn classify(e: &redis::RedisError) -> LinkError {
     let text = e.to_string();
     let config = e.kind() == redis::ErrorKind::AuthenticationFailed
         || matches!(e.code(), Some("NOAUTH" | "WRONGPASS" | "NOPERM"))
         || text.contains("invalid password")
         || text.contains("invalid username-password")
-        || text.contains("DB index is out of range");
+        || text.contains("DB index is out of range")
+        || tls::is_refusal(&text);
     if config {
         LinkError::Config(text)
     } else {

@@ -119,7 +119,7 @@ impl RedisStore {
         origin: u64,
     ) -> std::result::Result<RedisStore, String> {
         // RESP2 whatever the URL says: replies are read as RESP2 arrays.
-        let target = Target::open(url, "redis_url")?;
+        let target = Target::open(url, "redis_url", &settings.tls)?;
         Ok(RedisStore {
             inner: Arc::new(Inner {
                 link: Link::new(target, settings.timeout),

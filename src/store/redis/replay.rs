@@ -99,7 +99,10 @@ impl RedisStore {
         let mut invocations = invocations;
         for (inv, (seq, _)) in invocations.iter_mut().zip(ops) {
             let own = seq.to_string();
-            inv.key(&cursor).key(format!("chain:{prev}:{own}"));
+            // Under the cursor's name, so it matches the node's key
+            // pattern: a least-privilege ACL (`~edgenode:*`) checks every
+            // key a script is given, this one too although it is never read.
+            inv.key(&cursor).key(format!("{cursor}:chain:{prev}:{own}"));
             prev = own;
         }
         for inv in &invocations {
