@@ -252,7 +252,7 @@ fn a_stuck_disk_is_a_fault_and_never_holds_the_node() {
     let client = node.client().with_timeout(Duration::from_secs(30));
     let mut acked = Vec::new();
     let mut n = 0;
-    let mut create_acked = |client: &Client, n: &mut u64, acked: &mut Vec<String>| {
+    let create_acked = |client: &Client, n: &mut u64, acked: &mut Vec<String>| {
         let (a, _) = create(client, *n);
         *n += 1;
         assert_eq!(a.status, 201, "create: {}", a.text);
