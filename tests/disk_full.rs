@@ -363,6 +363,37 @@ fn a_full_disk_never_wedges_hangs_or_logs_anyone_out() {
             hits.push((cycle, mode, load, hit));
         }
 
+        // The shared cache on the full disk: its disk tier's faults are
+        // misses and values left to memory, never an error answer.
+        let mut cache_answers = Vec::new();
+        for k in 0..10 {
+            let path = format!("/api/cache/full/k{cycle}-{k}");
+            let put = client
+                .try_request(
+                    "PUT",
+                    &format!("{path}?ttl=60"),
+                    &[],
+                    Some(&"v".repeat(2_000)),
+                )
+                .map(|a| a.status)
+                .unwrap_or_else(|e| panic!("cache PUT failed outright: {e}"));
+            let get = client
+                .try_request("GET", &path, &[], None)
+                .map(|a| a.status)
+                .unwrap_or_else(|e| panic!("cache GET failed outright: {e}"));
+            cache_answers.push((put, get));
+        }
+        let disk_errors = client.get("/api/health").json()["cache"]["disk_errors"].clone();
+        println!("cycle {cycle}: cache PUT/GET while full: {cache_answers:?}; cache.disk_errors {disk_errors}");
+        if cache_answers
+            .iter()
+            .any(|&(p, g)| !matches!(p, 202 | 204 | 507 | 503) || !matches!(g, 200 | 404))
+        {
+            failures.push(format!(
+                "cycle {cycle}: cache answers on the full disk: {cache_answers:?}"
+            ));
+        }
+
         // 2. Stored sessions are served while the disk is full.
         let sample: Vec<String> = new
             .iter()

@@ -93,10 +93,11 @@ impl Disk {
         Some((seq, decode(bytes::Bytes::copy_from_slice(&v[8..]))?))
     }
 
-    /// Counts, logs and remembers (a disk error makes the shared database
-    /// faulty: see [`Database::noted`]) an operation that failed.
+    /// Counts and logs an operation that failed. Its sled error was
+    /// remembered where it was met ([`Database::sled`]): a disk error makes
+    /// the shared database faulty; one of a database being reopened does
+    /// not (it was no fault of the disk).
     fn failed(&self, what: &str, e: DiskError) -> DiskError {
-        let e = self.db.noted(e);
         let n = self.errors.fetch_add(1, Ordering::Relaxed) + 1;
         // The first, then every 1000th: a lookup per request on a dead disk
         // must not flood the log (the counter has the rest).
@@ -125,19 +126,20 @@ impl Disk {
         }
         let (values, age) = (self.db.tree(VALUES)?, self.db.tree(AGE)?);
         let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(old) = values.insert(key.as_bytes(), record)? {
+        if let Some(old) = self.db.sled(values.insert(key.as_bytes(), record))? {
             self.forget(&age, key, &old)?;
         }
-        age.insert(seq.to_be_bytes(), key.as_bytes().to_vec())?;
+        self.db
+            .sled(age.insert(seq.to_be_bytes(), key.as_bytes().to_vec()))?;
         let mut total = self.bytes.fetch_add(size, Ordering::Relaxed) + size;
         while total > self.budget {
-            let Some((s, k)) = age.iter().next().transpose()? else {
+            let Some((s, k)) = self.db.sled(age.iter().next().transpose())? else {
                 break;
             };
-            age.remove(&s)?;
-            if let Some(v) = values.get(&k)? {
+            self.db.sled(age.remove(&s))?;
+            if let Some(v) = self.db.sled(values.get(&k))? {
                 if v.get(..8) == Some(&s[..]) {
-                    values.remove(&k)?;
+                    self.db.sled(values.remove(&k))?;
                     total = self.sub((k.len() + v.len()) as u64);
                     self.evictions.fetch_add(1, Ordering::Relaxed);
                 }
@@ -155,12 +157,12 @@ impl Disk {
 
     fn remove_inner(&self, key: &str) -> Result<bool> {
         let values = self.db.tree(VALUES)?;
-        if values.get(key.as_bytes())?.is_none() {
+        if self.db.sled(values.get(key.as_bytes()))?.is_none() {
             return Ok(false);
         }
         let age = self.db.tree(AGE)?;
         let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        match values.remove(key.as_bytes())? {
+        match self.db.sled(values.remove(key.as_bytes()))? {
             Some(old) => self.forget(&age, key, &old).map(|_| true),
             None => Ok(false),
         }
@@ -169,7 +171,7 @@ impl Disk {
     /// Uncounts a record that left `cache_values`, and its age entry.
     fn forget(&self, age: &sled::Tree, key: &str, old: &[u8]) -> Result<()> {
         if let Some(s) = old.get(..8) {
-            age.remove(s)?;
+            self.db.sled(age.remove(s))?;
         }
         self.sub((key.len() + old.len()) as u64);
         Ok(())
