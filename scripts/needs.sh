@@ -36,6 +36,8 @@ test                           /usr/bin/promtool                                
 test                           /sbin/ip                                                iproute2
 test                           /usr/sbin/iptables                                      iptables
 test                           /usr/bin/systemd-analyze                                systemd
+test                           /usr/sbin/fsfreeze                                      util-linux
+test                           /usr/sbin/mkfs.ext4                                     e2fsprogs
 test                           /usr/sbin/debootstrap                                   debootstrap
 test                           /usr/bin/systemd-nspawn                                 systemd-container
 test                           @SYSROOT@/bin/cargo-clippy                              rustup-component:clippy

@@ -93,7 +93,16 @@ fn main() -> ExitCode {
         let signals = Signals::install()?;
         edgenode::node::run(config, started, signals.recv()).await
     };
-    match runtime.block_on(run) {
+    let ran = runtime.block_on(run);
+    // Dropping the runtime would wait for every blocking task, and one may
+    // be a flush stuck on a disk that stopped answering (it never returns
+    // while the card does not): the stop must end within the grace
+    // whatever the disk does. Everything acknowledged was flushed before
+    // it was acknowledged, so nothing is lost by not waiting. (The kernel
+    // reaps a thread blocked in the disk driver only once the I/O returns;
+    // the process has exited, and stopped listening, before that.)
+    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+    match ran {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");

@@ -302,6 +302,11 @@ pub const FIGURES: &[Figure] = &[
         s.cache.disk_bytes
     ))),
     figure!(
+        Some((CACHE, "disk_errors")),
+        Some(("edgenode_cache_disk_errors", Counter, "Shared cache disk tier operations that failed on the disk (a read is then a miss, a write left to the other tiers; the disk fault itself degrades the node)")),
+        |s| Some(Number(s.cache.disk_errors))
+    ),
+    figure!(
         None,
         Some(("edgenode_cache_bytes_limit", Gauge, "The byte bound of a local tier (cache_memory_mb, cache_disk_mb)")),
         |s| Some(PerTier(vec![

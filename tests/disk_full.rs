@@ -5,24 +5,29 @@
 //! file so that a few MB are left. Each cycle starts a node on it (alone,
 //! or with Redis killed before the fill so the node serves from its disk in
 //! fallback), and:
-//! 1. fills the disk with creates of 6-15 KB of metadata (large enough for
-//!    sled's blob files) from four writers until they are refused (507 or
-//!    503), no request taking longer than a bound;
+//! 1. fills the disk with creates from four writers until they are refused
+//!    (507 or 503), no request taking longer than a bound; the records'
+//!    sizes are the cycle's [`Load`]: small ones (sled meets ENOSPC on a log
+//!    write), 6-15 KB with small ones (either), or some over 64 KB (each one
+//!    a blob file by itself: ENOSPC on a blob write);
 //! 2. checks that stored sessions are still served (200, never 404);
 //! 3. frees the space (the ballast goes) and wants the node ready again
 //!    within a second, and a create to succeed;
 //! 4. stops it with SIGTERM, which must end with exit 0 within the grace
 //!    (else the cycle fails, and the node is killed);
 //! 5. restarts it on the same directory and reads back every create that
-//!    was ever acknowledged.
+//!    was acknowledged in the cycle; the database is then removed, so that
+//!    every cycle starts from the same empty disk.
 //!
-//! Cycles alternate between a node with a reserve (`min_free_mb` 1: the
-//! reserve must hold, sled must never meet ENOSPC) and one without (sled
-//! meets ENOSPC on a log or a blob write: the node must still behave). Each
-//! cycle reports which write path failed, as the patched sled names it.
-//! `EDGENODE_DISK_FULL_CYCLES` raises the number of cycles (default 4);
-//! when set, the run also goes on (up to three times that) until both the
-//! log and the blob path were hit at least three times, and fails if not.
+//! Every third cycle runs a node with a reserve (`min_free_mb` 1: the
+//! reserve must hold, sled must never meet ENOSPC), the others one without
+//! (sled meets ENOSPC on a log or a blob write: the node must still
+//! behave), in sled mode and Redis mode by turns. Each cycle reports which
+//! write path failed, as the patched sled names it; a cycle without a
+//! reserve takes the load of the path hit less often so far. The run goes
+//! on (up to twice the cycles) until both the log and the blob path were
+//! hit at least three times, and fails if not.
+//! `EDGENODE_DISK_FULL_CYCLES` raises the number of cycles (default 9).
 
 mod common;
 
@@ -37,11 +42,12 @@ const GRACE_MS: u64 = 3000;
 const REQUEST_BOUND: Duration = Duration::from_secs(8);
 /// What the ballast leaves free at the start of a cycle.
 const ROOM: u64 = 5 << 20;
-/// Ready again after space returns: housekeeping tries every 100 ms while
-/// the disk is faulty; the reopen itself (sled reads its log) takes a few
-/// hundred ms on this shared 2-core box. The spec is "within a second";
-/// this leaves room for the box's load, and each cycle prints the figure.
-const READY_BOUND_MS: u128 = 1500;
+/// Ready again after space returns (issue 21: "within a second"):
+/// housekeeping tries every 50 ms while the disk is faulty, a try while it
+/// is still full costs a statvfs, and the reopen itself (sled reads its
+/// log) takes 30-400 ms on this shared 2-core box. Each cycle prints the
+/// figure.
+const READY_BOUND_MS: u128 = 1000;
 
 struct Tmpfs(PathBuf);
 
@@ -120,9 +126,32 @@ fn hit_in(log: &str) -> Hit {
     }
 }
 
-/// Metadata of 6-15 KB, different for every create.
-fn metadata(n: u64) -> String {
-    let len = 6_000 + (n.wrapping_mul(2_654_435_761) % 9_000) as usize;
+/// What the writers of a cycle create.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Load {
+    /// Metadata of 200-1200 bytes: sled's leaves stay under its blob
+    /// threshold, so a full disk meets a log write.
+    Small,
+    /// 6-15 KB, every third one small: a consolidated leaf may go to a
+    /// blob file, or the log buffer fills first.
+    Mixed,
+    /// 6-15 KB, every third one 70-100 KB (a blob file by itself): the
+    /// full disk nearly always meets a blob write.
+    Huge,
+}
+
+/// The largest metadata a load makes, with room for its JSON.
+const MAX_METADATA: &str = "110000";
+const MAX_BODY: &str = "131072";
+
+/// Metadata for the `n`th create under `load`, different for every create.
+fn metadata(load: Load, n: u64) -> String {
+    let spread = n.wrapping_mul(2_654_435_761);
+    let len = match (load, n % 3) {
+        (Load::Small, _) | (Load::Mixed, 2) => 200 + (spread % 1_000) as usize,
+        (Load::Huge, 2) => 70_000 + (spread % 30_000) as usize,
+        (Load::Mixed | Load::Huge, _) => 6_000 + (spread % 9_000) as usize,
+    };
     let fill = char::from(b'a' + (n % 26) as u8).to_string().repeat(len);
     format!(
         r#"{{"user_id":"u{}","metadata":{{"n":{n},"pad":"{fill}"}}}}"#,
@@ -137,7 +166,7 @@ struct Fill {
 }
 
 /// Four writers create sessions until each was refused five times in a row.
-fn fill(base: &str, counter: &Arc<AtomicU64>) -> Fill {
+fn fill(base: &str, counter: &Arc<AtomicU64>, load: Load) -> Fill {
     let acked = Arc::new(Mutex::new(Vec::new()));
     let refused = Arc::new(AtomicU64::new(0));
     let slowest = Arc::new(Mutex::new(Duration::ZERO));
@@ -163,7 +192,7 @@ fn fill(base: &str, counter: &Arc<AtomicU64>) -> Fill {
                     let n = counter.fetch_add(1, Ordering::Relaxed);
                     let t = Instant::now();
                     let a = client
-                        .try_request("POST", "/api/sessions", &[], Some(&metadata(n)))
+                        .try_request("POST", "/api/sessions", &[], Some(&metadata(load, n)))
                         .unwrap_or_else(|e| panic!("create failed outright: {e}"));
                     let took = t.elapsed();
                     {
@@ -237,7 +266,7 @@ fn all_served(
 #[test]
 fn a_full_disk_never_wedges_hangs_or_logs_anyone_out() {
     let long = std::env::var("EDGENODE_DISK_FULL_CYCLES").ok();
-    let cycles: usize = long.as_deref().and_then(|v| v.parse().ok()).unwrap_or(4);
+    let cycles: usize = long.as_deref().and_then(|v| v.parse().ok()).unwrap_or(9);
     let top = common::tempdir();
     let mnt = top.path().join("mnt");
     std::fs::create_dir_all(&mnt).unwrap();
@@ -254,22 +283,31 @@ fn a_full_disk_never_wedges_hangs_or_logs_anyone_out() {
     let mut redis_killed = false;
     let counter = Arc::new(AtomicU64::new(0));
     let mut acked: Vec<String> = Vec::new();
-    let mut hits: Vec<(usize, &str, Hit)> = Vec::new();
+    let mut total_acked = 0;
+    let mut hits: Vec<(usize, &str, Load, Hit)> = Vec::new();
     let mut failures: Vec<String> = Vec::new();
     let mut cycle = 0;
     loop {
-        let count = |h: Hit| hits.iter().filter(|(_, _, x)| *x == h).count();
-        let enough = count(Hit::Log) >= 3 && count(Hit::Blob) >= 3;
-        if cycle >= cycles && (long.is_none() || enough || cycle >= cycles * 3) {
+        let count = |h: Hit| hits.iter().filter(|(.., x)| *x == h).count();
+        let (logs, blobs) = (count(Hit::Log), count(Hit::Blob));
+        if cycle >= cycles && ((logs >= 3 && blobs >= 3) || cycle >= cycles * 2) {
             break;
         }
         let redis_mode = cycle % 2 == 1;
-        let reserve = (cycle / 2) % 2 == 1;
+        let reserve = cycle % 3 == 2;
         let mode = if redis_mode { "redis" } else { "sled" };
-        ballast(&mnt, ROOM);
+        let load = match logs.cmp(&blobs) {
+            _ if reserve => Load::Mixed,
+            std::cmp::Ordering::Less => Load::Small,
+            std::cmp::Ordering::Greater => Load::Huge,
+            std::cmp::Ordering::Equal => Load::Mixed,
+        };
+        // Small records take many more creates to fill the same room.
+        ballast(&mnt, if load == Load::Small { ROOM / 2 } else { ROOM });
         let mut b = Node::builder()
             .data_dir(&mnt)
-            .args(["--max-metadata-bytes", "20000"])
+            .args(["--max-metadata-bytes", MAX_METADATA])
+            .args(["--max-body-bytes", MAX_BODY])
             .args(["--min-free-mb", if reserve { "1" } else { "0" }])
             .args(["--shutdown-grace-ms", &GRACE_MS.to_string()])
             .args(["--drain-delay-ms", "0"])
@@ -288,7 +326,7 @@ fn a_full_disk_never_wedges_hangs_or_logs_anyone_out() {
         let log_from = node.log_text().len();
 
         // 1. Fill.
-        let filled = fill(&node.url(), &counter);
+        let filled = fill(&node.url(), &counter, load);
         let new = filled.acked.clone();
         acked.extend(filled.acked);
         let health = client.get("/api/health").json();
@@ -296,7 +334,7 @@ fn a_full_disk_never_wedges_hangs_or_logs_anyone_out() {
         let hit = hit_in(&log[log_from.min(log.len())..]);
         let free = available(&mnt);
         println!(
-            "cycle {cycle} ({mode}, {}): {} created, {} refused, slowest {} ms, sled hit: {hit:?}, {} KiB free; health: {}",
+            "cycle {cycle} ({mode}, {}, {load:?} load): {} created, {} refused, slowest {} ms, sled hit: {hit:?}, {} KiB free; health: {}",
             if reserve { "reserve 1 MB" } else { "no reserve" },
             new.len(),
             filled.refused,
@@ -322,7 +360,38 @@ fn a_full_disk_never_wedges_hangs_or_logs_anyone_out() {
                 ));
             }
         } else {
-            hits.push((cycle, mode, hit));
+            hits.push((cycle, mode, load, hit));
+        }
+
+        // The shared cache on the full disk: its disk tier's faults are
+        // misses and values left to memory, never an error answer.
+        let mut cache_answers = Vec::new();
+        for k in 0..10 {
+            let path = format!("/api/cache/full/k{cycle}-{k}");
+            let put = client
+                .try_request(
+                    "PUT",
+                    &format!("{path}?ttl=60"),
+                    &[],
+                    Some(&"v".repeat(2_000)),
+                )
+                .map(|a| a.status)
+                .unwrap_or_else(|e| panic!("cache PUT failed outright: {e}"));
+            let get = client
+                .try_request("GET", &path, &[], None)
+                .map(|a| a.status)
+                .unwrap_or_else(|e| panic!("cache GET failed outright: {e}"));
+            cache_answers.push((put, get));
+        }
+        let disk_errors = client.get("/api/health").json()["cache"]["disk_errors"].clone();
+        println!("cycle {cycle}: cache PUT/GET while full: {cache_answers:?}; cache.disk_errors {disk_errors}");
+        if cache_answers
+            .iter()
+            .any(|&(p, g)| !matches!(p, 202 | 204 | 507 | 503) || !matches!(g, 200 | 404))
+        {
+            failures.push(format!(
+                "cycle {cycle}: cache answers on the full disk: {cache_answers:?}"
+            ));
         }
 
         // 2. Stored sessions are served while the disk is full.
@@ -362,7 +431,7 @@ fn a_full_disk_never_wedges_hangs_or_logs_anyone_out() {
         }
         let a = client.post(
             "/api/sessions",
-            &metadata(counter.fetch_add(1, Ordering::Relaxed)),
+            &metadata(load, counter.fetch_add(1, Ordering::Relaxed)),
         );
         if a.status == 201 {
             acked.push(a.json()["session_id"].as_str().unwrap().to_string());
@@ -406,13 +475,16 @@ fn a_full_disk_never_wedges_hangs_or_logs_anyone_out() {
         // disk without a reserve could fill again on the way.
         let mut b = Node::builder().data_dir(&mnt).args([
             "--max-metadata-bytes",
-            "20000",
+            MAX_METADATA,
+            "--max-body-bytes",
+            MAX_BODY,
             "--min-free-mb",
             "1",
         ]);
         if redis_mode {
             b = b.args(["--redis-url", &redis_url, "--store-timeout-ms", "200"]);
         }
+        let first_log = node.log_text();
         drop(node);
         let mut node = b.start();
         if let Err(e) = all_served(&node.client(), &acked, "after restart", false) {
@@ -420,25 +492,48 @@ fn a_full_disk_never_wedges_hangs_or_logs_anyone_out() {
         }
         assert!(node.terminate().success(), "{}", node.log_text());
         if !failures.is_empty() {
+            println!(
+                "cycle {cycle}: the node's warnings and errors:\n{}",
+                complaints(&first_log[log_from.min(first_log.len())..])
+            );
             break;
         }
+        // The next cycle starts from an empty disk: a database grown over
+        // many cycles would change what is measured (and fill the tmpfs).
+        std::fs::remove_dir_all(mnt.join("db")).expect("remove the cycle's database");
+        total_acked += acked.len();
+        acked.clear();
         cycle += 1;
     }
-    let count = |h: Hit| hits.iter().filter(|(_, _, x)| *x == h).count();
+    let count = |h: Hit| hits.iter().filter(|(.., x)| *x == h).count();
     println!(
         "{cycle} cycles in {} s, {} sessions acknowledged; ENOSPC cycles: {} on a log write, {} on a blob write, {} other; {:?}",
         started.elapsed().as_secs(),
-        acked.len(),
+        total_acked + acked.len(),
         count(Hit::Log),
         count(Hit::Blob),
         count(Hit::Other) + count(Hit::Reserve),
         hits
     );
     assert!(failures.is_empty(), "{failures:#?}");
-    if long.is_some() {
-        assert!(
-            count(Hit::Log) >= 3 && count(Hit::Blob) >= 3,
-            "each sled write path must be hit three times: {hits:?}"
-        );
+    assert!(
+        count(Hit::Log) >= 3 && count(Hit::Blob) >= 3,
+        "each sled write path must be hit three times: {hits:?}"
+    );
+}
+
+/// The distinct warnings and errors of a node's log (the first 12, cut to
+/// 300 characters), for the report of a failed cycle.
+fn complaints(log: &str) -> String {
+    let mut seen: Vec<String> = Vec::new();
+    for line in log.lines() {
+        if !(line.contains(" WARN ") || line.contains(" ERROR ")) {
+            continue;
+        }
+        let line: String = line.get(28..).unwrap_or(line).chars().take(300).collect();
+        if !seen.contains(&line) && seen.len() < 12 {
+            seen.push(line);
+        }
     }
+    seen.join("\n")
 }

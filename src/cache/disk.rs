@@ -15,6 +15,14 @@
 //! carry it to disk soon enough). It is emptied when the node starts: what
 //! it held may have been deleted on another node while this one was down,
 //! and nothing here could tell.
+//!
+//! A disk fault here is never an error answer: a read that fails is a
+//! miss, a write that fails leaves the value to the other tiers. It is not
+//! hidden either: every failed operation is counted
+//! (`edgenode_cache_disk_errors`, health `cache.disk_errors`), logged, and
+//! a disk error (full, faulty) is remembered by the shared database as any
+//! other: the node is degraded with the reason, unready, and the database
+//! reopened once the disk takes writes again, as for a session write.
 
 use super::{decode, encode, Entry};
 use crate::disk::{Database, DiskError, Space};
@@ -29,6 +37,8 @@ pub struct Disk {
     budget: u64,
     bytes: AtomicU64,
     evictions: AtomicU64,
+    /// Operations that failed on the disk (see the module doc).
+    errors: AtomicU64,
     /// Keeps the two trees and the byte count in step.
     lock: Mutex<()>,
 }
@@ -49,6 +59,7 @@ impl Disk {
             budget,
             bytes: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
             lock: Mutex::new(()),
         })
     }
@@ -65,11 +76,35 @@ impl Disk {
         self.evictions.load(Ordering::Relaxed)
     }
 
-    /// The entry under `key` and the `seq` it was written under.
+    pub fn errors(&self) -> u64 {
+        self.errors.load(Ordering::Relaxed)
+    }
+
+    /// The entry under `key` and the `seq` it was written under; a read
+    /// that fails is a miss (counted and remembered: see the module doc).
     pub fn get(&self, key: &str) -> Option<(u64, Entry)> {
-        let v = self.db.tree(VALUES).ok()?.get(key.as_bytes()).ok()??;
+        let v = self
+            .db
+            .tree(VALUES)
+            .and_then(|t| self.db.sled(t.get(key.as_bytes())))
+            .map_err(|e| self.failed("reading", e))
+            .ok()??;
         let seq = u64::from_be_bytes(v.get(..8)?.try_into().ok()?);
         Some((seq, decode(bytes::Bytes::copy_from_slice(&v[8..]))?))
+    }
+
+    /// Counts and logs an operation that failed. Its sled error was
+    /// remembered where it was met ([`Database::sled`]): a disk error makes
+    /// the shared database faulty; one of a database being reopened does
+    /// not (it was no fault of the disk).
+    fn failed(&self, what: &str, e: DiskError) -> DiskError {
+        let n = self.errors.fetch_add(1, Ordering::Relaxed) + 1;
+        // The first, then every 1000th: a lookup per request on a dead disk
+        // must not flood the log (the counter has the rest).
+        if n == 1 || n % 1000 == 0 {
+            tracing::warn!(error = %e, failures = n, "cache: {what} the disk tier failed; served from the other tiers");
+        }
+        e
     }
 
     /// Writes `entry` under `key`, then drops the oldest entries until the
@@ -77,28 +112,34 @@ impl Disk {
     /// a disk at its reserve, leaves the key out (an older value under it
     /// is dropped either way).
     pub fn put(&self, key: &str, entry: &Entry, seq: u64) -> Result<()> {
+        self.put_inner(key, entry, seq)
+            .map_err(|e| self.failed("writing to", e))
+    }
+
+    fn put_inner(&self, key: &str, entry: &Entry, seq: u64) -> Result<()> {
         let mut record = Vec::with_capacity(8 + 27 + entry.content_type.len() + entry.body.len());
         record.extend_from_slice(&seq.to_be_bytes());
         encode(entry, &mut record);
         let size = (key.len() + record.len()) as u64;
         if size > self.budget || self.db.check_space(Space::Write).is_err() {
-            return self.remove(key).map(|_| ());
+            return self.remove_inner(key).map(|_| ());
         }
         let (values, age) = (self.db.tree(VALUES)?, self.db.tree(AGE)?);
         let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(old) = values.insert(key.as_bytes(), record)? {
+        if let Some(old) = self.db.sled(values.insert(key.as_bytes(), record))? {
             self.forget(&age, key, &old)?;
         }
-        age.insert(seq.to_be_bytes(), key.as_bytes().to_vec())?;
+        self.db
+            .sled(age.insert(seq.to_be_bytes(), key.as_bytes().to_vec()))?;
         let mut total = self.bytes.fetch_add(size, Ordering::Relaxed) + size;
         while total > self.budget {
-            let Some((s, k)) = age.iter().next().transpose()? else {
+            let Some((s, k)) = self.db.sled(age.iter().next().transpose())? else {
                 break;
             };
-            age.remove(&s)?;
-            if let Some(v) = values.get(&k)? {
+            self.db.sled(age.remove(&s))?;
+            if let Some(v) = self.db.sled(values.get(&k))? {
                 if v.get(..8) == Some(&s[..]) {
-                    values.remove(&k)?;
+                    self.db.sled(values.remove(&k))?;
                     total = self.sub((k.len() + v.len()) as u64);
                     self.evictions.fetch_add(1, Ordering::Relaxed);
                 }
@@ -110,13 +151,18 @@ impl Disk {
     /// Drops `key` if it is held (a lookup first: a removal of an absent
     /// key still costs sled a write). Whether it was held.
     pub fn remove(&self, key: &str) -> Result<bool> {
+        self.remove_inner(key)
+            .map_err(|e| self.failed("removing from", e))
+    }
+
+    fn remove_inner(&self, key: &str) -> Result<bool> {
         let values = self.db.tree(VALUES)?;
-        if values.get(key.as_bytes())?.is_none() {
+        if self.db.sled(values.get(key.as_bytes()))?.is_none() {
             return Ok(false);
         }
         let age = self.db.tree(AGE)?;
         let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        match values.remove(key.as_bytes())? {
+        match self.db.sled(values.remove(key.as_bytes()))? {
             Some(old) => self.forget(&age, key, &old).map(|_| true),
             None => Ok(false),
         }
@@ -125,7 +171,7 @@ impl Disk {
     /// Uncounts a record that left `cache_values`, and its age entry.
     fn forget(&self, age: &sled::Tree, key: &str, old: &[u8]) -> Result<()> {
         if let Some(s) = old.get(..8) {
-            age.remove(s)?;
+            self.db.sled(age.remove(s))?;
         }
         self.sub((key.len() + old.len()) as u64);
         Ok(())

@@ -102,7 +102,8 @@ impl Cache {
         match self.inner.disk.remove(mkey) {
             Ok(on_disk) => in_memory || on_disk,
             Err(e) => {
-                tracing::warn!(error = %e, "cache: dropping a value from the disk tier failed");
+                // Counted and logged by the tier (see `disk`).
+                tracing::debug!(error = %e, "cache: dropping a value from the disk tier failed");
                 in_memory
             }
         }

@@ -28,6 +28,10 @@ impl Database {
         &self,
         counted: impl FnOnce(&Opened) -> std::result::Result<(), E>,
     ) -> std::result::Result<(), E> {
+        let started = std::time::Instant::now();
+        if let Err(e) = self.inner.guard.room_to_open() {
+            return Err(DiskError::Fault(format!("the data directory is still full: {e}")).into());
+        }
         let probe = self.inner.dir.join(".edgenode-write-probe");
         let probed = std::fs::write(&probe, b"ok")
             .and_then(|_| std::fs::File::open(&probe)?.sync_all())
@@ -60,8 +64,10 @@ impl Database {
             }
             drop(old);
         }
+        let released_ms = started.elapsed().as_millis() as u64;
         match self.open_again() {
             Ok(t) => {
+                let opened_ms = started.elapsed().as_millis() as u64;
                 // Counting writes (the clean-shutdown count is consumed): a
                 // failure is returned with the new trees in place.
                 let counted = counted(&t);
@@ -69,7 +75,12 @@ impl Database {
                 drop(slot);
                 counted?;
                 self.inner.guard.clear();
-                tracing::warn!("the local store was reopened after a disk fault");
+                tracing::warn!(
+                    released_ms,
+                    opened_ms,
+                    ms = started.elapsed().as_millis() as u64,
+                    "the local store was reopened after a disk fault"
+                );
                 Ok(())
             }
             Err(e) => {
@@ -136,12 +147,12 @@ impl Database {
             match Opened::open(&i.dir, &i.config, i.names) {
                 Ok(t) => return Ok(t),
                 Err(e) if tries >= 20 => return Err(e),
-                // A full or failing disk: no use waiting for a lock.
-                Err(e)
-                    if matches!(e, DiskError::NoSpace(_) | DiskError::Fault(_)) && tries >= 2 =>
-                {
-                    return Err(e)
-                }
+                // A full disk: no use waiting for a lock (the next tick
+                // tries again).
+                Err(e @ DiskError::NoSpace(_)) => return Err(e),
+                // A failing disk, or sled's lock not let go yet (an I/O
+                // error too): two more tries.
+                Err(e @ DiskError::Fault(_)) if tries >= 2 => return Err(e),
                 Err(_) => {
                     tries += 1;
                     std::thread::sleep(std::time::Duration::from_millis(50));

@@ -169,6 +169,24 @@ impl DiskGuard {
         }
     }
 
+    /// Whether the data directory has room for sled to open: an open
+    /// writes a snapshot and may seal a log buffer, so on a disk with less
+    /// than the margin it fails (after reading the whole log for nothing).
+    /// A reopen tried while the disk is still full would take the next
+    /// tick's try, the one after the space came back, a whole failed open
+    /// later: over a second on a loaded card.
+    pub(super) fn room_to_open(&self) -> Result<()> {
+        let free = statvfs_available(&self.dir).unwrap_or(u64::MAX);
+        if free < self.margin {
+            return Err(DiskError::NoSpace(format!(
+                "{} KiB free, sled needs {} KiB to open",
+                free / 1024,
+                self.margin / 1024
+            )));
+        }
+        Ok(())
+    }
+
     /// Forgets the fault: the database was reopened.
     pub(super) fn clear(&self) {
         *self.fault.lock().unwrap_or_else(|p| p.into_inner()) = None;

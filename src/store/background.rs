@@ -28,15 +28,17 @@ impl Store {
     pub async fn run_housekeeping(self, mut shutdown: Shutdown) {
         let mut rounds: u64 = 0;
         let mut last_reopen_failure = String::new();
-        // Every 500 ms; every 100 ms while the disk is faulty, so a node
-        // whose space came back is ready again well within a second.
+        // Every 500 ms; every 50 ms while the disk is faulty, so a node
+        // whose space came back is ready again well within a second (a try
+        // while the disk is still full costs one statvfs: see
+        // `Database::reopen`).
         let mut wait = Duration::ZERO;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.recv() => return,
             }
-            wait = Duration::from_millis(100);
+            wait = Duration::from_millis(50);
             rounds += 1;
             if let Some(stuck) = self.inner.sled.flush_stuck_for() {
                 // A flush that has not returned: nothing can be reopened
