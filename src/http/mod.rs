@@ -136,7 +136,7 @@ pub async fn serve(
     peer: SocketAddr,
 ) -> Result<Response<Body>, std::convert::Infallible> {
     let id = trace::request_id(req.headers());
-    let span = tracing::info_span!("request", request_id = id.to_str().unwrap_or_default());
+    let span = tracing::info_span!("request", request_id = %id.to_str().unwrap_or_default());
     let mut resp = handle(app, req, peer).instrument(span).await;
     resp.headers_mut().insert(&trace::HEADER, id);
     Ok(resp)
@@ -261,8 +261,8 @@ fn log_access(
 ) {
     use hyper::body::Body as _;
     tracing::info!(
-        method = method.as_str(),
-        route,
+        method = %method.as_str(),
+        route = %route,
         status = resp.status().as_u16(),
         duration_us = start.elapsed().as_micros() as u64,
         bytes = resp.body().size_hint().exact().unwrap_or(0),
