@@ -21,7 +21,7 @@ pub enum Asked {
 }
 
 /// The shells completions are made for, with each script's file name in a
-/// release tarball (`completions/…`) and where install.sh puts it.
+/// release tarball (`completions/…`) and where the shell looks for it.
 pub const SHELLS: [(&str, &str, &str); 3] = [
     (
         "bash",
@@ -58,7 +58,7 @@ pub fn point_to_files(asked: Asked) -> ExitCode {
             let list: Vec<String> = SHELLS
                 .iter()
                 .map(|(shell, file, installed)| {
-                    format!("  {shell}: completions/{file} (install.sh: {installed})")
+                    format!("  {shell}: completions/{file} (copy it to {installed})")
                 })
                 .collect();
             format!(
@@ -69,8 +69,8 @@ pub fn point_to_files(asked: Asked) -> ExitCode {
         }
         Asked::Man => "the man page is not built into the server binary (binary size \
                        budget); every release tarball carries it as man/edgenode.1 \
-                       (install.sh: /usr/local/share/man/man1/edgenode.1; read it with \
-                       `man ./man/edgenode.1`)"
+                       (copy it to /usr/local/share/man/man1/edgenode.1, or read it \
+                       with `man ./man/edgenode.1`)"
             .to_string(),
     };
     eprintln!(
@@ -86,7 +86,10 @@ fn command() -> clap::Command {
     use clap::CommandFactory;
     // The environment of whoever generates the files must not end up in
     // them (`[env: EDGENODE_LISTEN=…]`).
+    // The version alone: the build line names the host that generated the
+    // files, not the target of the tarball they ship in.
     crate::healthcheck::documented(crate::config::Args::command())
+        .version(env!("CARGO_PKG_VERSION"))
         .mut_args(|a| a.hide_env_values(true))
 }
 
