@@ -149,6 +149,8 @@ async fn handle(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> Resp
     let path = req.uri().path().to_owned();
     let route = Route::parse(&path);
     let template = route.template();
+    let access = app.access_log.pick();
+    let method = access.then(|| req.method().clone());
 
     // Health and readiness must answer even when the node is saturated: the
     // balancer and the operator need them most then.
@@ -168,16 +170,18 @@ async fn handle(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> Resp
                     resp.status().as_u16(),
                     start.elapsed().as_secs_f64(),
                 );
+                if let Some(method) = method {
+                    let client = client_ip(&app.config, peer, req.headers());
+                    log_access(&method, template, &resp, start, client);
+                }
                 return resp;
             }
         }
     };
 
-    let access = app.access_log.pick();
     // Only worked out when someone will read it.
     let client = (access || app.rate_limiter.is_some() || tracing::enabled!(tracing::Level::DEBUG))
         .then(|| client_ip(&app.config, peer, req.headers()));
-    let method = access.then(|| req.method().clone());
     // Health and readiness (no slot) are never limited: balancers poll them.
     if let (Some(limiter), Some(ip), Some(_)) = (&app.rate_limiter, client, &slot) {
         if let Err(wait_secs) = limiter.check(ip, start) {
