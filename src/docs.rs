@@ -2,9 +2,10 @@
 //! the flags ([`crate::config::Args`]) by clap_complete and clap_mangen.
 //!
 //! Why not inside the server binary: the aarch64 release has a 4 MB budget
-//! that TLS to Redis needs most of what is left, and the generators cost more
-//! than every other addition of the operator's kit together
-//! (docs/operations.md gives the measured sizes). So they are built into a
+//! that TLS to Redis needs most of what is left, and token rotation, request
+//! ids and the access log already took the kit's ~60 KB share (+64 KiB
+//! measured, docs/operations.md); three shells' generators and a roff
+//! writer could only add to that. So they are built into a
 //! separate binary, `edgenode-docs` (cargo feature `docs`, never shipped as a
 //! server), which `scripts/release.sh` runs to put `completions/` and
 //! `man/edgenode.1` into every tarball. `edgenode completions <shell>` and
