@@ -3,7 +3,8 @@
 # packs one tarball per target:
 #
 #   dist/edgenode-<version>-<target>.tar.gz    binary, systemd units, example
-#                                              config, install.sh, README,
+#                                              config, shell completions, man
+#                                              page, install.sh, README,
 #                                              LICENSE and licenses/ (the
 #                                              vendored sled's)
 #   dist/SHA256SUMS
@@ -116,6 +117,16 @@ for t in "${targets[@]}"; do
 done
 [ "$package" = 1 ] || exit 0
 
+# ---- shell completions and man page --------------------------------------------------
+# Generated from the one declaration of the flags by edgenode-docs (cargo
+# feature "docs"), built for the host: the files do not depend on the target,
+# and the generators stay out of the server binary's size budget (src/docs.rs).
+docs_dir=$stage_root/docs
+cargo run --quiet --locked --features docs --bin edgenode-docs -- "$docs_dir" \
+  || die "edgenode-docs failed"
+bash -n "$docs_dir/completions/edgenode.bash" || die "the bash completion script does not parse"
+[ -s "$docs_dir/man/edgenode.1" ] || die "no man page"
+
 # ---- package ---------------------------------------------------------------------------
 readme() {  # target → the tarball's README
   local t=$1 name=$2
@@ -161,6 +172,9 @@ Contents
                            /var/lib/edgenode)
   systemd/edgenode.socket  optional socket activation
   edgenode.toml.example    every setting, with its default, commented out
+  completions/             shell completions: edgenode.bash, _edgenode (zsh),
+                           edgenode.fish
+  man/edgenode.1           the man page (man ./man/edgenode.1)
   install.sh               installs all of the above (when present)
   LICENSE                  edgenode's licence (MIT)
   licenses/sled/           the licences of the sled database compiled into the
@@ -204,6 +218,8 @@ for t in "${targets[@]}"; do
   install -m 0644 systemd/edgenode.service systemd/edgenode.socket "$dir/systemd/"
   # install.sh expects the example and itself next to the binary.
   install -m 0644 deploy/edgenode.toml.example "$dir/edgenode.toml.example"
+  install -D -m 0644 -t "$dir/completions" "$docs_dir"/completions/*
+  install -D -m 0644 -t "$dir/man" "$docs_dir/man/edgenode.1"
   [ ! -f deploy/install.sh ] || install -m 0755 deploy/install.sh "$dir/install.sh"
   readme "$t" "$name" >"$dir/README"
   chmod 0644 "$dir/README"

@@ -10,6 +10,7 @@ pub mod admission;
 pub mod cache;
 pub mod config;
 pub mod disk;
+pub mod docs;
 pub mod healthcheck;
 pub mod http;
 pub mod metrics;

@@ -57,6 +57,10 @@ fn main() -> ExitCode {
     if healthcheck::requested(std::env::args_os()) {
         return healthcheck::main(std::env::args_os());
     }
+    // `edgenode completions <shell>`, `edgenode man`: say where the files are.
+    if let Some(what) = edgenode::docs::requested(std::env::args_os()) {
+        return edgenode::docs::point_to_files(what);
+    }
     let started = Instant::now();
     #[cfg(target_env = "musl")]
     return_freed_memory_at_once();
@@ -72,6 +76,9 @@ fn main() -> ExitCode {
         }
     };
     init_logging(&config);
+    // The lines main itself logs name the node too (the node's own span is
+    // made in `node::run`).
+    let span = tracing::info_span!("node", instance_id = %config.instance_id);
     // Exactly `workers` request threads and a small bounded blocking pool
     // (fsyncs): the thread count does not grow with load.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -83,7 +90,7 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            tracing::error!(error = %e, "cannot start the runtime");
+            span.in_scope(|| tracing::error!(error = %e, "cannot start the runtime"));
             return ExitCode::FAILURE;
         }
     };
@@ -105,7 +112,7 @@ fn main() -> ExitCode {
     match ran {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e}");
+            span.in_scope(|| tracing::error!("{e}"));
             ExitCode::FAILURE
         }
     }

@@ -4,6 +4,7 @@
 //! the runtime, and passes the signals in as the shutdown future.
 
 use crate::config::Config;
+use crate::http::tokens::Tokens;
 use crate::http::App;
 use crate::metrics::Metrics;
 use crate::shutdown::{self, Shutdown};
@@ -13,6 +14,7 @@ use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 
 /// The earliest wall-clock time (unix ms) the node trusts: this build's
 /// commit time. `EDGENODE_TEST_CLOCK_FLOOR_MS` replaces it, so a test can
@@ -31,23 +33,36 @@ fn clock_floor() -> u64 {
 
 /// Runs the node until `shutdown` completes, then drains and returns. The
 /// listener is systemd's under socket activation, else `config.listen`.
+///
+/// SIGHUP (`systemctl reload`) re-reads `api_token_file`. The handler is
+/// installed here, before the node is ready, because SIGHUP's default action
+/// would end the process.
 pub async fn run(
     config: Config,
     started: Instant,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Box<dyn std::error::Error>> {
     raise_fd_limit();
+    let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let tokens = load_tokens(&config)?;
     let listener = match systemd::activated_listener()? {
         Some(l) => tokio::net::TcpListener::from_std(l)?,
         None => {
             // Refuse before binding, so an exposed port is never open at all.
-            config.check_exposure(config.listen)?;
+            config.check_exposure(config.listen, tokens.count())?;
             tokio::net::TcpListener::bind(config.listen)
                 .await
                 .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?
         }
     };
-    run_on(config, started, listener, shutdown).await
+    serve_node(config, tokens, started, listener, shutdown, Some(hangups)).await
+}
+
+fn load_tokens(config: &Config) -> Result<Tokens, String> {
+    Tokens::load(
+        config.api_token.as_deref(),
+        config.api_token_file.as_deref(),
+    )
 }
 
 /// Like [`run`], on a listener the caller bound (`config.listen` is not
@@ -60,9 +75,38 @@ pub async fn run_on(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Box<dyn std::error::Error>> {
+    let tokens = load_tokens(&config)?;
+    serve_node(config, tokens, started, listener, shutdown, None).await
+}
+
+/// The node's life on `listener`, inside a span naming the node: every line
+/// it logs, its background tasks' and its requests' included, carries
+/// `instance_id`.
+async fn serve_node(
+    config: Config,
+    tokens: Tokens,
+    started: Instant,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()>,
+    hangups: Option<tokio::signal::unix::Signal>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let span = tracing::info_span!("node", instance_id = %config.instance_id);
+    serve_in_span(config, tokens, started, listener, shutdown, hangups)
+        .instrument(span)
+        .await
+}
+
+async fn serve_in_span(
+    config: Config,
+    tokens: Tokens,
+    started: Instant,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()>,
+    hangups: Option<tokio::signal::unix::Signal>,
+) -> Result<(), Box<dyn std::error::Error>> {
     let addr = listener.local_addr()?;
     // Under socket activation (or a caller's listener) this is not `listen`.
-    config.check_exposure(addr)?;
+    config.check_exposure(addr, tokens.count())?;
 
     let limits = config.session_limits();
     std::fs::create_dir_all(&config.data_dir)
@@ -103,6 +147,8 @@ pub async fn run_on(
         admission,
         rate_limiter: config.rate_limiter(),
         create_limiter: config.create_limiter(),
+        tokens,
+        access_log: config.access_logger(),
         warned_proxy_without_token: false.into(),
         metrics,
         started,
@@ -111,14 +157,29 @@ pub async fn run_on(
     });
 
     let (trigger, stop) = shutdown::channel();
+    // Every task runs in the node's span (tokio does not pass it on).
+    let node = tracing::Span::current();
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(store.clone().run_housekeeping(stop.clone()));
-    tasks.spawn(store.clone().run_background(stop.clone()));
+    tasks.spawn(
+        store
+            .clone()
+            .run_housekeeping(stop.clone())
+            .instrument(node.clone()),
+    );
+    tasks.spawn(
+        store
+            .clone()
+            .run_background(stop.clone())
+            .instrument(node.clone()),
+    );
     // The shared cache's invalidation feed, probe and outage-journal replay.
-    tasks.spawn(cache.run(stop.clone()));
+    tasks.spawn(cache.run(stop.clone()).instrument(node.clone()));
     tasks.spawn(every(Duration::from_secs(30), stop.clone(), || {
         return_free_memory()
     }));
+    if let Some(hangups) = hangups {
+        tasks.spawn(reload_on_hangup(app.clone(), hangups, stop.clone()).instrument(node.clone()));
+    }
     // systemctl status shows the store mode and the session count.
     {
         let store = store.clone();
@@ -136,9 +197,9 @@ pub async fn run_on(
         }));
     }
     if let Some(interval) = systemd::watchdog_interval() {
-        tasks.spawn(systemd::run_watchdog(interval, stop.clone()));
+        tasks.spawn(systemd::run_watchdog(interval, stop.clone()).instrument(node.clone()));
     }
-    let server = tokio::spawn(server::run(app.clone(), listener, stop));
+    let server = tokio::spawn(server::run(app.clone(), listener, stop).instrument(node));
 
     app.ready.store(true, Ordering::Release);
     let mode = store.mode().as_str();
@@ -150,7 +211,6 @@ pub async fn run_on(
         %addr,
         store = mode,
         redis = app.config.redis_url.is_some(),
-        instance_id = %app.config.instance_id,
         workers = app.config.workers,
         ready_ms = started.elapsed().as_millis() as u64,
         "edgenode ready"
@@ -175,6 +235,24 @@ pub async fn run_on(
     store.close().await?;
     tracing::info!("local store flushed; bye");
     Ok(())
+}
+
+/// Re-reads the API tokens on each SIGHUP until shutdown. systemd's
+/// `ExecReload=` sends it; a failed reload keeps the tokens in force (and
+/// is logged by `reload`).
+async fn reload_on_hangup(
+    app: Arc<App>,
+    mut hangups: tokio::signal::unix::Signal,
+    mut shutdown: Shutdown,
+) {
+    loop {
+        tokio::select! {
+            Some(()) = hangups.recv() => {
+                let _ = app.tokens.reload();
+            }
+            _ = shutdown.recv() => return,
+        }
+    }
 }
 
 /// Runs `f` every `period` until shutdown.

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
+use tracing::Instrument;
 
 /// What an over-limit connection gets before it is closed.
 const CONNECTION_REFUSED: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\nConnection: close\r\nContent-Length: 84\r\n\r\n{\"error\":{\"code\":\"overloaded\",\"message\":\"too many open connections; retry shortly\"}}";
@@ -87,7 +88,7 @@ pub async fn run(app: Arc<App>, listener: TcpListener, mut shutdown: Shutdown) {
             _ = shutdown.recv() => break,
         };
         let Some(slot) = app.admission.try_connect() else {
-            tokio::spawn(refuse(stream));
+            tokio::spawn(refuse(stream).instrument(tracing::Span::current()));
             continue;
         };
         let _ = stream.set_nodelay(true);
@@ -102,7 +103,9 @@ pub async fn run(app: Arc<App>, listener: TcpListener, mut shutdown: Shutdown) {
             Box::pin(http::serve(app_for_conn.clone(), req, peer))
         });
         let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
-        connections.spawn(serve_connection(conn, slot));
+        // Each connection's requests log inside the node's span (tokio does
+        // not pass a span on to the tasks it spawns).
+        connections.spawn(serve_connection(conn, slot).instrument(tracing::Span::current()));
     }
     drop(listener);
     // A connection accepted a moment ago may not have had its request read

@@ -604,8 +604,10 @@ fn journald_gets_plain_lines_and_json_is_available() {
     node.terminate();
     let log = node.log_text();
     assert!(
+        // The level first (no timestamp), then the node's span.
         log.lines()
-            .any(|l| l.trim_start().starts_with("INFO edgenode ready")),
+            .any(|l| l.trim_start().starts_with("INFO node{instance_id=")
+                && l.contains("}: edgenode ready")),
         "no timestamp: {log}"
     );
     assert!(!log.contains('\u{1b}'), "no ANSI colours under journald");

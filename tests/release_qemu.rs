@@ -368,3 +368,78 @@ fn armv7_gnueabihf_release_serves_under_qemu() {
     );
     smoke(ARMV7);
 }
+
+/// `scripts/release.sh` packs the shell completions and the man page,
+/// generated from the flags, into the tarball; the bash script parses.
+#[test]
+fn aarch64_release_tarball_carries_completions_and_the_man_page() {
+    // Built once for every test here; release.sh finds it up to date.
+    let _ = binary(AARCH64);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new("bash")
+        .arg(root.join("scripts/release.sh"))
+        .arg(AARCH64)
+        .current_dir(root)
+        .env("CARGO_TARGET_DIR", root.join("target/cross"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("run scripts/release.sh");
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "release.sh failed:\n{log}");
+    let tarball = std::fs::read_dir(root.join("dist"))
+        .expect("dist/")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().ends_with(&format!("{AARCH64}.tar.gz")))
+        })
+        .unwrap_or_else(|| panic!("no {AARCH64} tarball in dist/:\n{log}"));
+    let dir = tempdir();
+    let untar = Command::new("tar")
+        .arg("-xzf")
+        .arg(&tarball)
+        .arg("-C")
+        .arg(dir.path())
+        .status()
+        .expect("tar");
+    assert!(untar.success());
+    let top = std::fs::read_dir(dir.path())
+        .unwrap()
+        .next()
+        .expect("one top directory")
+        .unwrap()
+        .path();
+    for file in [
+        "completions/edgenode.bash",
+        "completions/_edgenode",
+        "completions/edgenode.fish",
+        "man/edgenode.1",
+    ] {
+        let text = std::fs::read_to_string(top.join(file))
+            .unwrap_or_else(|e| panic!("{file} not in the tarball: {e}"))
+            // roff writes a hyphen as `\-`.
+            .replace("\\-", "-");
+        // Generated from the flags: the newest ones are in every file.
+        assert!(text.contains("api-token-file"), "{file}");
+        assert!(text.contains("access-log"), "{file}");
+    }
+    let man = std::fs::read_to_string(top.join("man/edgenode.1")).unwrap();
+    assert!(
+        man.starts_with(".ie") || man.contains(".TH edgenode"),
+        "roff: {man:.200}"
+    );
+    let syntax = Command::new("bash")
+        .arg("-n")
+        .arg(top.join("completions/edgenode.bash"))
+        .output()
+        .expect("bash -n");
+    assert!(
+        syntax.status.success(),
+        "bash -n: {}",
+        String::from_utf8_lossy(&syntax.stderr)
+    );
+}

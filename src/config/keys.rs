@@ -14,7 +14,7 @@
 //! - neither: the key stays optional, or its default depends on another key
 //!   (resolved in `Config::resolve`).
 
-use super::{default_data_dir, hostname, level, nets, parse_net_arg, LogFormat};
+use super::{default_data_dir, hostname, level, nets, parse_net_arg, AccessLog, LogFormat};
 use clap::Parser;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -75,6 +75,12 @@ impl Shown for tracing::Level {
     /// As the key takes it (`info`), not as tracing prints it (`INFO`).
     fn shown(&self) -> String {
         self.as_str().to_ascii_lowercase()
+    }
+}
+
+impl Shown for AccessLog {
+    fn shown(&self) -> String {
+        self.as_str().into()
     }
 }
 
@@ -184,7 +190,9 @@ keys! {
         "Longest delay between probes of an unreachable Redis", default = 2000;
     #[arg(hide_env_values = true)]
     api_token: String, "TOKEN",
-        "Bearer token required on /api/sessions*, /api/users* and /metrics";
+        "Bearer token required on /api/sessions*, /api/users*, /api/cache* and /metrics";
+    api_token_file: PathBuf, "FILE",
+        "File of accepted bearer tokens, one a line (# comments, blank lines ignored), accepted as well as api_token; re-read on SIGHUP (systemctl reload), so tokens rotate without a restart";
     #[arg(num_args = 0..=1, default_missing_value = "true")]
     allow_unauthenticated: bool, "BOOL",
         "Allow listening on a non-loopback address without an api token", or false;
@@ -288,4 +296,8 @@ keys! {
     #[serde(default, with = "level")]
     log_level: tracing::Level, "LEVEL",
         "Log level: error, warn, info, debug, trace", default = tracing::Level::INFO;
+    access_log: AccessLog, "MODE",
+        "One INFO line per request (method, route template, status, duration, bytes, client, request id; never a session id): off, sampled (1 in access_log_sample) or full", default = AccessLog::Off;
+    access_log_sample: u32, "N",
+        "With access_log = sampled, one request in this many is logged", default = 100;
 }

@@ -34,6 +34,25 @@ pub enum LogFormat {
     Json,
 }
 
+/// `access_log`: which requests get a line of their own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLog {
+    Off,
+    Sampled,
+    Full,
+}
+
+impl AccessLog {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AccessLog::Off => "off",
+            AccessLog::Sampled => "sampled",
+            AccessLog::Full => "full",
+        }
+    }
+}
+
 /// The resolved configuration the node runs with.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -45,6 +64,9 @@ pub struct Config {
     pub redis_probe_interval: Duration,
     pub redis_probe_max: Duration,
     pub api_token: Option<String>,
+    /// Tokens accepted as well as `api_token`, re-read on SIGHUP
+    /// ([`crate::http::tokens`]).
+    pub api_token_file: Option<PathBuf>,
     pub allow_unauthenticated: bool,
     pub instance_id: String,
     pub workers: usize,
@@ -93,6 +115,9 @@ pub struct Config {
     pub cache_lease_ttl: Duration,
     pub log_format: LogFormat,
     pub log_level: tracing::Level,
+    pub access_log: AccessLog,
+    /// With `AccessLog::Sampled`, one request in this many (at least 1).
+    pub access_log_sample: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -145,6 +170,7 @@ impl Config {
             redis_probe_interval: ms(v.redis_probe_interval_ms),
             redis_probe_max: ms(v.redis_probe_max_ms),
             api_token: v.api_token.filter(|t| !t.is_empty()),
+            api_token_file: v.api_token_file.filter(|p| !p.as_os_str().is_empty()),
             allow_unauthenticated: v.allow_unauthenticated,
             instance_id: v.instance_id,
             workers: v.workers,
@@ -188,6 +214,8 @@ impl Config {
             cache_lease_ttl: ms(v.cache_lease_ttl_ms),
             log_format: v.log_format,
             log_level: v.log_level,
+            access_log: v.access_log,
+            access_log_sample: v.access_log_sample,
         };
         config.validate()?;
         Ok(config)
@@ -243,6 +271,9 @@ impl Config {
         if self.max_cache_value_bytes == 0 || self.max_cache_value_bytes > 64 * 1024 * 1024 {
             return bad("max_cache_value_bytes must be 1 to 67108864 (64 MiB)");
         }
+        if self.access_log_sample == 0 {
+            return bad("access_log_sample must be at least 1");
+        }
         if self.cache_lease_ttl.is_zero() {
             return bad("cache_lease_ttl_ms must be at least 1");
         }
@@ -250,11 +281,13 @@ impl Config {
     }
 
     /// The rule that keeps an unauthenticated node off the LAN by accident.
-    pub fn check_exposure(&self, addr: SocketAddr) -> Result<(), ConfigError> {
-        if self.api_token.is_none() && !addr.ip().is_loopback() && !self.allow_unauthenticated {
+    /// `tokens` counts every accepted token (`api_token` and those of
+    /// `api_token_file`, as read at start).
+    pub fn check_exposure(&self, addr: SocketAddr, tokens: usize) -> Result<(), ConfigError> {
+        if tokens == 0 && !addr.ip().is_loopback() && !self.allow_unauthenticated {
             return Err(ConfigError::Invalid(format!(
                 "refusing to listen on non-loopback {addr} without api_token; set one \
-                 (EDGENODE_API_TOKEN) or pass --allow-unauthenticated"
+                 (EDGENODE_API_TOKEN or api_token_file) or pass --allow-unauthenticated"
             )));
         }
         Ok(())
@@ -490,12 +523,15 @@ mod tests {
         let args = Args::try_parse_from(["edgenode", "--config", "/dev/null"]).unwrap();
         let mut c = Config::resolve(args).unwrap();
         let lan: SocketAddr = "0.0.0.0:8080".parse().unwrap();
-        assert!(c.check_exposure(lan).is_err());
-        assert!(c.check_exposure("127.0.0.1:8080".parse().unwrap()).is_ok());
+        assert!(c.check_exposure(lan, 0).is_err());
+        assert!(c
+            .check_exposure("127.0.0.1:8080".parse().unwrap(), 0)
+            .is_ok());
+        assert!(c.check_exposure("[::1]:8080".parse().unwrap(), 0).is_ok());
+        assert!(c.check_exposure("[::]:8080".parse().unwrap(), 0).is_err());
         c.allow_unauthenticated = true;
-        assert!(c.check_exposure(lan).is_ok());
+        assert!(c.check_exposure(lan, 0).is_ok());
         c.allow_unauthenticated = false;
-        c.api_token = Some("t".into());
-        assert!(c.check_exposure(lan).is_ok());
+        assert!(c.check_exposure(lan, 2).is_ok());
     }
 }

@@ -124,6 +124,11 @@ impl Config {
         Admission::new(self.workers, self.max_connections, self.max_in_flight)
     }
 
+    /// Which requests get an access-log line.
+    pub fn access_logger(&self) -> crate::http::trace::AccessLogger {
+        crate::http::trace::AccessLogger::new(self.access_log, self.access_log_sample)
+    }
+
     /// The per-client-IP request limit, when configured.
     pub fn rate_limiter(&self) -> Option<RateLimiter> {
         RateLimiter::new(self.rate_limit_per_ip, self.rate_limit_burst)

@@ -4,6 +4,8 @@
 pub mod cache;
 pub mod error;
 pub mod handlers;
+pub mod tokens;
+pub mod trace;
 
 use crate::admission::Admission;
 use crate::config::Config;
@@ -19,7 +21,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
-use subtle::ConstantTimeEq;
+use tracing::Instrument;
 
 pub type Body = Full<Bytes>;
 
@@ -36,6 +38,11 @@ pub struct App {
     /// Per-client-address limit on the sessions `GET /api/session` creates
     /// (429), when configured (on by default).
     pub create_limiter: Option<crate::admission::RateLimiter>,
+    /// The accepted API tokens (`api_token`, `api_token_file`), reloaded on
+    /// SIGHUP.
+    pub tokens: tokens::Tokens,
+    /// Which requests get an access-log line.
+    pub access_log: trace::AccessLogger,
     /// Set once the node has logged that it refuses management requests
     /// through a proxy for want of a token.
     pub warned_proxy_without_token: AtomicBool,
@@ -120,17 +127,30 @@ impl<'a> Route<'a> {
     }
 }
 
-/// Serves one request: admission, routing, auth, the handler under the request
-/// timeout, then metrics. Never fails: every error is a JSON response.
+/// Serves one request inside a span naming its id (so every line logged
+/// about it carries the id), and echoes the id in the answer. Never fails:
+/// every error is a JSON response.
 pub async fn serve(
     app: Arc<App>,
     req: Request<Incoming>,
     peer: SocketAddr,
 ) -> Result<Response<Body>, std::convert::Infallible> {
+    let id = trace::request_id(req.headers());
+    let span = tracing::info_span!("request", request_id = %id.to_str().unwrap_or_default());
+    let mut resp = handle(app, req, peer).instrument(span).await;
+    resp.headers_mut().insert(&trace::HEADER, id);
+    Ok(resp)
+}
+
+/// Admission, routing, auth, the handler under the request timeout, then
+/// metrics and the access log.
+async fn handle(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
     let start = Instant::now();
     let path = req.uri().path().to_owned();
     let route = Route::parse(&path);
     let template = route.template();
+    let access = app.access_log.pick();
+    let method = access.then(|| req.method().clone());
 
     // Health and readiness must answer even when the node is saturated: the
     // balancer and the operator need them most then.
@@ -150,13 +170,17 @@ pub async fn serve(
                     resp.status().as_u16(),
                     start.elapsed().as_secs_f64(),
                 );
-                return Ok(resp);
+                if let Some(method) = method {
+                    let client = client_ip(&app.config, peer, req.headers());
+                    log_access(&method, template, &resp, start, client);
+                }
+                return resp;
             }
         }
     };
 
     // Only worked out when someone will read it.
-    let client = (app.rate_limiter.is_some() || tracing::enabled!(tracing::Level::DEBUG))
+    let client = (access || app.rate_limiter.is_some() || tracing::enabled!(tracing::Level::DEBUG))
         .then(|| client_ip(&app.config, peer, req.headers()));
     // Health and readiness (no slot) are never limited: balancers poll them.
     if let (Some(limiter), Some(ip), Some(_)) = (&app.rate_limiter, client, &slot) {
@@ -172,16 +196,19 @@ pub async fn serve(
             app.metrics
                 .observe(template, 429, start.elapsed().as_secs_f64());
             tracing::debug!(client = %ip, route = template, "rate limited");
-            return Ok(resp);
+            if let Some(method) = method {
+                log_access(&method, template, &resp, start, ip);
+            }
+            return resp;
         }
     }
-    let result = if route.needs_token() && !authorized(&app.config, &req) {
+    let result = if route.needs_token() && !authorized(&app.tokens, &req) {
         Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
             "missing or invalid bearer token",
         ))
-    } else if route.needs_token() && app.config.api_token.is_none() && via_proxy(&app, &req, peer) {
+    } else if route.needs_token() && !app.tokens.required() && via_proxy(&app, &req, peer) {
         if !app.warned_proxy_without_token.swap(true, Ordering::Relaxed) {
             tracing::warn!(
                 route = template,
@@ -220,7 +247,32 @@ pub async fn serve(
     if let (Some(client), true) = (client, status >= 400) {
         tracing::debug!(%client, route = template, status, "request refused");
     }
-    Ok(resp)
+    if let (Some(method), Some(client)) = (method, client) {
+        log_access(&method, template, &resp, start, client);
+    }
+    resp
+}
+
+/// One access-log line. The route is the template (`/api/sessions/:id`),
+/// never the path, and no header is written: session ids stay out of logs.
+/// The request id comes from the enclosing span.
+fn log_access(
+    method: &hyper::Method,
+    route: &'static str,
+    resp: &Response<Body>,
+    start: Instant,
+    client: std::net::IpAddr,
+) {
+    use hyper::body::Body as _;
+    tracing::info!(
+        method = %method.as_str(),
+        route = %route,
+        status = resp.status().as_u16(),
+        duration_us = start.elapsed().as_micros() as u64,
+        bytes = resp.body().size_hint().exact().unwrap_or(0),
+        %client,
+        "access"
+    );
 }
 
 /// Whether a request came through a proxy (a balancer): its peer is a
@@ -235,15 +287,16 @@ fn via_proxy(app: &App, req: &Request<Incoming>, peer: SocketAddr) -> bool {
         || h.contains_key("x-real-ip")
 }
 
-fn authorized(config: &Config, req: &Request<Incoming>) -> bool {
-    let Some(token) = &config.api_token else {
+/// Whether the request carries an accepted bearer token (or none is
+/// required). Every accepted token is compared in constant time.
+fn authorized(tokens: &tokens::Tokens, req: &Request<Incoming>) -> bool {
+    if !tokens.required() {
         return true;
-    };
+    }
     req.headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
-        .map(|given| bool::from(given.ct_eq(token.as_bytes())))
-        .unwrap_or(false)
+        .is_some_and(|given| tokens.accepts(given))
 }
 
 /// Reads a JSON body of at most `limit` bytes; an empty body reads as `{}`.
