@@ -17,7 +17,7 @@ use std::time::Duration;
 /// word after `ACL SETUSER edgenode`, less the password.
 const ACL: &str = "on resetkeys ~edgenode:* resetchannels &edgenode:* -@all \
     +ping +hello +auth +client|setname +client|tracking \
-    +evalsha +eval +script|load +subscribe +unsubscribe +publish \
+    +evalsha +eval +script|load +multi +exec +subscribe +unsubscribe +publish \
     +get +set +del +hgetall +zcard +zremrangebyscore \
     +exists +hdel +hget +hincrby +hmget +hset +pexpire +pexpireat +rename \
     +scard +smembers +type +zadd +zrange +zrangebyscore +zrem +zscore";
