@@ -55,7 +55,10 @@ pub async fn run(
                 .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?
         }
     };
-    serve_node(config, tokens, started, listener, shutdown, Some(hangups)).await
+    let span = node_span(&config);
+    serve(config, tokens, started, listener, shutdown, Some(hangups))
+        .instrument(span)
+        .await
 }
 
 fn load_tokens(config: &Config) -> Result<Tokens, String> {
@@ -76,27 +79,20 @@ pub async fn run_on(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let tokens = load_tokens(&config)?;
-    serve_node(config, tokens, started, listener, shutdown, None).await
-}
-
-/// The node's life on `listener`, inside a span naming the node: every line
-/// it logs, its background tasks' and its requests' included, carries
-/// `instance_id`.
-async fn serve_node(
-    config: Config,
-    tokens: Tokens,
-    started: Instant,
-    listener: tokio::net::TcpListener,
-    shutdown: impl Future<Output = ()>,
-    hangups: Option<tokio::signal::unix::Signal>,
-) -> Result<(), Box<dyn std::error::Error>> {
-    let span = tracing::info_span!("node", instance_id = %config.instance_id);
-    serve_in_span(config, tokens, started, listener, shutdown, hangups)
+    let span = node_span(&config);
+    serve(config, tokens, started, listener, shutdown, None)
         .instrument(span)
         .await
 }
 
-async fn serve_in_span(
+/// The span every line of a node's life runs in, its background tasks' and
+/// its requests' included: each carries `instance_id`.
+fn node_span(config: &Config) -> tracing::Span {
+    tracing::info_span!("node", instance_id = %config.instance_id)
+}
+
+/// The node's life on `listener` (run it inside [`node_span`]).
+async fn serve(
     config: Config,
     tokens: Tokens,
     started: Instant,

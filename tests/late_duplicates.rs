@@ -146,19 +146,11 @@ fn the_original_commands_delivered_after_their_replay_are_refused_and_counted() 
     let redis = lan.redis();
     let in_redis = |args: &[&str]| lan.hub.within(|| redis.cmd(args));
     let count_in_redis = |id: &str| lan.hub.within(|| redis.request_count(id));
-    let url = Lan::redis_url(&redis);
     let hosts: Vec<Host> = lan
         .hosts
         .iter()
-        .enumerate()
-        .map(|(i, ns)| Host {
-            ns,
-            node: ns.within(|| {
-                Node::builder()
-                    .args(["--redis-url", &url, "--instance-id", &format!("node{i}")])
-                    .start()
-            }),
-        })
+        .zip(lan.start_nodes(&redis))
+        .map(|(ns, node)| Host { ns, node })
         .collect();
     let cut = &hosts[0];
     let cut_addr = Lan::host_addr(0);

@@ -77,19 +77,11 @@ fn a_node_cut_from_redis_by_a_silent_partition_fails_over_alone_and_rejoins_with
     let redis = lan.redis();
     let in_redis = |args: &[&str]| lan.hub.within(|| redis.cmd(args));
     let count_in_redis = |id: &str| lan.hub.within(|| redis.request_count(id));
-    let url = Lan::redis_url(&redis);
     let hosts: Vec<Host> = lan
         .hosts
         .iter()
-        .enumerate()
-        .map(|(i, ns)| Host {
-            ns,
-            node: ns.within(|| {
-                Node::builder()
-                    .args(["--redis-url", &url, "--instance-id", &format!("node{i}")])
-                    .start()
-            }),
-        })
+        .zip(lan.start_nodes(&redis))
+        .map(|(ns, node)| Host { ns, node })
         .collect();
     for (i, h) in hosts.iter().enumerate() {
         assert!(

@@ -5,7 +5,7 @@
 //! one of them can be cut off (packets silently dropped, no RST, no FIN)
 //! while the others are not.
 
-use super::Redis;
+use super::{Node, Redis};
 use std::os::fd::AsRawFd;
 use std::process::Command;
 
@@ -194,6 +194,23 @@ impl Lan {
     }
 
     /// The URL of [`redis`](Self::redis)'s server, as the nodes reach it.
+    /// A node on each host, on `redis`, named `node0`, `node1`, ... in
+    /// the order of [`Lan::hosts`].
+    pub fn start_nodes(&self, redis: &Redis) -> Vec<Node> {
+        let url = Lan::redis_url(redis);
+        self.hosts
+            .iter()
+            .enumerate()
+            .map(|(i, ns)| {
+                ns.within(|| {
+                    Node::builder()
+                        .args(["--redis-url", &url, "--instance-id", &format!("node{i}")])
+                        .start()
+                })
+            })
+            .collect()
+    }
+
     pub fn redis_url(redis: &Redis) -> String {
         format!("redis://{HUB}:{}/", redis.port)
     }
