@@ -82,11 +82,9 @@ mkdir -p "$root/etc/systemd/system" "$root/usr/local/bin" "$root/usr/lib/systemd
 cp "$service_src" "$socket_src" "$root/etc/systemd/system/"
 cp "$binary" "$root/usr/local/bin/edgenode"
 chmod 0755 "$root/usr/local/bin/edgenode"
-# ExecReload= runs /bin/kill (procps, on every Debian and Raspberry Pi OS):
-# the host's stands in, or /bin/true where there is none.
+# ExecReload= runs /bin/sh (dash, Essential on every Debian): the host's.
 mkdir -p "$root/usr/bin"
-if [[ -x /usr/bin/kill ]]; then kill_bin=/usr/bin/kill; else kill_bin=/bin/true; fi
-cp "$kill_bin" "$root/usr/bin/kill"
+cp "$(readlink -f /bin/sh)" "$root/usr/bin/sh"
 for d in /usr/lib/systemd/system /lib/systemd/system; do
     if [[ -d $d ]]; then
         cp -a "$d" "$root/usr/lib/systemd/"
@@ -166,7 +164,7 @@ required=(
     "$service_src|^Type=notify$"
     "$service_src|^NotifyAccess=main$"
     "$service_src|^ExecStart=/usr/local/bin/edgenode( |$)"
-    "$service_src|^ExecReload=/bin/kill -HUP \\\$MAINPID$"
+    "$service_src|^ExecReload=/bin/sh -c 'kill -HUP \\\$\\{MAINPID\\}'$"
     "$service_src|^WatchdogSec=[1-9]"
     "$service_src|^Restart=on-failure$"
     "$service_src|^DynamicUser=yes$"

@@ -169,6 +169,82 @@ if [ "$mode" = service ]; then
     journalctl -u edgenode.service -o cat --no-pager >"$P/journal-edgenode.txt" 2>&1
     rec stop.flushed "$(grep -c 'local store flushed' "$P/journal-edgenode.txt")"
 
+    # --- api_token_file through SupplementaryGroups, as docs/operations.md says -------------
+    # "Rotating the API token", followed literally: the group, the file
+    # root:edgenode-secrets 0640, the drop-in through `systemctl edit` (its
+    # editor types the two lines the docs give), api_token_file in
+    # edgenode.toml and one restart; then rotate with two reloads.
+    tok_old=old-$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')
+    tok_new=new-$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')
+    tokens=/etc/edgenode/api-tokens
+    rec tokens.groupadd_rc "$(groupadd --system edgenode-secrets 2>>"$P/tokens.log"; echo $?)"
+    rec tokens.install_rc "$(install -m 0640 -g edgenode-secrets /dev/null "$tokens" 2>>"$P/tokens.log"; echo $?)"
+    cat >"$P/editor.sh" <<'EDITOR'
+#!/bin/sh
+printf '[Service]\nSupplementaryGroups=edgenode-secrets\n' >"$1"
+EDITOR
+    chmod 0755 "$P/editor.sh"
+    # systemctl edit wants a terminal: script(1) gives it one.
+    SYSTEMD_EDITOR=$P/editor.sh script -qec 'systemctl edit edgenode' /dev/null >>"$P/tokens.log" 2>&1
+    rec tokens.edit_rc "$?"
+    rec tokens.dropin "$(paste -sd';' /etc/systemd/system/edgenode.service.d/override.conf 2>&1)"
+    # Moving the current token into the file (this node had none in edgenode.env).
+    printf '%s\n' "$tok_old" >"$tokens"
+    printf '\napi_token_file = "%s"\n' "$tokens" >>/etc/edgenode/edgenode.toml
+    rec tokens.restart_rc "$(systemctl restart edgenode.service >>"$P/systemctl.log" 2>&1; echo $?)"
+    show tokens edgenode.service ActiveState MainPID SupplementaryGroups DropInPaths
+    tpid=$(prop edgenode.service MainPID)
+    rec tokens.file "$(stat -c '%U:%G %a' "$tokens")"
+    rec tokens.secrets_gid "$(getent group edgenode-secrets | cut -d: -f3)"
+    rec tokens.main_groups "$(awk '/^Groups:/ { $1 = ""; print substr($0, 2) }' "/proc/$tpid/status")"
+    rec tokens.nobody_reads "$(runuser -u nobody -- cat "$tokens" >/dev/null 2>&1 && echo yes || echo no)"
+    # auth TOKEN METHOD PATH [BODY]: like http, with the token ("" sends none).
+    auth() {
+        local tok=$1 args=(-sS --max-time 10 -o "$P/body" -w '%{http_code}' -X "$2")
+        shift 2
+        [ -z "$tok" ] || args+=(-H "authorization: Bearer $tok")
+        [ $# -lt 2 ] || args+=(-H 'content-type: application/json' --data "$2")
+        curl "${args[@]}" "$base$1" 2>>"$P/curl.err"
+    }
+    # tokens_check PREFIX: a session created with each token, read back with
+    # it; a wrong token and none.
+    tokens_check() {
+        local t
+        for t in old new; do
+            local tok=$tok_old
+            [ $t = old ] || tok=$tok_new
+            rec "$1.$t.create" "$(auth "$tok" POST /api/sessions '{"user_id":"tokens"}')"
+            rec "$1.$t.read" "$(auth "$tok" GET "/api/sessions/$(session_id)")"
+        done
+        rec "$1.wrong" "$(auth "wrong-$tok_new" POST /api/sessions '{"user_id":"tokens"}')"
+        rec "$1.none" "$(auth "" POST /api/sessions '{"user_id":"tokens"}')"
+    }
+    tokens_check tokens.start
+    # reload PREFIX: systemctl reload, then waits (bounded) for edgenode to
+    # log that it re-read the file: ExecReload= only sends SIGHUP, so
+    # systemctl returns before the node has read it.
+    reload() {
+        local before deadline=$((SECONDS + 10))
+        before=$(journalctl -u edgenode.service -o cat --no-pager | grep -c 'api tokens reloaded')
+        rec "$1.reload_rc" "$(systemctl reload edgenode.service >>"$P/systemctl.log" 2>&1; echo $?)"
+        while [ "$(journalctl -u edgenode.service -o cat --no-pager | grep -c 'api tokens reloaded')" -le "$before" ]; do
+            [ $SECONDS -lt $deadline ] || { rec "$1.reloaded" "not logged in 10 s"; return; }
+            sleep 0.05
+        done
+        rec "$1.reloaded" "$(journalctl -u edgenode.service -o cat --no-pager | grep 'api tokens reloaded' | tail -n 1)"
+        rec "$1.file" "$(stat -c '%U:%G %a' "$tokens")"
+    }
+    # Old and new, one a line; reload: both accepted.
+    printf '%s\n' "$tok_new" >>"$tokens"
+    reload tokens.both
+    tokens_check tokens.both
+    # The old one removed; reload: only the new one.
+    printf '%s\n' "$tok_new" >"$tokens"
+    reload tokens.new
+    tokens_check tokens.new
+    show tokens.end edgenode.service ActiveState MainPID NRestarts
+    journalctl -u edgenode.service -o cat --no-pager >"$P/journal-tokens.txt" 2>&1
+
 elif [ "$mode" = socket ]; then
     # --- socket activation: the socket listens, the service was handed it ----------------------
     show sock edgenode.socket ActiveState SubState Listen

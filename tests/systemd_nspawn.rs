@@ -491,6 +491,71 @@ fn the_service_unit_under_systemd_notify_watchdog_dynamic_user_restart_and_stop(
         b.num("stop.flushed") >= 1,
         "the journal shows sled flushed on stop",
     );
+
+    // api_token_file as docs/operations.md ("Rotating the API token") sets it
+    // up, done literally in the container: the group, the file
+    // root:edgenode-secrets 0640, `systemctl edit` with the two lines the
+    // docs give, one restart. The dynamic user reads the file through the
+    // supplementary group (and nobody else can), and two reloads rotate the
+    // token without a restart.
+    b.expect("tokens.groupadd_rc", "0");
+    b.expect("tokens.install_rc", "0");
+    b.expect("tokens.edit_rc", "0");
+    b.expect(
+        "tokens.dropin",
+        "[Service];SupplementaryGroups=edgenode-secrets",
+    );
+    b.expect("tokens.restart_rc", "0");
+    b.expect("tokens.ActiveState", "active");
+    b.expect("tokens.SupplementaryGroups", "edgenode-secrets");
+    b.check(
+        b.get("tokens.DropInPaths")
+            .contains("/etc/systemd/system/edgenode.service.d/override.conf"),
+        "systemctl edit wrote the drop-in where systemd reads it",
+    );
+    b.expect("tokens.file", "root:edgenode-secrets 640");
+    b.check(
+        b.get("tokens.main_groups")
+            .split_whitespace()
+            .any(|g| g == b.get("tokens.secrets_gid")),
+        "the service's process is in edgenode-secrets",
+    );
+    b.expect("tokens.nobody_reads", "no");
+    // Started with the old token alone in the file.
+    b.expect("tokens.start.old.create", "201");
+    b.expect("tokens.start.old.read", "200");
+    b.expect("tokens.start.new.create", "401");
+    b.expect("tokens.start.wrong", "401");
+    b.expect("tokens.start.none", "401");
+    // Old and new in the file, reloaded: both work.
+    b.expect("tokens.both.reload_rc", "0");
+    b.check(
+        b.get("tokens.both.reloaded").contains("from_file=2"),
+        "the reload read both tokens",
+    );
+    for t in ["old", "new"] {
+        b.expect(&format!("tokens.both.{t}.create"), "201");
+        b.expect(&format!("tokens.both.{t}.read"), "200");
+    }
+    b.expect("tokens.both.wrong", "401");
+    b.expect("tokens.both.none", "401");
+    // The old one removed, reloaded: refused; the new one still works.
+    b.expect("tokens.new.reload_rc", "0");
+    b.check(
+        b.get("tokens.new.reloaded").contains("from_file=1"),
+        "the reload read one token",
+    );
+    b.expect("tokens.new.old.create", "401");
+    b.expect("tokens.new.new.create", "201");
+    b.expect("tokens.new.new.read", "200");
+    b.expect("tokens.new.wrong", "401");
+    b.expect("tokens.new.none", "401");
+    // Rewriting the file in place kept its owner, group and mode; the
+    // reloads restarted nothing.
+    b.expect("tokens.new.file", "root:edgenode-secrets 640");
+    b.expect("tokens.end.ActiveState", "active");
+    b.expect("tokens.end.MainPID", b.get("tokens.MainPID"));
+    b.expect("tokens.end.NRestarts", "0");
     b.check(
         b.file("failed-units.txt").trim().is_empty(),
         &format!("no failed units:\n{}", b.file("failed-units.txt")),
