@@ -4,7 +4,8 @@
 //! certificate (Redis's default `tls-auth-clients yes`), its near cache's
 //! tracking connection and the shared cache included; it fails over to disk
 //! and back when that Redis is killed; a certificate from another CA is a
-//! configuration error that health names.
+//! configuration error that health names. Through a TLS sentinel it finds
+//! the master, and follows a failover to the replica under traffic.
 
 mod common;
 
@@ -12,7 +13,9 @@ use common::*;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// A CA and the certificates it signed, in PEM files.
 struct Pki {
@@ -150,11 +153,17 @@ struct TlsRedis {
 
 impl TlsRedis {
     fn start(pki: &Pki) -> TlsRedis {
+        TlsRedis::start_with(pki, &[])
+    }
+
+    /// With more arguments after the TLS ones (a replica's `--replicaof`).
+    fn start_with(pki: &Pki, extra: &[&str]) -> TlsRedis {
         let dir = tempdir();
         let (port, tls_port) = (free_port(), free_port());
         let mut args = redis_server_args(port, dir.path());
         args.extend(["--tls-port".to_string(), tls_port.to_string()]);
         args.extend(pki.server_args());
+        args.extend(extra.iter().map(|a| a.to_string()));
         let mut r = TlsRedis {
             child: spawn_redis(&args),
             port,
@@ -208,6 +217,92 @@ fn spawn_redis(args: &[String]) -> Child {
         .stderr(Stdio::null())
         .spawn()
         .expect("redis-server must be installed (scripts/test.sh installs it)")
+}
+
+/// A redis-sentinel monitoring `mymaster` over TLS: TLS on `tls_port` (the
+/// node's), plain text on `port` (the test's assertions). Killed on drop.
+struct TlsSentinel {
+    child: Child,
+    port: u16,
+    tls_port: u16,
+    dir: PathBuf,
+}
+
+impl TlsSentinel {
+    /// Started and polled until it names the master on `master_tls_port`;
+    /// `extra` is more configuration (`sentinel down-after-milliseconds …`).
+    fn start(pki: &Pki, dir: &Path, master_tls_port: u16, extra: &str) -> TlsSentinel {
+        let (port, tls_port) = (free_port(), free_port());
+        let conf = dir.join("sentinel.conf");
+        let (cert, key) = (&pki.server.0, &pki.server.1);
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ntls-port {tls_port}\ntls-cert-file {c}\n\
+                 tls-key-file {k}\ntls-ca-cert-file {ca}\ntls-replication yes\ndir {d}\n\
+                 logfile {d}/sentinel.log\nsentinel monitor mymaster 127.0.0.1 {master_tls_port} 1\n\
+                 {extra}",
+                c = cert.display(),
+                k = key.display(),
+                ca = pki.ca.display(),
+                d = dir.display(),
+            ),
+        )
+        .unwrap();
+        let child = Command::new("redis-sentinel")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .or_else(|_| {
+                Command::new("redis-server")
+                    .arg(&conf)
+                    .arg("--sentinel")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+            })
+            .expect("redis-sentinel");
+        let sentinel = TlsSentinel {
+            child,
+            port,
+            tls_port,
+            dir: dir.to_path_buf(),
+        };
+        assert!(
+            wait_until(Duration::from_secs(10), || sentinel
+                .master()
+                .contains(&master_tls_port.to_string())),
+            "sentinel never knew the master: {}",
+            sentinel.log()
+        );
+        sentinel
+    }
+
+    /// The node's URL: the sentinel over TLS, the master named.
+    fn url(&self) -> String {
+        format!("rediss+sentinel://127.0.0.1:{}/mymaster", self.tls_port)
+    }
+
+    /// `SENTINEL get-master-addr-by-name mymaster`, the raw reply.
+    fn master(&self) -> String {
+        redis_cmd(
+            self.port,
+            &["SENTINEL", "get-master-addr-by-name", "mymaster"],
+        )
+        .unwrap_or_default()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("sentinel.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for TlsSentinel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 fn node(url: &str, tls: Vec<String>) -> Node {
@@ -362,60 +457,228 @@ fn a_tls_sentinel_hands_out_a_tls_master() {
     let dir = tempdir();
     let pki = Pki::new(dir.path());
     let redis = TlsRedis::start(&pki);
-    let (s, s_tls) = (free_port(), free_port());
-    let conf = dir.path().join("sentinel.conf");
-    let (cert, key) = (&pki.server.0, &pki.server.1);
-    std::fs::write(
-        &conf,
-        format!(
-            "port {s}\nbind 127.0.0.1\ntls-port {s_tls}\ntls-cert-file {c}\ntls-key-file {k}\n\
-             tls-ca-cert-file {ca}\ntls-replication yes\ndir {d}\nlogfile {d}/sentinel.log\n\
-             sentinel monitor mymaster 127.0.0.1 {m} 1\n",
-            c = cert.display(),
-            k = key.display(),
-            ca = pki.ca.display(),
-            d = dir.path().display(),
-            m = redis.tls_port,
-        ),
-    )
-    .unwrap();
-    let mut sentinel = Command::new("redis-sentinel")
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .or_else(|_| {
-            Command::new("redis-server")
-                .arg(&conf)
-                .arg("--sentinel")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-        })
-        .expect("redis-sentinel");
-    let up = wait_until(Duration::from_secs(10), || {
-        redis_cmd(s, &["SENTINEL", "get-master-addr-by-name", "mymaster"])
-            .unwrap_or_default()
-            .contains(&redis.tls_port.to_string())
-    });
-    let log = std::fs::read_to_string(dir.path().join("sentinel.log")).unwrap_or_default();
-    assert!(up, "sentinel never knew the master: {log}");
-
-    let url = format!("rediss+sentinel://127.0.0.1:{s_tls}/mymaster");
-    let n = node(&url, pki.node_args(&pki.ca));
+    let sentinel = TlsSentinel::start(&pki, dir.path(), redis.tls_port, "");
+    let n = node(&sentinel.url(), pki.node_args(&pki.ca));
     let c = n.client();
-    let ok = wait_until(Duration::from_secs(10), || on_redis(&c));
-    let h = health(&c);
-    let id = ok.then(|| id_of(&c.create("{}")));
-    let _ = sentinel.kill();
-    let _ = sentinel.wait();
     assert!(
-        ok,
-        "node never came up through the TLS sentinel: {h}\n{}",
+        wait_until(Duration::from_secs(10), || on_redis(&c)),
+        "node never came up through the TLS sentinel: {}\n{}",
+        health(&c),
         n.log_text()
     );
-    let id = id.unwrap_or_default();
+    let id = id_of(&c.create("{}"));
     assert!(redis
         .cmd(&["EXISTS", &format!("edgenode:s:{id}")])
         .starts_with(":1"));
+}
+
+/// Seconds from `from` to `to`, negative when `to` is earlier.
+fn secs_from(from: Instant, to: Instant) -> f64 {
+    if to >= from {
+        to.duration_since(from).as_secs_f64()
+    } else {
+        -from.duration_since(to).as_secs_f64()
+    }
+}
+
+/// What one request of the failover's traffic got: its status, or the
+/// transport error; when it was sent.
+struct Sent {
+    at: Instant,
+    what: Result<u16, String>,
+}
+
+/// Sentinel failover with every link on TLS and the test's CA: a master, a
+/// replica replicating from it over TLS (`tls-replication`, so it announces
+/// its TLS port), and a sentinel speaking TLS to both and to the node. The
+/// master is killed while a client creates and reads sessions; Sentinel
+/// promotes the replica and the node follows it.
+///
+/// Asserted: the session made before is read back afterwards and is on the
+/// new master; writes after the switch succeed and land on the new master;
+/// every session the traffic was told was created (201) is readable and on
+/// the new master once the node is back on Redis (`store.active` "redis",
+/// nothing pending); every request was answered (no transport error); the
+/// only 5xx allowed is 503, and only between the kill and the moment the
+/// node was seen back on Redis (none is expected: the node serves from its
+/// disk meanwhile, and the count is printed).
+#[test]
+fn a_sentinel_failover_over_tls_is_followed_under_traffic() {
+    let dir = tempdir();
+    let pki = Pki::new(dir.path());
+    let mut master = TlsRedis::start(&pki);
+    let master_tls = master.tls_port.to_string();
+    let replica = TlsRedis::start_with(
+        &pki,
+        &[
+            "--replicaof",
+            "127.0.0.1",
+            &master_tls,
+            "--tls-replication",
+            "yes",
+        ],
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || replica
+            .cmd(&["INFO", "replication"])
+            .contains("master_link_status:up")),
+        "the replica never synced over TLS: {}",
+        replica.cmd(&["INFO", "replication"])
+    );
+    let sentinel = TlsSentinel::start(
+        &pki,
+        dir.path(),
+        master.tls_port,
+        "sentinel down-after-milliseconds mymaster 500\nsentinel failover-timeout mymaster 3000\n",
+    );
+    // The replica must be known, by its TLS port, before the master dies.
+    let replica_tls = replica.tls_port.to_string();
+    assert!(
+        wait_until(Duration::from_secs(15), || sentinel
+            .log()
+            .lines()
+            .any(|l| l.contains("+slave") && l.contains(&replica_tls))),
+        "sentinel never saw the replica on its TLS port: {}",
+        sentinel.log()
+    );
+
+    let n = node(&sentinel.url(), pki.node_args(&pki.ca));
+    let c = n.client();
+    assert!(
+        wait_until(Duration::from_secs(10), || on_redis(&c)),
+        "node never came up through the TLS sentinel: {}\n{}",
+        health(&c),
+        n.log_text()
+    );
+    let before = id_of(&c.create(r#"{"metadata":{"when":"before"}}"#));
+    assert!(
+        master.cmd(&["WAIT", "1", "2000"]).starts_with(":1"),
+        "the session was replicated before the master dies"
+    );
+
+    // The traffic: create a session, read it back, again, until told to stop.
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let traffic = {
+        let (c, stop, sent) = (c.clone(), stop.clone(), sent.clone());
+        std::thread::spawn(move || {
+            let mut log: Vec<Sent> = Vec::new();
+            let mut created: Vec<String> = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let at = Instant::now();
+                let made = c.try_request(
+                    "POST",
+                    "/api/sessions",
+                    &[],
+                    Some(r#"{"metadata":{"when":"traffic"}}"#),
+                );
+                let id = match &made {
+                    Ok(a) if a.status == 201 => Some(id_of(&a.json())),
+                    _ => None,
+                };
+                log.push(Sent {
+                    at,
+                    what: made.map(|a| a.status),
+                });
+                if let Some(id) = id {
+                    let at = Instant::now();
+                    let read = c.try_request("GET", &format!("/api/sessions/{id}"), &[], None);
+                    log.push(Sent {
+                        at,
+                        what: read.map(|a| a.status),
+                    });
+                    created.push(id);
+                }
+                sent.fetch_add(1, Ordering::Relaxed);
+            }
+            (log, created)
+        })
+    };
+    let traffic_until = |n: u64| {
+        assert!(
+            wait_until(Duration::from_secs(10), || sent.load(Ordering::Relaxed)
+                >= n),
+            "the traffic stalled at {} requests",
+            sent.load(Ordering::Relaxed)
+        );
+    };
+    traffic_until(20);
+
+    // The master dies under the traffic; Sentinel promotes the replica.
+    master.kill9();
+    let killed = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(20), || sentinel
+            .master()
+            .contains(&replica_tls)),
+        "sentinel did not promote the replica: {}",
+        sentinel.log()
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || on_redis(&c)),
+        "the node did not follow the new TLS master: {}\n{}",
+        health(&c),
+        n.log_text()
+    );
+    let back = Instant::now();
+    // More traffic on the new master before it stops.
+    traffic_until(sent.load(Ordering::Relaxed) + 20);
+    stop.store(true, Ordering::Relaxed);
+    let (log, created) = traffic.join().expect("traffic thread");
+
+    let errors: Vec<&String> = log.iter().filter_map(|s| s.what.as_ref().err()).collect();
+    assert!(errors.is_empty(), "requests unanswered: {errors:?}");
+    let unavailable = log.iter().filter(|s| s.what == Ok(503)).count();
+    println!(
+        "failover over TLS: {} requests, {unavailable} answered 503, the node back on Redis {:.1} s after the kill",
+        log.len(),
+        secs_from(killed, back)
+    );
+    // A request sent just before the kill may be answered after it.
+    let switch_began = log
+        .iter()
+        .map(|s| s.at)
+        .filter(|&t| t < killed)
+        .max()
+        .unwrap_or(killed);
+    for s in &log {
+        match s.what {
+            Ok(200 | 201) => {}
+            Ok(503) => assert!(
+                s.at >= switch_began && s.at <= back,
+                "a 503 outside the switch: sent {:+.3} s from the kill, the node back at {:.3} s",
+                secs_from(killed, s.at),
+                secs_from(killed, back)
+            ),
+            ref other => panic!("the traffic got {other:?}"),
+        }
+    }
+
+    // After the switch: the session from before, a new write, and every
+    // session the traffic made, all on the new master.
+    let after = id_of(&c.create(r#"{"metadata":{"when":"after"}}"#));
+    for (id, when) in [(&before, "before"), (&after, "after")] {
+        assert_eq!(
+            c.get(&format!("/api/sessions/{id}")).json()["metadata"]["when"],
+            when
+        );
+        let stored = replica.cmd(&["HGET", &format!("edgenode:s:{id}"), "m:\"when\""]);
+        assert!(
+            stored.contains(when),
+            "the session {when} the failover is on the new master: {stored}"
+        );
+    }
+    assert!(!created.is_empty());
+    for id in &created {
+        assert_eq!(c.get(&format!("/api/sessions/{id}")).status, 200, "{id}");
+        assert!(
+            replica
+                .cmd(&["EXISTS", &format!("edgenode:s:{id}")])
+                .starts_with(":1"),
+            "session {id} made by the traffic is on the new master"
+        );
+    }
+    let h = health(&c);
+    assert_eq!(h["store"]["active"], "redis", "{h}");
+    assert!(h["store"]["failovers"].as_u64().unwrap_or(0) >= 1, "{h}");
 }
