@@ -13,6 +13,7 @@ pub mod disk;
 pub mod docs;
 pub mod healthcheck;
 pub mod http;
+pub mod logging;
 pub mod metrics;
 pub mod node;
 pub mod redis_link;

@@ -2,7 +2,7 @@
 //! modules of the library wired together. No logic lives here.
 
 use clap::{CommandFactory, FromArgMatches};
-use edgenode::config::{Args, Config, LogFormat};
+use edgenode::config::{Args, Config};
 use edgenode::healthcheck;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -75,7 +75,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging(&config);
+    edgenode::logging::init(&config);
     // The lines main itself logs name the node too (the node's own span is
     // made in `node::run`).
     let span = tracing::info_span!("node", instance_id = %config.instance_id);
@@ -138,22 +138,5 @@ impl Signals {
             _ = self.term.recv() => {}
             _ = self.int.recv() => {}
         }
-    }
-}
-
-/// Plain lines without colours or timestamps under journald (it adds its
-/// own), JSON lines on request.
-fn init_logging(config: &Config) {
-    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
-    let builder = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_max_level(config.log_level)
-        .with_target(false);
-    match (config.log_format, journald) {
-        (LogFormat::Json, _) => builder.json().init(),
-        (LogFormat::Plain, true) => builder.without_time().with_ansi(false).init(),
-        (LogFormat::Plain, false) => builder
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init(),
     }
 }

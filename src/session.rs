@@ -74,6 +74,17 @@ pub struct Limits {
     pub max_metadata_bytes: usize,
 }
 
+impl Limits {
+    /// How far Redis's copy of the sliding expiry may lag a touch: a
+    /// thousandth of the idle TTL, at least a second (86 s of 24 h). Moving
+    /// the expiry rewrites the record's `e`, its key's TTL and the active
+    /// index; in steps, a session used every few seconds pays that once in
+    /// a while, not on every use, and expires at most this much early.
+    pub fn slide_step_ms(&self) -> u64 {
+        (self.ttl_ms / 1000).max(1000)
+    }
+}
+
 impl Session {
     /// A fresh session with a new random id (UUID v4 from the OS CSPRNG).
     pub fn new(user_id: String, metadata: String, now: u64, limits: &Limits) -> Session {

@@ -21,7 +21,6 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
-use tracing::Instrument;
 
 pub type Body = Full<Bytes>;
 
@@ -127,8 +126,8 @@ impl<'a> Route<'a> {
     }
 }
 
-/// Serves one request inside a span naming its id (so every line logged
-/// about it carries the id), and echoes the id in the answer. Never fails:
+/// Serves one request with its id known to the log (so every line logged
+/// about it carries the id, see `logging`), and echoes the id in the answer. Never fails:
 /// every error is a JSON response.
 pub async fn serve(
     app: Arc<App>,
@@ -136,8 +135,7 @@ pub async fn serve(
     peer: SocketAddr,
 ) -> Result<Response<Body>, std::convert::Infallible> {
     let id = trace::request_id(req.headers());
-    let span = tracing::info_span!("request", request_id = %id.to_str().unwrap_or_default());
-    let mut resp = handle(app, req, peer).instrument(span).await;
+    let mut resp = crate::logging::with_request_id(id.clone(), handle(app, req, peer)).await;
     resp.headers_mut().insert(&trace::HEADER, id);
     Ok(resp)
 }

@@ -9,6 +9,19 @@ use super::{Deleted, PatchOutcome, Result, Store, StoreError};
 use crate::session::{now_ms, Patch, Session};
 use std::sync::atomic::Ordering;
 
+/// How a touch the near cache cannot answer reaches Redis.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Uncached {
+    /// Read over the tracking connection and kept (a session used again
+    /// soon, see `near::admit`); counted behind.
+    Fill,
+    /// Read with one plain `HGETALL`, not kept; counted behind.
+    ReadThrough,
+    /// Counted in Redis before the answer (no near cache, or a draining
+    /// node, whose counts the next node must read at once).
+    CountNow,
+}
+
 impl Store {
     /// Creates a session; `counted` when the creating request itself uses it
     /// (`GET /api/session`), so its request_count starts at 1.
@@ -66,32 +79,35 @@ impl Store {
         // A draining node writes every use through, so the node that takes
         // the browser over next reads its count at once.
         let draining = self.inner.draining.load(Ordering::Acquire);
-        // Filled into the near cache (and counted there), or counted in
-        // Redis at once.
-        let fill = if draining {
+        let way = if draining {
             self.settle_near(id).await;
-            false
+            Uncached::CountNow
         } else {
             if let Some(s) = self.near_hit(id, now) {
                 self.settle_if_draining(id).await;
                 return Ok(Some(s));
             }
-            self.near_admits(id, now)
+            match (self.inner.near.is_some(), self.near_admits(id, now)) {
+                (false, _) => Uncached::CountNow,
+                (true, true) => Uncached::Fill,
+                (true, false) => Uncached::ReadThrough,
+            }
         };
         let mut may_restore = true;
         loop {
             let sent = match self
                 .on_redis("touch", Some(id), |r, seq| async move {
-                    match fill {
-                        true => self.near_fill(&r, id, now).await,
-                        false => r.touch(id, now, seq).await,
+                    match way {
+                        Uncached::Fill => self.near_fill(&r, id, now).await,
+                        Uncached::ReadThrough => self.near_read_through(&r, id, now).await,
+                        Uncached::CountNow => r.touch(id, now, seq).await,
                     }
                 })
                 .await?
             {
                 Answer::Redis(Some(s)) => {
                     self.mirror("touch", |m| m.mirror_touch(s.clone()));
-                    if fill {
+                    if way != Uncached::CountNow {
                         self.settle_if_draining(id).await;
                     }
                     return Ok(Some(s));

@@ -152,6 +152,23 @@ impl SledStore {
         Ok(())
     }
 
+    /// Whether the mirror holds a live copy of the session within its bounds
+    /// (see the module doc), told from memory: a higher count Redis reports
+    /// for it then reaches the disk with a later touch result, within the
+    /// same lag, and the write-behind need not read the copy to raise it.
+    /// Never with a lag of 0 (every count is written at once then).
+    pub fn mirror_holds(&self, id: &[u8; 16]) -> bool {
+        if self.inner.mirror_lag_ms.load(Ordering::Relaxed) == 0 {
+            return false;
+        }
+        let now_s = now_ms() / 1000;
+        self.inner.written[stripe(id)]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&compact(id))
+            .is_some_and(|w| u64::from(w.expires_s) > now_s)
+    }
+
     /// Writes a session's buffered copy, if any, into the mirror now (before
     /// the mirror is read for it).
     pub fn land_buffered(&self, id: &[u8; 16]) -> Result<()> {

@@ -220,18 +220,28 @@ impl NearCache {
         }
     }
 
-    /// Counts a request on a session read from Redis (over the tracking
-    /// connection, after `ticket`) and stores the copy, unless an
-    /// invalidation or a link change came in between. Returns the session as
-    /// the request should see it: Redis's count plus the counts this node has
+    /// Counts a request on a session read from Redis, written behind like a
+    /// cached touch, without keeping a copy. Returns the session as the
+    /// request should see it: Redis's count plus the counts this node has
     /// not written yet, this request's included.
-    fn fill(&self, mut session: Session, ticket: Ticket, now: u64) -> Session {
+    fn count_read(&self, mut session: Session, now: u64) -> Session {
         let id = session.id;
         if let Some(p) = self.pending_shard(&id).get(&id) {
             session.request_count = session.request_count.saturating_add(p.count);
         }
         session.touch(now, &self.limits);
         self.add_pending(&id, 1, now);
+        session
+    }
+
+    /// Counts a request on a session read from Redis (over the tracking
+    /// connection, after `ticket`) and stores the copy, unless an
+    /// invalidation or a link change came in between. Returns the session as
+    /// the request should see it: Redis's count plus the counts this node has
+    /// not written yet, this request's included.
+    fn fill(&self, session: Session, ticket: Ticket, now: u64) -> Session {
+        let session = self.count_read(session, now);
+        let id = session.id;
         self.misses.fetch_add(1, Ordering::Relaxed);
         // A flush of its counts is on its way: Redis's answer may or may
         // not include them, so the copy's count could be short. Served,

@@ -71,6 +71,25 @@ impl Store {
         Ok(read.map(|session| near.cache.fill(session, ticket, now)))
     }
 
+    /// A touch of a session the near cache does not take (used once, not
+    /// again within `near_admit_ms`): one plain read over the main
+    /// connection, its count written behind with the cached sessions'
+    /// counts. No script runs on the request's path, and Redis tracks
+    /// nothing for it: most sessions of a LAN are used now and then, and
+    /// their writes then cost Redis one share of a pipelined batch each.
+    pub(in crate::store) async fn near_read_through(
+        &self,
+        redis: &RedisStore,
+        id: &[u8; 16],
+        now: u64,
+    ) -> Result<Option<Session>> {
+        let Some(near) = self.inner.near.as_ref() else {
+            return Ok(None);
+        };
+        let read = redis.read_untracked(id, now).await?;
+        Ok(read.map(|session| near.cache.count_read(session, now)))
+    }
+
     /// A change to a session made through this node: its near-cache copy
     /// goes at once (Redis's own invalidation follows, asynchronously).
     pub(in crate::store) fn forget_near(&self, id: &[u8; 16]) {

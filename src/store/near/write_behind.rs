@@ -145,9 +145,14 @@ impl Store {
     }
 
     /// Raises the mirror's live copy (if it holds one) to a count Redis
-    /// answered.
+    /// answered, unless the mirror's own bounds cover it.
     fn count_to_mirror(&self, id: &[u8; 16], count: u64, at: u64) {
         let sled = &self.inner.sled;
+        // No disk read on the write-behind's path for a session the mirror
+        // holds (this node answered it lately, see `mirror_holds`).
+        if sled.mirror_holds(id) {
+            return;
+        }
         let Ok(Some(mut copy)) = sled.get(id, crate::session::now_ms()) else {
             return;
         };
@@ -195,33 +200,55 @@ impl Store {
         // The copies the mirror gets, taken now: a failure below empties
         // the cache.
         let mut copies: Vec<Option<Session>> = batch.iter().map(|f| near.copy(&f.id)).collect();
-        let mut failed: Option<usize> = None;
-        for (n, chunk) in batch.chunks(CHUNK).enumerate() {
-            let tracked = near.is_up();
-            let mut flushed = redis.flush_touches(chunk, near, false).await;
-            if flushed.is_err() && tracked {
-                // The cache's connection failed (and is closed now), the
-                // main one may not have: the same counts under the same ids
-                // once more over it, as a replay, so none counts twice.
-                flushed = redis.flush_touches(chunk, near, true).await;
+        // Cached sessions' counts go over the tracking connection, one
+        // script call each (so they do not invalidate this node's copies);
+        // the others' (read through, not kept) in one call per chunk over
+        // the main connection.
+        let (cached, uncached): (Vec<usize>, Vec<usize>) =
+            (0..batch.len()).partition(|&i| copies[i].is_some());
+        let groups = cached
+            .chunks(CHUNK)
+            .map(|c| (c, true))
+            .chain(uncached.chunks(CHUNK).map(|c| (c, false)));
+        let mut failed = vec![false; batch.len()];
+        let mut failing = false;
+        for (indices, tracked_copies) in groups {
+            if failing {
+                indices.iter().for_each(|&i| failed[i] = true);
+                continue;
             }
+            let chunk: Vec<Flush> = indices.iter().map(|&i| batch[i]).collect();
+            let flushed = if tracked_copies {
+                let tracked = near.is_up();
+                let mut flushed = redis.flush_touches(&chunk, near, false).await;
+                if flushed.is_err() && tracked {
+                    // The cache's connection failed (and is closed now), the
+                    // main one may not have: the same counts under the same
+                    // ids once more over it, as a replay, so none counts twice.
+                    flushed = redis.flush_touches(&chunk, near, true).await;
+                }
+                flushed
+            } else {
+                redis.flush_uncached(&chunk).await
+            };
             match flushed {
                 Ok(results) => {
-                    for (i, (f, result)) in chunk.iter().zip(results).enumerate() {
+                    for (&i, result) in indices.iter().zip(results) {
+                        let f = &batch[i];
                         match result {
                             Flushed::Counted(count) => {
-                                // Without a copy (another node's change
-                                // invalidated it), the mirror still learns
-                                // Redis's count: a re-seed after Redis
-                                // loses its data must not go below it.
-                                match copies[n * CHUNK + i].take() {
+                                // Without a copy (read through, or another
+                                // node's change invalidated it), the mirror
+                                // still learns Redis's count: a re-seed after
+                                // Redis loses its data must not go below it.
+                                match copies[i].take() {
                                     Some(copy) => self.mirror("touch", |m| m.mirror_touch(copy)),
                                     None => self.count_to_mirror(&f.id, count, f.at),
                                 }
                             }
                             Flushed::Gone => {
                                 near.invalidate(&f.id);
-                                self.counts_to_mirror(f, copies[n * CHUNK + i].take());
+                                self.counts_to_mirror(f, copies[i].take());
                             }
                             Flushed::Corrupt => near.invalidate(&f.id),
                         }
@@ -229,28 +256,26 @@ impl Store {
                 }
                 Err(e) => {
                     self.redis_failed("touch write-behind", &e);
-                    failed = Some(n * CHUNK);
-                    break;
+                    indices.iter().for_each(|&i| failed[i] = true);
+                    failing = true;
                 }
             }
         }
         // Ids answered are settled; those of a failed chunk stay in doubt
         // until the journal replay that applies them under the same ids.
-        for (i, f) in batch.iter().enumerate() {
+        for (f, &failed) in batch.iter().zip(&failed) {
             match failed {
-                Some(from) if i >= from => redis.doubt_op(f.seq),
-                _ => redis.settle_op(f.seq),
+                true => redis.doubt_op(f.seq),
+                false => redis.settle_op(f.seq),
             }
         }
-        if let Some(from) = failed {
-            for (i, f) in batch.iter().enumerate().skip(from) {
-                if let Some(copy) = copies[i].take() {
-                    self.mirror("touch", |m| m.mirror_touch(copy));
-                }
-                let Flush { id, count, at, seq } = *f;
-                if let Err(e) = self.inner.sled.journal_touches_at(&id, count, at, seq) {
-                    tracing::error!(error = %e, "journaling write-behind counts failed; they are lost");
-                }
+        for (i, f) in batch.iter().enumerate().filter(|(i, _)| failed[*i]) {
+            if let Some(copy) = copies[i].take() {
+                self.mirror("touch", |m| m.mirror_touch(copy));
+            }
+            let Flush { id, count, at, seq } = *f;
+            if let Err(e) = self.inner.sled.journal_touches_at(&id, count, at, seq) {
+                tracing::error!(error = %e, "journaling write-behind counts failed; they are lost");
             }
         }
         near.landed(&ids);

@@ -163,7 +163,9 @@ impl RedisStore {
     }
 
     /// `ids`: the formatted id; `session_key`: its `s:` key (the request
-    /// path reads it back too, so it is built once).
+    /// path reads it back too, so it is built once). Over the tracking
+    /// connection the caller adds one more argument, `1` (see
+    /// `touch_one.lua`).
     pub(super) fn touch_inv(
         &self,
         ids: &str,
@@ -186,7 +188,8 @@ impl RedisStore {
             .arg(count)
             .arg(&self.inner.origin_field)
             .arg(stamp.seq)
-            .arg(stamp.floor);
+            .arg(stamp.floor)
+            .arg(self.inner.limits.slide_step_ms());
         inv
     }
 

@@ -65,6 +65,16 @@ end
 -- Returns the field's new value with `seq` applied, or nil when `seq` was
 -- applied already (a duplicate: the caller refuses it).
 local function claim(mark, seq, floor)
+  -- The usual mark, a floor and at most one id (a session used now and
+  -- then): decided without tables, the same answer as below.
+  local f1, one = string.match(mark or '0', '^(%d+) ?(%d*)$')
+  if f1 then
+    f1, one = tonumber(f1), tonumber(one)
+    if seq <= f1 or one == seq then return nil end
+    local nf = math.max(f1, floor or 0)
+    if one and one > nf then return string.format('%.0f %.0f %.0f', nf, one, seq) end
+    return string.format('%.0f %.0f', nf, seq)
+  end
   local f, ids = marks(mark)
   if seq <= f then return nil end
   for _, n in ipairs(ids) do if n == seq then return nil end end

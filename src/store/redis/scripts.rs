@@ -16,7 +16,9 @@ use redis::{Script, Value};
 const PRELUDE: &str = include_str!("prelude.lua");
 const EPILOGUE: &str = include_str!("epilogue.lua");
 const CREATE: &str = include_str!("create.lua");
+const TOUCH_ONE: &str = include_str!("touch_one.lua");
 const TOUCH: &str = include_str!("touch.lua");
+const TOUCH_MANY: &str = include_str!("touch_many.lua");
 const PATCH: &str = include_str!("patch.lua");
 const DELETE: &str = include_str!("delete.lua");
 const ROTATE: &str = include_str!("rotate.lua");
@@ -26,16 +28,30 @@ const DELETE_USER: &str = include_str!("delete_user.lua");
 /// Every script, for loading them all ahead of a pipeline (a pipelined
 /// `EVALSHA` does not load a missing script, and a Redis that restarted empty
 /// has none).
-pub(super) const ALL: [&str; 7] = [CREATE, TOUCH, PATCH, DELETE, ROTATE, LIST_USER, DELETE_USER];
+/// Each a script's body, in parts (the two touch scripts share `touch_one`).
+pub(super) const ALL: [&[&str]; 8] = [
+    &[CREATE],
+    &[TOUCH_ONE, TOUCH],
+    &[TOUCH_ONE, TOUCH_MANY],
+    &[PATCH],
+    &[DELETE],
+    &[ROTATE],
+    &[LIST_USER],
+    &[DELETE_USER],
+];
 
-/// A script's full source: the prelude, its body as a function, then the
-/// replay chain that calls it.
-pub(super) fn source(body: &str) -> String {
-    let mut s = String::with_capacity(PRELUDE.len() + body.len() + EPILOGUE.len() + 40);
+/// A script's full source: the prelude, its body (its parts in order) as a
+/// function, then the replay chain that calls it.
+pub(super) fn source(body: &[&str]) -> String {
+    let len: usize = body.iter().map(|p| p.len() + 1).sum();
+    let mut s = String::with_capacity(PRELUDE.len() + len + EPILOGUE.len() + 40);
     s.push_str(PRELUDE);
     s.push_str("local function body()\n");
-    s.push_str(body);
-    s.push_str("\nend\n");
+    for part in body {
+        s.push_str(part);
+        s.push('\n');
+    }
+    s.push_str("end\n");
     s.push_str(EPILOGUE);
     s
 }
@@ -44,6 +60,7 @@ pub(super) fn source(body: &str) -> String {
 pub(super) struct Scripts {
     pub create: Script,
     pub touch: Script,
+    pub touch_many: Script,
     pub patch: Script,
     pub delete: Script,
     pub rotate: Script,
@@ -54,13 +71,14 @@ pub(super) struct Scripts {
 impl Scripts {
     pub fn new() -> Scripts {
         Scripts {
-            create: Script::new(&source(CREATE)),
-            touch: Script::new(&source(TOUCH)),
-            patch: Script::new(&source(PATCH)),
-            delete: Script::new(&source(DELETE)),
-            rotate: Script::new(&source(ROTATE)),
-            list_user: Script::new(&source(LIST_USER)),
-            delete_user: Script::new(&source(DELETE_USER)),
+            create: Script::new(&source(&[CREATE])),
+            touch: Script::new(&source(&[TOUCH_ONE, TOUCH])),
+            touch_many: Script::new(&source(&[TOUCH_ONE, TOUCH_MANY])),
+            patch: Script::new(&source(&[PATCH])),
+            delete: Script::new(&source(&[DELETE])),
+            rotate: Script::new(&source(&[ROTATE])),
+            list_user: Script::new(&source(&[LIST_USER])),
+            delete_user: Script::new(&source(&[DELETE_USER])),
         }
     }
 }

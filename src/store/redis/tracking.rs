@@ -232,6 +232,23 @@ impl RedisStore {
         }
     }
 
+    /// A session hash read over the main connection, so Redis tracks
+    /// nothing for it. `None`: Redis does not hold the session, or it
+    /// expired.
+    pub async fn read_untracked(&self, id: &[u8; 16], now: u64) -> Result<Option<Session>> {
+        let fields = self.read_record(&self.key("s:", &format_id(id))).await?;
+        self.session_read(id, fields, now)
+    }
+
+    fn session_read(&self, id: &[u8; 16], fields: Value, now: u64) -> Result<Option<Session>> {
+        let fields = flat_fields(fields)?;
+        if fields.is_empty() {
+            return Ok(None);
+        }
+        let session = self.session_from(id, &fields)?;
+        Ok((!session.is_expired(now)).then_some(session))
+    }
+
     /// A session hash read over the tracking connection while `sink` is up
     /// (so Redis tracks the key for this node), else over the main one.
     /// The read writes nothing, so one node's read does not invalidate
@@ -267,12 +284,7 @@ impl RedisStore {
             }
             None => self.read_record(key).await?,
         };
-        let fields = flat_fields(fields)?;
-        if fields.is_empty() {
-            return Ok(None);
-        }
-        let session = self.session_from(id, &fields)?;
-        Ok((!session.is_expired(now)).then_some(session))
+        self.session_read(id, fields, now)
     }
 
     /// A call on the cache's own connection, within the store timeout. No
@@ -332,11 +344,17 @@ impl RedisStore {
                 (ids, key)
             })
             .collect();
+        let tracking = self.tracking_conn().filter(|_| sink.is_up());
         let invocations: Vec<_> = batch
             .iter()
             .zip(&keys)
             .map(|(f, (ids, key))| {
-                self.touch_inv(ids, key, f.at, f.count, self.stamp(f.seq), replay)
+                let mut inv = self.touch_inv(ids, key, f.at, f.count, self.stamp(f.seq), replay);
+                if tracking.is_some() {
+                    // the tracking read at the end (see touch_one.lua)
+                    inv.arg("1");
+                }
+                inv
             })
             .collect();
         let mut pipe = redis::pipe();
@@ -345,7 +363,7 @@ impl RedisStore {
         }
         let load = self.load_scripts_pipe();
         let (pipe, load) = (&pipe, &load);
-        let replies: Vec<Value> = match self.tracking_conn().filter(|_| sink.is_up()) {
+        let replies: Vec<Value> = match tracking {
             Some(mut conn) => {
                 let call = query_loading_scripts(pipe, load, &mut conn);
                 match self
@@ -366,7 +384,59 @@ impl RedisStore {
                 .await?
             }
         };
-        Ok(replies
+        Ok(self.flushed(&replies, batch))
+    }
+
+    /// Writes the counts of sessions this node does not cache: one
+    /// `touch_many` call for the whole batch over the main connection (no
+    /// key is tracked there, so the batch costs Redis one call's fixed cost,
+    /// not one per session). An error means Redis may have applied it.
+    pub async fn flush_uncached(&self, batch: &[Flush]) -> Result<Vec<Flushed>> {
+        let mut inv = self.inner.scripts.touch_many.prepare_invoke();
+        inv.key(self.key("active", "")).key(self.dups_key());
+        inv.arg(self.inner.limits.ttl_ms)
+            .arg(self.inner.limits.max_lifetime_ms)
+            .arg("0")
+            .arg(&self.inner.origin_field)
+            .arg(self.inner.limits.slide_step_ms());
+        for f in batch {
+            let ids = format_id(&f.id);
+            let stamp = self.stamp(f.seq);
+            inv.key(self.key("s:", &ids)).key(self.key("t:", &ids));
+            inv.arg(f.at)
+                .arg(ids)
+                .arg(f.count)
+                .arg(stamp.seq)
+                .arg(stamp.floor);
+        }
+        let inv = &inv;
+        let reply: Value = self
+            .call(self.inner.timeout, |mut c| async move {
+                match inv.invoke_async(&mut c).await {
+                    Err(e)
+                        if e.kind()
+                            == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                    {
+                        inv.load_async(&mut c).await?;
+                        inv.invoke_async(&mut c).await
+                    }
+                    other => other,
+                }
+            })
+            .await?;
+        match reply {
+            Value::Array(replies) if replies.len() == batch.len() => {
+                Ok(self.flushed(&replies, batch))
+            }
+            other => Err(StoreError::Redis(format!(
+                "writing touches behind: unexpected answer {other:?}"
+            ))),
+        }
+    }
+
+    /// What Redis did with each count of a batch, from `touch_one`'s answers.
+    fn flushed(&self, replies: &[Value], batch: &[Flush]) -> Vec<Flushed> {
+        replies
             .iter()
             .zip(batch)
             .map(|(reply, f)| match TouchReply::decode(reply) {
@@ -383,7 +453,7 @@ impl RedisStore {
                 }
                 _ => Flushed::Gone,
             })
-            .collect())
+            .collect()
     }
 }
 

@@ -1,0 +1,20 @@
+-- The counts of many sessions in one call, for sessions this node does not
+-- cache (read through, counted behind): one script call's fixed cost (the
+-- call, the prelude) shared by the batch. Sent over the main connection
+-- only: on a tracking connection Redis 7.0 charges a script for every key
+-- it names on each read inside it (n² for a batch).
+-- KEYS: active, this node's refusals, then per session: its key, its tombstone
+-- ARGV: ttl_ms, max_lifetime_ms, replay, origin field, slide step in ms,
+--       then per session: at, id, requests to count, operation id, floor
+-- Returns each session's answer, as touch_one gives it, in order.
+local shared = {ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], '0'}
+local out = {}
+for i = 1, (#KEYS - 2) / 2 do
+  local j = 5 + (i - 1) * 5
+  -- pcall: a key another tool overwrote with another type is that
+  -- session's answer (-2, corrupt), not an error for the whole batch.
+  local ok, r = pcall(touch_one, shared, KEYS[1 + 2 * i], KEYS[1], KEYS[2], KEYS[2 + 2 * i],
+    ARGV[j + 1], ARGV[j + 2], ARGV[j + 3], ARGV[j + 4], ARGV[j + 5])
+  out[i] = ok and r or -2
+end
+return out
