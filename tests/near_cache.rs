@@ -552,3 +552,105 @@ fn killing_the_cache_connection_under_traffic_neither_fails_the_node_over_nor_mi
         "{kills} kills of the cache connection under {acked} uses: counts exact, no failover"
     );
 }
+
+/// The shape of a LAN of browsers: many sessions, each used now and then.
+/// Such a use is one plain read of the record, never cached, and its count
+/// reaches Redis with the other counts of its flush in one batch call:
+/// every count lands exactly, no node holds a copy, and Redis ran far fewer
+/// scripts than there were uses.
+#[test]
+fn sessions_used_now_and_then_are_read_through_and_counted_in_batches() {
+    let _one = one_at_a_time();
+    let redis = Redis::start(false);
+    let (_nodes, cs) = cluster(&redis);
+    let ids: Vec<String> = (0..150)
+        .map(|i| id_of(&cs[i % 3].create(&format!(r#"{{"user_id":"browser-{i}"}}"#))))
+        .collect();
+    redis_cli(&redis, &["CONFIG", "RESETSTAT"]);
+    // Each session used once on each node, at most once per node within
+    // the admission window: none is taken into a near cache.
+    for c in &cs {
+        for id in &ids {
+            let a = c.request("GET", "/api/session", &[("X-Session-ID", id)], None);
+            assert_eq!(a.status, 200, "{}", a.text);
+            assert_eq!(a.json()["session_id"], id.as_str());
+            let n = a.json()["request_count"].as_u64().unwrap_or(0);
+            assert!((1..=3).contains(&n), "{n}");
+        }
+    }
+    for c in &cs {
+        let n = near(c);
+        assert_eq!(n["entries"], 0, "a session used once was cached: {n}");
+        assert!(n["unadmitted"].as_u64().unwrap_or(0) >= 150, "{n}");
+    }
+    // Every count lands: three uses each, in Redis itself.
+    let counted = |id: &str| redis_cli(&redis, &["HGET", &format!("edgenode:s:{id}"), "n"]);
+    assert!(
+        wait_until(Duration::from_secs(2), || ids
+            .iter()
+            .all(|id| counted(id) == "3")),
+        "counts in redis: {:?}",
+        ids.iter().map(|id| counted(id)).collect::<Vec<_>>()
+    );
+    // 450 uses: one read each, no transaction, and the counts in a few
+    // batch calls (a flush carries every count of its 100 ms).
+    let stats = redis_cli(&redis, &["INFO", "commandstats"]);
+    let calls = |cmd: &str| -> u64 {
+        stats
+            .lines()
+            .find(|l| l.starts_with(&format!("cmdstat_{cmd}:")))
+            .and_then(|l| l.split("calls=").nth(1))
+            .and_then(|v| v.split(',').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    assert_eq!(calls("hgetall"), 450, "{stats}");
+    assert_eq!(calls("exec"), 0, "{stats}");
+    assert!(calls("evalsha") < 150, "a script per use or so: {stats}");
+    assert_eq!(calls("hincrby"), 450, "{stats}");
+    // A read through any node now counts itself on top of the three.
+    assert_eq!(read(&cs[1], &ids[0]).json()["request_count"], 4);
+}
+
+/// Redis's copy of the sliding expiry moves in steps of a thousandth of the
+/// TTL (at least a second): a use within a step of the last slide leaves
+/// the record's expiry and the key's TTL alone, a use past it slides both.
+#[test]
+fn the_expiry_in_redis_slides_in_steps_not_on_every_use() {
+    let _one = one_at_a_time();
+    let redis = Redis::start(false);
+    // 20 s of idle TTL: a step of one second.
+    let node = Node::builder()
+        .args(["--redis-url", &redis.url(), "--session-ttl-secs", "20"])
+        .start();
+    let c = node.client();
+    let id = id_of(&c.create("{}"));
+    let key = format!("edgenode:s:{id}");
+    let expiry = || -> u64 { redis_cli(&redis, &["HGET", &key, "e"]).parse().unwrap_or(0) };
+    let created = expiry();
+    assert!(created > 0);
+    assert_eq!(read(&c, &id).status, 200);
+    assert!(
+        wait_until(Duration::from_secs(2), || redis_cli(
+            &redis,
+            &["HGET", &key, "n"]
+        ) == "1"),
+        "the use was not counted"
+    );
+    assert_eq!(
+        expiry(),
+        created,
+        "a use within the step rewrote the expiry"
+    );
+    // Time passing is what is under test here, not a readiness wait.
+    std::thread::sleep(Duration::from_millis(1_200));
+    assert_eq!(read(&c, &id).status, 200);
+    assert!(
+        wait_until(Duration::from_secs(2), || expiry() >= created + 1_000),
+        "the expiry did not slide past a step: {} -> {}",
+        created,
+        expiry()
+    );
+    let pttl: u64 = redis_cli(&redis, &["PTTL", &key]).parse().unwrap_or(0);
+    assert!(pttl > 19_000, "the key's TTL did not slide: {pttl}");
+}
