@@ -202,7 +202,7 @@ pub const FIGURES: &[Figure] = &[
     ),
     figure!(
         Some((NEAR, "unadmitted")),
-        Some(("edgenode_near_cache_unadmitted", Counter, "Touches of sessions not used again within near_admit_ms: counted in Redis at once, not cached")),
+        Some(("edgenode_near_cache_unadmitted", Counter, "Touches of sessions not used again within near_admit_ms: read through and counted with the write-behind, not cached")),
         |s| s.store.near.map(|n| Number(n.unadmitted))
     ),
     figure!(

@@ -255,7 +255,7 @@ keys! {
     touch_flush_ms: u64, "MS",
         "How often touches answered from the near cache are written to Redis (request counts, last access, sliding expiry): one command per session per interval. A node killed with SIGKILL loses at most this much of its counts", default = 100;
     near_admit_ms: u64, "MS",
-        "A session the near cache does not hold is cached only when used again within this long; its other uses are counted in Redis at once. Spares Redis and the node the cost of caching sessions used once in a while (a LAN of browsers). 0 = cache every session used", default = 1000;
+        "A session the near cache does not hold is cached only when used again within this long; its other uses are read through (one plain read, not cached) and counted with the write-behind. Spares Redis and the node the cost of caching sessions used once in a while (a LAN of browsers). 0 = cache every session used", default = 1000;
     mirror_lag_secs: u64, "SECS",
         "How far (in seconds) the disk mirror's copy of a session this node serves may lag the expiry Redis gives it before a use rewrites the copy; its count there lags by the uses of that long. Larger writes the SD card less; 0 rewrites it on every use. At most a tenth of session_ttl_secs [default: a tenth of session_ttl_secs]";
     replay_batch: usize, "N",

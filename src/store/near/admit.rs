@@ -6,10 +6,11 @@
 //! another copy, the write-behind of its one count, and the invalidation
 //! Redis pushes when that count lands. So a use of a session the cache does
 //! not hold fills it only when the same session was used within
-//! `near_admit_ms` before; otherwise it is counted in Redis at once over the
-//! main connection (one script call, read back in the same `MULTI`), as
-//! with the near cache off. A browser loading a page (several requests in a
-//! row) or polling is cached from its second request on.
+//! `near_admit_ms` before; otherwise it is read through (one plain `HGETALL`
+//! over the main connection, not kept) and counted with the write-behind, in
+//! one batch call with the other such counts (see `Store::near_read_through`).
+//! A browser loading a page (several requests in a row) or polling is cached
+//! from its second request on.
 //!
 //! The memory of recent uses is a fixed table of 65 536 slots (256 KB), one
 //! per a hash of the id, holding the time of the last uncached use. Two
@@ -28,7 +29,7 @@ pub(super) struct Doorkeeper {
     seen: Box<[AtomicU32]>,
     /// The window in ticks; `None`: every session is admitted.
     window: Option<u32>,
-    /// Uses not admitted (counted in Redis at once, not cached).
+    /// Uses not admitted (read through, not cached).
     refused: AtomicU64,
 }
 
