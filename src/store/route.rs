@@ -10,7 +10,7 @@
 //! mode. See docs/failure-model.md.
 //!
 //! In Redis mode the mirror is a copy for outages: creates, patches and
-//! touches reach it lazily (flushed every 500 ms, touches batched per
+//! touches reach it lazily (synced every 5 s, touches batched per
 //! session), while deletes and rotations are flushed before the answer, so a
 //! revoked session cannot reappear from the mirror after a crash. A mirror
 //! write that fails (disk at its reserve, say) is logged and counted, never
