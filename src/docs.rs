@@ -1,29 +1,17 @@
 //! Shell completions and the man page, generated from the one declaration of
 //! the flags ([`crate::config::Args`]) by clap_complete and clap_mangen.
 //!
-//! Why not inside the server binary: the aarch64 release has a 4 000 000-byte
-//! budget, and the generators do not fit it with room to spare. Measured on
-//! the stripped aarch64 musl release (`cargo build --release --target
-//! aarch64-unknown-linux-musl`, opt-level "z", fat LTO), the same commit built
-//! three more ways:
-//!
-//! | in the server binary                          | bytes     | under budget |
-//! |-----------------------------------------------|-----------|--------------|
-//! | neither (this design)                         | 3 818 080 | 181 920      |
-//! | clap_complete, bash + zsh + fish only         | 3 949 152 |  50 848      |
-//! | clap_mangen (roff) only                       | 3 949 152 |  50 848      |
-//! | both                                          | 4 014 688 | over: 14 688 |
-//!
-//! (Code and data grow by ~72 KB for the three shells and ~84 KB for the man
-//! page, `size`; the file grows by 128 KiB either way because its segments
-//! are 64 KiB aligned.) Either generator alone would leave less than the
-//! ~60 KB a release keeps free for the next feature, so they are built into a
-//! separate binary, `edgenode-docs` (cargo feature `docs`, never shipped as a
-//! server), which `scripts/release.sh` runs to put `completions/` and
-//! `man/edgenode.1` into every tarball. `edgenode completions <shell>` and
-//! `edgenode man` in the server binary say where those files are.
+//! `edgenode completions <bash|zsh|fish>` prints the script from the server
+//! binary itself (clap_complete: 131 072 bytes of the aarch64 release,
+//! 3 818 080 -> 3 949 152, under the 4 000 000 budget). The man page's roff
+//! writer (clap_mangen) would take as much again and both together do not
+//! fit (4 014 688 bytes, measured), so the man page is made by a separate
+//! binary, `edgenode-docs` (cargo feature `docs`, never shipped as a
+//! server), which `scripts/release.sh` runs to put `man/edgenode.1` and the
+//! completion files into every tarball; `edgenode man` says where it is.
 
 use std::ffi::OsString;
+use std::io::Write;
 use std::process::ExitCode;
 
 /// What `edgenode completions …` or `edgenode man` asked for.
@@ -62,39 +50,57 @@ pub fn requested(mut args: impl Iterator<Item = OsString>) -> Option<Asked> {
     }
 }
 
-/// Tells where the generated files are (exit status 1: nothing was
-/// printed on stdout, so `edgenode completions bash > file` never writes a
-/// message into a completion script).
-pub fn point_to_files(asked: Asked) -> ExitCode {
-    let what = match asked {
-        Asked::Completions => {
-            let list: Vec<String> = SHELLS
-                .iter()
-                .map(|(shell, file, installed)| {
-                    format!("  {shell}: completions/{file} (copy it to {installed})")
-                })
-                .collect();
-            format!(
-                "shell completions are not built into the server binary (binary size \
-                 budget); every release tarball carries them:\n{}",
-                list.join("\n")
-            )
-        }
-        Asked::Man => "the man page is not built into the server binary (binary size \
-                       budget); every release tarball carries it as man/edgenode.1 \
-                       (copy it to /usr/local/share/man/man1/edgenode.1, or read it \
-                       with `man ./man/edgenode.1`)"
-            .to_string(),
+/// `edgenode completions <shell>`: the script on stdout (exit 0); no shell
+/// or another one: what to type, on stderr (exit 2).
+pub fn print_completions(mut args: impl Iterator<Item = OsString>) -> ExitCode {
+    let asked = args.nth(2).and_then(|a| a.into_string().ok());
+    let shell = asked.as_deref().and_then(|name| {
+        SHELLS
+            .iter()
+            .any(|(s, _, _)| *s == name)
+            .then(|| name.parse::<clap_complete::Shell>().ok())
+            .flatten()
+    });
+    let Some(shell) = shell else {
+        let list: Vec<String> = SHELLS
+            .iter()
+            .map(|(shell, _, installed)| format!("  edgenode completions {shell} > {installed}"))
+            .collect();
+        eprintln!(
+            "edgenode: completions for which shell{}? One of:\n{}",
+            asked
+                .map(|a| format!(" ({a:?} is not one)"))
+                .unwrap_or_default(),
+            list.join("\n")
+        );
+        return ExitCode::from(2);
     };
+    let mut out = Vec::new();
+    clap_complete::generate(shell, &mut command(), "edgenode", &mut out);
+    match std::io::stdout().write_all(&out) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("edgenode: writing the completions: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `edgenode man`: where the man page is (exit status 1: nothing was
+/// printed on stdout, so `edgenode man > file` never writes a message into
+/// a man page).
+pub fn point_to_man_page() -> ExitCode {
     eprintln!(
-        "edgenode: {what}\nFrom a source tree: cargo run --features docs --bin edgenode-docs -- DIR \
-         writes them all into DIR."
+        "edgenode: the man page is not built into the server binary (binary size \
+         budget); every release tarball carries it as man/edgenode.1 (copy it to \
+         /usr/local/share/man/man1/edgenode.1, or read it with `man ./man/edgenode.1`).\n\
+         From a source tree: cargo run --features docs --bin edgenode-docs -- DIR \
+         writes it (and the completion files) into DIR."
     );
     ExitCode::FAILURE
 }
 
 /// The command the files describe: the server's flags and `--help` text.
-#[cfg(feature = "docs")]
 fn command() -> clap::Command {
     use clap::CommandFactory;
     // The environment of whoever generates the files must not end up in

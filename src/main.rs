@@ -57,9 +57,14 @@ fn main() -> ExitCode {
     if healthcheck::requested(std::env::args_os()) {
         return healthcheck::main(std::env::args_os());
     }
-    // `edgenode completions <shell>`, `edgenode man`: say where the files are.
-    if let Some(what) = edgenode::docs::requested(std::env::args_os()) {
-        return edgenode::docs::point_to_files(what);
+    // `edgenode completions <shell>` prints the script; `edgenode man` says
+    // where the man page is.
+    match edgenode::docs::requested(std::env::args_os()) {
+        Some(edgenode::docs::Asked::Completions) => {
+            return edgenode::docs::print_completions(std::env::args_os())
+        }
+        Some(edgenode::docs::Asked::Man) => return edgenode::docs::point_to_man_page(),
+        None => {}
     }
     let started = Instant::now();
     #[cfg(target_env = "musl")]

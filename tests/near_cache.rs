@@ -578,10 +578,15 @@ fn sessions_used_now_and_then_are_read_through_and_counted_in_batches() {
             assert!((1..=3).contains(&n), "{n}");
         }
     }
+    // (The admission table hashes ids into 65 536 slots: two of 150
+    // sessions sharing one, the second may be taken in; by design.)
     for c in &cs {
         let n = near(c);
-        assert_eq!(n["entries"], 0, "a session used once was cached: {n}");
-        assert!(n["unadmitted"].as_u64().unwrap_or(0) >= 150, "{n}");
+        assert!(
+            n["entries"].as_u64().unwrap_or(99) <= 3,
+            "sessions used once were cached: {n}"
+        );
+        assert!(n["unadmitted"].as_u64().unwrap_or(0) >= 145, "{n}");
     }
     // Every count lands: three uses each, in Redis itself.
     let counted = |id: &str| redis_cli(&redis, &["HGET", &format!("edgenode:s:{id}"), "n"]);
@@ -653,4 +658,51 @@ fn the_expiry_in_redis_slides_in_steps_not_on_every_use() {
     );
     let pttl: u64 = redis_cli(&redis, &["PTTL", &key]).parse().unwrap_or(0);
     assert!(pttl > 19_000, "the key's TTL did not slide: {pttl}");
+}
+
+/// A Redis refusing writes (here: out of memory under `noeviction`) refuses
+/// the batch call that writes the counts of sessions used now and then.
+/// Those counts are not dropped as if the records were bad: the node fails
+/// over, journals them under their ids, and replays them once Redis takes
+/// writes again; each lands exactly once.
+#[test]
+fn counts_written_behind_that_redis_refuses_are_journaled_and_land_once() {
+    let _one = one_at_a_time();
+    let redis = Redis::start(false);
+    let node = Node::builder().args(["--redis-url", &redis.url()]).start();
+    let c = node.client();
+    assert!(wait_until(Duration::from_secs(5), || near_up(&c)));
+    let ids: Vec<String> = (0..20)
+        .map(|i| id_of(&c.create(&format!(r#"{{"user_id":"refused-{i}"}}"#))))
+        .collect();
+    redis_cli(&redis, &["CONFIG", "SET", "maxmemory-policy", "noeviction"]);
+    redis_cli(&redis, &["CONFIG", "SET", "maxmemory", "1"]);
+    // Reads still work: each use is read through and answered.
+    for id in &ids {
+        let a = c.request("GET", "/api/session", &[("X-Session-ID", id)], None);
+        assert_eq!(a.status, 200, "{}", a.text);
+        assert_eq!(a.json()["request_count"], 1);
+    }
+    let mode = |c: &Client| c.get("/api/health").json()["store"]["active"].clone();
+    assert!(
+        wait_until(Duration::from_secs(3), || mode(&c) == "sled"),
+        "a refused write-behind did not fail the node over: {}",
+        c.get("/api/health").text
+    );
+    let h = c.get("/api/health").json();
+    assert_eq!(h["store"]["corrupt_records"], 0, "{h}");
+    redis_cli(&redis, &["CONFIG", "SET", "maxmemory", "0"]);
+    assert!(
+        wait_until(Duration::from_secs(15), || mode(&c) == "redis"),
+        "{}",
+        c.get("/api/health").text
+    );
+    let counted = |id: &str| redis_cli(&redis, &["HGET", &format!("edgenode:s:{id}"), "n"]);
+    assert!(
+        wait_until(Duration::from_secs(2), || ids
+            .iter()
+            .all(|id| counted(id) == "1")),
+        "counts in redis after the replay: {:?}",
+        ids.iter().map(|id| counted(id)).collect::<Vec<_>>()
+    );
 }

@@ -369,20 +369,55 @@ fn a_sampled_access_log_writes_about_one_request_in_n() {
 }
 
 #[test]
-fn completions_and_the_man_page_are_pointed_to_not_printed_into_a_script() {
-    for args in [&["completions", "bash"][..], &["man"]] {
-        let out = std::process::Command::new(BIN)
+fn completions_are_printed_for_each_shell_and_the_man_page_is_pointed_to() {
+    let run = |args: &[&str]| {
+        std::process::Command::new(BIN)
             .args(args)
             .output()
-            .expect("run edgenode");
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
-        assert!(out.stdout.is_empty(), "{args:?}");
+            .expect("run edgenode")
+    };
+    // The operator's line: `edgenode completions bash > /usr/share/...`.
+    for shell in ["bash", "zsh", "fish"] {
+        let out = run(&["completions", shell]);
+        let script = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{shell}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // from the one declaration of the flags
         assert!(
-            err.contains("release tarball") && err.contains("edgenode-docs"),
-            "{err}"
+            script.contains("redis-url") && script.contains("near-admit-ms"),
+            "{shell}: {script}"
         );
     }
+    let dir = tempdir();
+    let file = dir.path().join("edgenode.bash");
+    std::fs::write(&file, run(&["completions", "bash"]).stdout).expect("write");
+    let parsed = std::process::Command::new("bash")
+        .arg("-n")
+        .arg(&file)
+        .status()
+        .expect("bash");
+    assert!(parsed.success(), "the bash script does not parse");
+    // No shell, or one without completions: told what to type, nothing on
+    // stdout (a redirect never gets a message instead of a script).
+    for args in [&["completions"][..], &["completions", "tcsh"]] {
+        let out = run(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(out.stdout.is_empty(), "{args:?}");
+        assert!(err.contains("edgenode completions bash >"), "{err}");
+    }
+    let out = run(&["man"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(out.stdout.is_empty());
+    assert!(
+        err.contains("release tarball") && err.contains("edgenode-docs"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -238,6 +238,11 @@ impl RedisStore {
     pub async fn refresh_active(&self, now: u64) -> Result<()> {
         let key = self.key("active", "");
         let key = &key;
+        // Taken before Redis counts: a create that lands while it does is
+        // in Redis's count or not, but certainly in the cached one (its
+        // `fetch_add` below), which must then not be set back to a count
+        // without it (the ceiling would let one more through).
+        let before = self.inner.active.load(Ordering::Relaxed);
         let counted: Result<(u64, u64)> = self
             .call(self.inner.timeout, |mut c| async move {
                 redis::pipe()
@@ -265,7 +270,12 @@ impl RedisStore {
             }
             Err(e) => return Err(e),
         };
-        self.inner.active.store(n, Ordering::Relaxed);
+        // Unchanged since: Redis's count replaces it. Changed (creates
+        // landed meanwhile): kept as it is, counted again in a second.
+        let _ = self
+            .inner
+            .active
+            .compare_exchange(before, n, Ordering::Relaxed, Ordering::Relaxed);
         self.read_refusals().await
     }
 

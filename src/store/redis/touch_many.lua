@@ -12,9 +12,19 @@ local out = {}
 for i = 1, (#KEYS - 2) / 2 do
   local j = 5 + (i - 1) * 5
   -- pcall: a key another tool overwrote with another type is that
-  -- session's answer (-2, corrupt), not an error for the whole batch.
+  -- session's answer (-2, corrupt), not an error for the whole batch. Any
+  -- other error (OOM, READONLY, MISCONF, an overflowing count) is the
+  -- batch's: raised again, so the node holds every id of it in doubt and
+  -- journals them (what this call applied carries its claim: a replay
+  -- skips it).
   local ok, r = pcall(touch_one, shared, KEYS[1 + 2 * i], KEYS[1], KEYS[2], KEYS[2 + 2 * i],
     ARGV[j + 1], ARGV[j + 2], ARGV[j + 3], ARGV[j + 4], ARGV[j + 5])
-  out[i] = ok and r or -2
+  if ok then
+    out[i] = r
+  elseif type(r) == 'table' and r.err and string.find(r.err, '^WRONGTYPE') then
+    out[i] = -2
+  else
+    error(r)
+  end
 end
 return out
