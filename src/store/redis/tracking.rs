@@ -409,22 +409,8 @@ impl RedisStore {
                 .arg(stamp.seq)
                 .arg(stamp.floor);
         }
-        let inv = &inv;
-        let reply: Value = self
-            .call(self.inner.timeout, |mut c| async move {
-                match inv.invoke_async(&mut c).await {
-                    Err(e)
-                        if e.kind()
-                            == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
-                    {
-                        inv.load_async(&mut c).await?;
-                        inv.invoke_async(&mut c).await
-                    }
-                    other => other,
-                }
-            })
-            .await?;
-        match reply {
+        // (`run`: a Redis that restarted empty gets the script loaded.)
+        match self.run(inv).await? {
             Value::Array(replies) if replies.len() == batch.len() => {
                 Ok(self.flushed(&replies, batch))
             }
