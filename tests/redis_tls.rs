@@ -327,6 +327,18 @@ fn health(c: &Client) -> Value {
 
 /// On Redis with nothing to replay, its near cache up, its shared cache
 /// subscribed.
+/// Waits (10 s at most) for the node to serve from Redis; else fails with
+/// `what`, its health and its log.
+fn wait_on_redis(n: &Node, what: &str) {
+    let c = n.client();
+    assert!(
+        wait_until(Duration::from_secs(10), || on_redis(&c)),
+        "{what}: {}\n{}",
+        health(&c),
+        n.log_text()
+    );
+}
+
 fn on_redis(c: &Client) -> bool {
     let h = health(c);
     h["store"]["active"] == "redis"
@@ -343,12 +355,7 @@ fn sessions_near_cache_and_shared_cache_go_over_tls_and_fail_over_and_back() {
     let mut redis = TlsRedis::start(&pki);
     let n = node(&redis.url(), pki.node_args(&pki.ca));
     let c = n.client();
-    assert!(
-        wait_until(Duration::from_secs(10), || on_redis(&c)),
-        "node never came up on Redis over TLS: {}\n{}",
-        health(&c),
-        n.log_text()
-    );
+    wait_on_redis(&n, "node never came up on Redis over TLS");
 
     // A session in Redis, served twice from the near cache after its fill.
     let id = id_of(&c.create(r#"{"user_id":"tls","metadata":{"a":1}}"#));
@@ -460,12 +467,7 @@ fn a_tls_sentinel_hands_out_a_tls_master() {
     let sentinel = TlsSentinel::start(&pki, dir.path(), redis.tls_port, "");
     let n = node(&sentinel.url(), pki.node_args(&pki.ca));
     let c = n.client();
-    assert!(
-        wait_until(Duration::from_secs(10), || on_redis(&c)),
-        "node never came up through the TLS sentinel: {}\n{}",
-        health(&c),
-        n.log_text()
-    );
+    wait_on_redis(&n, "node never came up through the TLS sentinel");
     let id = id_of(&c.create("{}"));
     assert!(redis
         .cmd(&["EXISTS", &format!("edgenode:s:{id}")])
@@ -544,12 +546,7 @@ fn a_sentinel_failover_over_tls_is_followed_under_traffic() {
 
     let n = node(&sentinel.url(), pki.node_args(&pki.ca));
     let c = n.client();
-    assert!(
-        wait_until(Duration::from_secs(10), || on_redis(&c)),
-        "node never came up through the TLS sentinel: {}\n{}",
-        health(&c),
-        n.log_text()
-    );
+    wait_on_redis(&n, "node never came up through the TLS sentinel");
     let before = id_of(&c.create(r#"{"metadata":{"when":"before"}}"#));
     assert!(
         master.cmd(&["WAIT", "1", "2000"]).starts_with(":1"),
