@@ -229,9 +229,11 @@ keys! {
     // take about twice that in memory (1.85x measured on 100k sessions), so
     // the 2 MB default costs ~3.7 MB of RSS once warm. At 4 MB a node filled
     // with 100k sessions and holding 1 000 connections measured 34-35 MB
-    // against the 32 MB target (docs/performance.md).
+    // against the 32 MB target. With Redis, sled holds only the mirror
+    // (read in an outage): 1 MB took ~1.5 MB off a node serving 100 000
+    // spread sessions, at no measured cost in req/s (docs/performance.md).
     cache_capacity_mb: u64, "MB",
-        "sled page cache size, counted as on disk (in memory it takes about twice that)", default = 2;
+        "sled page cache size, counted as on disk (in memory it takes about twice that) [default: 2; 1 with redis_url, where sled holds only the mirror]";
     max_journal_mb: u64, "MB",
         "Size of the outage journal above which creates, changes and rotations made during a Redis outage are refused (507); logouts never are, and touches stop being counted", default = 64;
     min_free_mb: u64, "MB",
@@ -250,11 +252,12 @@ keys! {
         "Unready (503 on /api/ready, so balancers send traffic elsewhere) whenever the node is not serving from Redis (Redis unreachable, or refusing the node's credentials); requests that still arrive are served from the local store", default = false;
     cookie_max_age_secs: u64, "SECS",
         "Max-Age of the session cookie; 0 makes it a browser-session cookie [default: session_ttl_secs]";
-    // 4 MB: about 16 000 sessions used again within `near_admit_ms`. 8 MB
-    // full cost a node serving 100 000 spread sessions 6.8 MB of RSS (39.9
-    // against 33.1 MB) for fewer than one hit per copy (docs/performance.md).
+    // 3 MB: about 12 000 sessions used again within `near_admit_ms`, so a
+    // node serving 10 000 sessions holds them all. 4 MB full cost a node
+    // serving 100 000 spread sessions ~1 MB more RSS (over the 32 MB bound)
+    // for fewer than one hit per copy; 8 MB 6.8 MB more (docs/performance.md).
     near_cache_mb: u64, "MB",
-        "Memory for the near cache: in Redis mode, the sessions this node serves are kept here, coherent with Redis (CLIENT TRACKING), so a touch costs no Redis round trip. 0 = off", default = 4;
+        "Memory for the near cache: in Redis mode, the sessions this node serves are kept here, coherent with Redis (CLIENT TRACKING), so a touch costs no Redis round trip. 0 = off", default = 3;
     touch_flush_ms: u64, "MS",
         "How often touches answered from the near cache are written to Redis (request counts, last access, sliding expiry): one command per cached session per interval, one call per 256 of the sessions read through. A node killed with SIGKILL loses at most this much of its counts", default = 100;
     near_admit_ms: u64, "MS",

@@ -150,6 +150,10 @@ impl Config {
         let v = args.over(file)?.values();
         let redis_url = v.redis_url.filter(|u| !u.is_empty());
         let mb = |n: u64| n.saturating_mul(1024 * 1024);
+        // With Redis, sled holds only the mirror (see `cache_capacity_mb`).
+        let sled_cache_mb = v
+            .cache_capacity_mb
+            .unwrap_or(if redis_url.is_some() { 1 } else { 2 });
         let config = Config {
             listen: v.listen,
             data_dir: v.data_dir,
@@ -189,7 +193,7 @@ impl Config {
                 .rate_limit_burst
                 .unwrap_or(v.rate_limit_per_ip.saturating_mul(2)),
             cookie_max_age_secs: v.cookie_max_age_secs.unwrap_or(v.session_ttl_secs),
-            cache_capacity_bytes: v.cache_capacity_mb * 1024 * 1024,
+            cache_capacity_bytes: mb(sled_cache_mb),
             max_journal_bytes: mb(v.max_journal_mb),
             min_free_bytes: mb(v.min_free_mb),
             disk_flush_timeout: ms(v.disk_flush_timeout_ms),
