@@ -42,7 +42,7 @@ mod write_behind;
 pub use write_behind::Near;
 
 use crate::session::{Limits, Session};
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 
@@ -52,9 +52,9 @@ const SHARDS: usize = 16;
 /// refusals under a storm of invalidations.
 const SLOTS: usize = 4096;
 /// What a copy costs besides its strings' bytes: its slot in the map (key
-/// and entry, at the table's 7/8 load, plus a control byte) and the
-/// allocator's header of each of the two strings.
-const ENTRY_OVERHEAD: usize = (16 + std::mem::size_of::<Entry>()) * 8 / 7 + 1 + 2 * 16;
+/// and entry, at the table's 7/8 load, plus a control byte), its place on
+/// the eviction clock and the allocator's header of each of the two strings.
+const ENTRY_OVERHEAD: usize = (16 + std::mem::size_of::<Entry>()) * 8 / 7 + 1 + 16 + 2 * 16;
 
 /// Requests counted here and not yet written to Redis, for one session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,6 +84,21 @@ struct Entry {
 struct Shard {
     map: HashMap<[u8; 16], Entry>,
     bytes: usize,
+    /// The clock's face: ids in the order the sweep visits them (filled
+    /// ones join at the back). May hold ids no longer cached, and an id
+    /// twice after a re-fill; `compact` bounds it.
+    clock: VecDeque<[u8; 16]>,
+}
+
+impl Shard {
+    /// A fill joins the clock; an ever-growing face (copies invalidated
+    /// and filled again while nothing is evicted) is rebuilt from the map.
+    fn enqueue(&mut self, id: [u8; 16]) {
+        self.clock.push_back(id);
+        if self.clock.len() > 2 * self.map.len() + 64 {
+            self.clock = self.map.keys().copied().collect();
+        }
+    }
 }
 
 /// Counters for health and metrics.
@@ -275,6 +290,7 @@ impl NearCache {
                 referenced: false,
             },
         );
+        shard.enqueue(id);
         drop(shard);
         if evicted > 0 {
             self.evictions.fetch_add(evicted, Ordering::Relaxed);
@@ -302,6 +318,7 @@ impl NearCache {
             let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
             let n = shard.map.len() as u64;
             shard.map = HashMap::new();
+            shard.clock = VecDeque::new();
             shard.bytes = 0;
             drop(shard);
             self.invalidations.fetch_add(n, Ordering::Relaxed);
@@ -417,32 +434,35 @@ impl NearCache {
     }
 }
 
-/// Evicts copies until the shard holds at most `keep` bytes: first those
-/// not used since the sweep last passed them, clearing the mark of the
-/// others as it goes (two passes at most). Returns how many went.
+/// Frees room in a shard down to `keep` bytes: a CLOCK sweep. The hand
+/// goes round the shard's copies in turn (the front of `clock`), gives each
+/// copy used since its last pass a second chance (clearing the mark, to the
+/// back) and evicts the first ones not used. Going round in turn is what
+/// lets every copy's turn come: a sweep that started at the map's first
+/// entry each time evicted the copies filled there (the newest, not yet
+/// used again) and never reached those further on, so when the sessions in
+/// use changed (a spread over 100 000, then over 10 000) yesterday's copies
+/// stayed and today's evicted each other (3 of 200 kept in the unit test
+/// below). Two turns at most. Returns how many went.
 fn evict(shard: &mut Shard, keep: usize) -> u64 {
     let mut evicted = 0;
-    for _ in 0..2 {
-        if shard.bytes <= keep {
+    let mut budget = 2 * shard.clock.len();
+    while shard.bytes > keep && budget > 0 {
+        let Some(id) = shard.clock.pop_front() else {
             break;
-        }
-        let mut victims = Vec::new();
-        let mut freed = 0;
-        for (id, e) in shard.map.iter_mut() {
-            if shard.bytes - freed <= keep {
-                break;
-            }
-            if std::mem::take(&mut e.referenced) {
-                continue;
-            }
-            freed += e.size;
-            victims.push(*id);
-        }
-        for id in victims {
-            if let Some(e) = shard.map.remove(&id) {
-                shard.bytes -= e.size;
-                evicted += 1;
-            }
+        };
+        budget -= 1;
+        // Not cached any more (invalidated, expired): its place goes.
+        let Some(e) = shard.map.get_mut(&id) else {
+            continue;
+        };
+        if std::mem::take(&mut e.referenced) {
+            shard.clock.push_back(id);
+        } else {
+            let size = e.size;
+            shard.map.remove(&id);
+            shard.bytes -= size;
+            evicted += 1;
         }
     }
     evicted
@@ -567,5 +587,41 @@ mod tests {
     fn an_expired_copy_is_not_served() {
         let (c, s) = filled(5);
         assert!(c.touch(&s.id, s.expires_at).is_none());
+    }
+
+    /// A node whose traffic moves to other sessions (a spread over 100 000,
+    /// then 10 000 of them) must cache the new ones, not keep the old.
+    #[test]
+    fn when_the_sessions_in_use_change_the_old_copies_make_room_for_the_new() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        let mut fresh = |_| {
+            let mut s = session(0);
+            rng.fill(&mut s.id);
+            s
+        };
+        let per_copy = size_of_copy(&session(0));
+        let c = NearCache::new((400 * per_copy) as u64, LIMITS);
+        c.link_up();
+        let use_or_fill = |s: &Session, now: u64| {
+            if c.touch(&s.id, now).is_some() {
+                return true;
+            }
+            let t = c.ticket(&s.id);
+            c.fill(s.clone(), t, now);
+            false
+        };
+        // Yesterday's sessions, each used once: the cache is full of them.
+        for s in (0..2_000).map(&mut fresh).collect::<Vec<_>>() {
+            use_or_fill(&s, 1_000);
+        }
+        // Today's, half the cache's size, each used again and again.
+        let today: Vec<Session> = (0..200).map(&mut fresh).collect();
+        for round in 0..10 {
+            for s in &today {
+                use_or_fill(s, 2_000 + round);
+            }
+        }
+        let hits = today.iter().filter(|s| use_or_fill(s, 3_000)).count();
+        assert!(hits >= 190, "{hits} of 200 sessions in use were cached");
     }
 }
