@@ -252,7 +252,7 @@ keys! {
         "Unready (503 on /api/ready, so balancers send traffic elsewhere) whenever the node is not serving from Redis (Redis unreachable, or refusing the node's credentials); requests that still arrive are served from the local store", default = false;
     cookie_max_age_secs: u64, "SECS",
         "Max-Age of the session cookie; 0 makes it a browser-session cookie [default: session_ttl_secs]";
-    // 3 MB: about 12 000 sessions used again within `near_admit_ms`, so a
+    // 3 MB: about 11 000 sessions used again within `near_admit_ms`, so a
     // node serving 10 000 sessions holds them all. 4 MB full cost a node
     // serving 100 000 spread sessions ~1 MB more RSS (over the 32 MB bound)
     // for fewer than one hit per copy; 8 MB 6.8 MB more (docs/performance.md).
