@@ -660,6 +660,71 @@ fn the_expiry_in_redis_slides_in_steps_not_on_every_use() {
     assert!(pttl > 19_000, "the key's TTL did not slide: {pttl}");
 }
 
+/// The active index (the sorted set behind `sessions.active`) holds each
+/// session's expiry rounded up to a thousandth of the absolute lifetime:
+/// never below the record's expiry, so a live session is never pruned from
+/// the count, and a slide that stays within that step costs no update of
+/// an index of every live session.
+#[test]
+fn the_active_index_follows_the_expiry_in_coarser_steps_and_never_below_it() {
+    let _one = one_at_a_time();
+    let redis = Redis::start(false);
+    // A step of 1 s for the record's expiry, 100 s for the index's score.
+    let node = Node::builder()
+        .args([
+            "--redis-url",
+            &redis.url(),
+            "--session-ttl-secs",
+            "20",
+            "--session-max-lifetime-secs",
+            "100000",
+        ])
+        .start();
+    let c = node.client();
+    let id = id_of(&c.create("{}"));
+    let key = format!("edgenode:s:{id}");
+    let expiry = || -> u64 { redis_cli(&redis, &["HGET", &key, "e"]).parse().unwrap_or(0) };
+    let score = || -> u64 {
+        redis_cli(&redis, &["ZSCORE", "edgenode:active", &id])
+            .parse()
+            .unwrap_or(0)
+    };
+    let rounded = |e: u64| e.div_ceil(100_000) * 100_000;
+    let created = expiry();
+    assert!(created > 0);
+    assert_eq!(score(), rounded(created), "at create, expiry {created}");
+
+    redis_cli(&redis, &["CONFIG", "RESETSTAT"]);
+    // Time passing is what is under test here, not a readiness wait.
+    std::thread::sleep(Duration::from_millis(1_200));
+    assert_eq!(read(&c, &id).status, 200);
+    assert!(
+        wait_until(Duration::from_secs(2), || expiry() >= created + 1_000),
+        "the expiry did not slide past a step"
+    );
+    let slid = expiry();
+    assert_eq!(score(), rounded(slid), "after the slide, expiry {slid}");
+    assert!(score() >= slid);
+    let stats = redis_cli(&redis, &["INFO", "commandstats"]);
+    let zadds = stats
+        .lines()
+        .find(|l| l.starts_with("cmdstat_zadd:"))
+        .and_then(|l| l.split("calls=").nth(1))
+        .and_then(|v| v.split(',').next())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    let moved = u64::from(rounded(slid) != rounded(created));
+    assert_eq!(
+        zadds, moved,
+        "index updates for a slide of {created} -> {slid}: {stats}"
+    );
+    assert_eq!(
+        c.get("/api/health").json()["sessions"]["active"],
+        1,
+        "the live session is counted"
+    );
+}
+
 /// A Redis refusing writes (here: out of memory under `noeviction`) refuses
 /// the batch call that writes the counts of sessions used now and then.
 /// Those counts are not dropped as if the records were bad: the node fails

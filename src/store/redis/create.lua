@@ -45,7 +45,7 @@ local function reseed_over()
   if ne > e then
     redis.call('HSET', KEYS[1], 'e', ARGV[7])
     redis.call('PEXPIREAT', KEYS[1], ARGV[7])
-    redis.call('ZADD', index(KEYS[3], 'zset'), ARGV[7], ARGV[2])
+    redis.call('ZADD', index(KEYS[3], 'zset'), index_score(ARGV[7], ARGV[3]), ARGV[2])
     changed = true
   end
   if tonumber(ARGV[14]) > 0 then
@@ -87,7 +87,7 @@ end
 for i = 16, #ARGV do args[#args + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], unpack(args))
 redis.call('PEXPIREAT', KEYS[1], ARGV[7])
-redis.call('ZADD', index(KEYS[3], 'zset'), ARGV[7], ARGV[2])
+redis.call('ZADD', index(KEYS[3], 'zset'), index_score(ARGV[7], ARGV[3]), ARGV[2])
 local max = tonumber(ARGV[10])
 if max > 0 then
   redis.call('ZADD', user_index(KEYS[4]), math.max(tonumber(ARGV[5]), tonumber(ARGV[15])), ARGV[2])

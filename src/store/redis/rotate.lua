@@ -17,7 +17,7 @@ redis.call('HINCRBY', KEYS[2], 'v', 1)
 -- the old id's tombstone names its successor (see delete.lua)
 redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[4])
 redis.call('ZREM', index(KEYS[4], 'zset'), ARGV[1])
-redis.call('ZADD', KEYS[4], cur[1], ARGV[2])
+redis.call('ZADD', KEYS[4], index_score(cur[1], ARGV[4]), ARGV[2])
 -- the new id takes the old one's place in the user's index, if it had one
 local ukey = user_index(ARGV[3] .. 'u:' .. cur[2])
 local score = redis.call('ZSCORE', ukey, ARGV[1])
