@@ -132,7 +132,8 @@ impl Store {
 
     /// Replays the journal into Redis, oldest first, then returns to Redis
     /// mode once it is empty. Requests keep being served (from sled, and
-    /// journaled) while it runs; a shutdown stops it between batches.
+    /// journaled) while it runs, until the last pass (see `gate`); a
+    /// shutdown stops it between batches.
     ///
     /// A batch is the journal's head, pipelined; Redis applies it as a chain
     /// that stops at the first entry it cannot apply (see the Redis store),
@@ -154,13 +155,21 @@ impl Store {
                 "redis is back; replaying the journal"
             );
         }
+        // Taken once the journal first looks empty, and kept: what fallback
+        // writes landed meanwhile is replayed with new ones held at the
+        // gate. Let go between passes, a node under steady traffic found a
+        // few new entries every time and never switched back (a create a
+        // millisecond outran a replay pass).
+        let mut gate = None;
         loop {
             if shutdown.is_shutdown() {
                 return Ok(());
             }
             let batch = sled.journal_head(self.inner.replay.batch)?;
             if batch.is_empty() {
-                let _gate = self.inner.switch.write().await;
+                if gate.is_none() {
+                    gate = Some(self.inner.switch.write().await);
+                }
                 sled.flush_pending_touches()?;
                 if sled.journal_len() > 0 {
                     if sled.journal_head(1)?.is_empty() {
