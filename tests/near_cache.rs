@@ -109,6 +109,18 @@ fn redis_cli(redis: &Redis, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// How often Redis ran `cmd`, from an `INFO commandstats` answer (0 when
+/// it never did).
+fn calls_of(stats: &str, cmd: &str) -> u64 {
+    stats
+        .lines()
+        .find(|l| l.starts_with(&format!("cmdstat_{cmd}:")))
+        .and_then(|l| l.split("calls=").nth(1))
+        .and_then(|v| v.split(',').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 #[test]
 fn a_change_made_anywhere_reaches_every_nodes_cache_within_50_ms() {
     let _one = one_at_a_time();
@@ -600,15 +612,7 @@ fn sessions_used_now_and_then_are_read_through_and_counted_in_batches() {
     // 450 uses: one read each, no transaction, and the counts in a few
     // batch calls (a flush carries every count of its 100 ms).
     let stats = redis_cli(&redis, &["INFO", "commandstats"]);
-    let calls = |cmd: &str| -> u64 {
-        stats
-            .lines()
-            .find(|l| l.starts_with(&format!("cmdstat_{cmd}:")))
-            .and_then(|l| l.split("calls=").nth(1))
-            .and_then(|v| v.split(',').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
+    let calls = |cmd: &str| calls_of(&stats, cmd);
     assert_eq!(calls("hgetall"), 450, "{stats}");
     assert_eq!(calls("exec"), 0, "{stats}");
     assert!(calls("evalsha") < 150, "a script per use or so: {stats}");
@@ -706,13 +710,7 @@ fn the_active_index_follows_the_expiry_in_coarser_steps_and_never_below_it() {
     assert_eq!(score(), rounded(slid), "after the slide, expiry {slid}");
     assert!(score() >= slid);
     let stats = redis_cli(&redis, &["INFO", "commandstats"]);
-    let zadds = stats
-        .lines()
-        .find(|l| l.starts_with("cmdstat_zadd:"))
-        .and_then(|l| l.split("calls=").nth(1))
-        .and_then(|v| v.split(',').next())
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(0);
+    let zadds = calls_of(&stats, "zadd");
     let moved = u64::from(rounded(slid) != rounded(created));
     assert_eq!(
         zadds, moved,
