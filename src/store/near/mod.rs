@@ -86,7 +86,7 @@ struct Shard {
     bytes: usize,
     /// The clock's face: ids in the order the sweep visits them (filled
     /// ones join at the back). May hold ids no longer cached, and an id
-    /// twice after a re-fill; `compact` bounds it.
+    /// twice after a re-fill; `enqueue` bounds it.
     clock: VecDeque<[u8; 16]>,
 }
 
