@@ -576,21 +576,36 @@ pub struct Redis {
 
 impl Redis {
     /// `persistent`: appendonly with fsync always, so a restart keeps data.
+    ///
+    /// A free port can still be taken between the check and Redis's own
+    /// bind; a Redis that exits saying so is started again on another one.
     pub fn start(persistent: bool) -> Redis {
-        Redis::start_on(free_port(), persistent)
+        for _ in 0..4 {
+            let mut r = Redis::spawned(free_port(), persistent);
+            match r.wait_ready() {
+                Ok(()) => return r,
+                Err(log) if log.contains("Address already in use") => continue,
+                Err(log) => panic!("redis-server did not start on {}:\n{log}", r.port),
+            }
+        }
+        panic!("redis-server found its port taken four times in a row");
     }
 
     /// On a given port (for a node that was told about it beforehand).
     pub fn start_on(port: u16, persistent: bool) -> Redis {
+        let mut r = Redis::spawned(port, persistent);
+        r.wait_up();
+        r
+    }
+
+    fn spawned(port: u16, persistent: bool) -> Redis {
         let dir = tempdir();
-        let mut r = Redis {
+        Redis {
             child: Self::spawn(port, dir.path(), persistent),
             port,
             dir,
             persistent,
-        };
-        r.wait_up();
-        r
+        }
     }
 
     fn spawn(port: u16, dir: &Path, persistent: bool) -> Child {
@@ -601,19 +616,48 @@ impl Redis {
             } else {
                 ["--appendonly", "no", "--appendfsync", "no"]
             })
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            .stdin(Stdio::null());
+        // Its own words, for a test that finds it did not start.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("redis.log"))
+            .expect("redis log file");
+        let err = log.try_clone().expect("redis log file");
+        cmd.stdout(log).stderr(err);
         cmd.spawn()
             .expect("redis-server must be installed (scripts/test.sh installs it)")
     }
 
     fn wait_up(&mut self) {
+        if let Err(log) = self.wait_ready() {
+            panic!("redis-server did not start on {}:\n{log}", self.port);
+        }
+    }
+
+    /// Until it answers PING, or its log if it exits or stays silent.
+    fn wait_ready(&mut self) -> Result<(), String> {
         let port = self.port;
-        assert!(
-            wait_until(Duration::from_secs(10), || Redis::ping_port(port)),
-            "redis-server did not start on {port}"
-        );
+        let mut exited = false;
+        let up = wait_until(Duration::from_secs(20), || {
+            exited = matches!(self.child.try_wait(), Ok(Some(_)));
+            exited || Redis::ping_port(port)
+        });
+        if up && !exited {
+            return Ok(());
+        }
+        let log = std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(20).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        Err(format!(
+            "{} ({})",
+            tail.join("\n"),
+            if exited {
+                "exited"
+            } else {
+                "no answer in 20 s"
+            }
+        ))
     }
 
     pub fn url(&self) -> String {
