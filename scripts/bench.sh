@@ -32,7 +32,15 @@
 #     (/proc/<pid>/io write_bytes) per use and per create, and fsync-family
 #     calls per second (strace -c attached for the window); and the same
 #     over $WEAR_IDLE_SECS s with no requests at all (what the node does on
-#     its own).
+#     its own);
+#   - for each window also what the block device under $WEAR_DIR wrote
+#     (/sys/dev/block/MAJ:MIN/stat, with a sync at both ends), less what it
+#     wrote in a window of the same length before any node started: what
+#     the card sees, file system journal included. write_bytes counts a
+#     whole page-cache folio each time a write dirties one; on kernels whose
+#     ext4 caches files in large folios (6.x here) a small write into a
+#     large folio counts tens of times what reaches the disk, so both are
+#     reported.
 #
 # Usage: scripts/bench.sh [seconds per wrk run, default 10]
 #   BIN=path/to/edgenode   measure that build (e.g. the static musl release,
@@ -108,12 +116,14 @@ if [ -z "${BIN:-}" ]; then
 fi
 WORK=$(mktemp -d /tmp/edgenode-bench.XXXXXX)
 WEAR_ROOT=""
+PACED_OUT=""
 PIDS=()
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
   rm -rf "$WORK"
   if [ -n "$WEAR_ROOT" ]; then rm -rf "$WEAR_ROOT"; fi
+  if [ -n "$PACED_OUT" ]; then rm -f "$PACED_OUT"; fi
 }
 trap cleanup EXIT
 
@@ -153,6 +163,19 @@ proc_field() {  # pid field
 }
 write_bytes() {  # pid → bytes the process has caused to be written to storage
   awk '$1 == "write_bytes:" { print $2 }' "/proc/$1/io"
+}
+# The block device holding WEAR_DIR (its stat file), empty when it has none
+# (tmpfs, overlay, a btrfs subvolume: MAJ:MIN with no block device).
+wear_device_stat() {
+  local majmin
+  majmin=$(findmnt -no MAJ:MIN --target "$WEAR_DIR" 2>/dev/null | head -n 1 | tr -d ' ')
+  if [ -n "$majmin" ] && [ -r "/sys/dev/block/$majmin/stat" ]; then
+    echo "/sys/dev/block/$majmin/stat"
+  fi
+}
+device_bytes() {  # bytes the wear device has written since boot, after a sync
+  sync
+  if [ -n "$WEAR_STAT" ]; then echo $(( $(awk '{ print $7 }' "$WEAR_STAT") * 512 )); fi
 }
 # wrk's p99 ("850.00us", "2.34ms", "1.02s") in milliseconds.
 p99_ms() {  # wrk output file
@@ -614,7 +637,7 @@ settle_writes() {  # pid: until write_bytes stays put for a second (at most 10 s
 # the load at a fixed rate.
 wear_window() {  # mode load pid port kind rate secs [ids n]
   local mode=$1 load=$2 pid=$3 port=$4 kind=$5 rate=$6 secs=$7 ids=${8:-} n=${9:-}
-  local b="wear.$mode.$load" spid b0 b1 t0 t1 fsyncs="" traced=0
+  local b="wear.$mode.$load" spid b0 b1 d0 d1 t0 t1 fsyncs="" traced=0
   local -a pick=()
   [ -n "$ids" ] && pick=("$ids" "$n")
   settle_writes "$pid"
@@ -628,14 +651,16 @@ wear_window() {  # mode load pid port kind rate secs [ids n]
     sleep 0.01
   done
   sleep 0.3  # -f attaches to the node's other threads after the first
+  d0=$(device_bytes)
   b0=$(write_bytes "$pid"); t0=$(ms_now)
   if [ "$kind" = idle ]; then
     sleep "$secs"
-    printf 'ok=0\nachieved_rate=0\nlate=0\nerrors=0\n' >"$WORK/paced.out"
+    printf 'ok=0\nachieved_rate=0\nlate=0\nerrors=0\n' >"$PACED_OUT"
   else
-    python3 scripts/bench/paced.py "$port" "$kind" "$rate" "$secs" "${pick[@]}" >"$WORK/paced.out"
+    python3 scripts/bench/paced.py "$port" "$kind" "$rate" "$secs" "${pick[@]}" >"$PACED_OUT"
   fi
   b1=$(write_bytes "$pid"); t1=$(ms_now)
+  d1=$(device_bytes)
   if [ "$traced" = 1 ] && kill -INT "$spid" 2>/dev/null; then
     wait "$spid" 2>/dev/null || true
     fsyncs=$(awk '$NF ~ /^(fsync|fdatasync|sync_file_range|msync|syncfs|sync)$/ { s += $4 } END { print s + 0 }' "$WORK/strace.out")
@@ -644,20 +669,21 @@ wear_window() {  # mode load pid port kind rate secs [ids n]
     echo "warning: strace could not attach to the node (fsyncs not counted): $(cat "$WORK/strace.err")" >&2
   fi
   local ok achieved late errors
-  ok=$(awk -F= '$1 == "ok" { print $2 }' "$WORK/paced.out")
-  achieved=$(awk -F= '$1 == "achieved_rate" { print $2 }' "$WORK/paced.out")
-  late=$(awk -F= '$1 == "late" { print $2 }' "$WORK/paced.out")
-  errors=$(awk -F= '$1 == "errors" { print $2 }' "$WORK/paced.out")
+  ok=$(awk -F= '$1 == "ok" { print $2 }' "$PACED_OUT")
+  achieved=$(awk -F= '$1 == "achieved_rate" { print $2 }' "$PACED_OUT")
+  late=$(awk -F= '$1 == "late" { print $2 }' "$PACED_OUT")
+  errors=$(awk -F= '$1 == "errors" { print $2 }' "$PACED_OUT")
   [ "$errors" != 0 ] && echo "warning: wear $mode $load: $errors requests failed" >&2
   kv "$b.target_rate" "$rate"; kv "$b.achieved_rate" "$achieved"; kv "$b.late" "$late"; kv "$b.errors" "$errors"
   kv "$b.bytes" "$(( b1 - b0 ))"
+  if [ -n "$d0" ] && [ -n "$d1" ]; then kv "$b.device_bytes" "$(( d1 - d0 ))"; fi
   kv "$b.window_s" "$(python3 -c "print(($t1 - $t0) / 1000)")"
   case "$kind" in
     use) kv "$b.uses" "$ok" ;;
     create) kv "$b.creates" "$ok" ;;
   esac
   [ -n "$fsyncs" ] && kv "$b.fsyncs" "$fsyncs"
-  progress "wear $mode $load (repeat $REP): $achieved/s achieved of $rate/s ($late late), $(( b1 - b0 )) bytes written, ${fsyncs:-?} fsyncs in $(( (t1 - t0) / 1000 )) s"
+  progress "wear $mode $load (repeat $REP): $achieved/s achieved of $rate/s ($late late), $(( b1 - b0 )) bytes written (device: $(( ${d1:-0} - ${d0:-0} ))), ${fsyncs:-?} fsyncs in $(( (t1 - t0) / 1000 )) s"
 }
 
 wear_mode() {  # redis|sled
@@ -707,6 +733,26 @@ wear_part() {
   esac
   WEAR_ROOT=$(mktemp -d "$WEAR_DIR/edgenode-wear.XXXXXX")
   WEAR_FS=$fs
+  WEAR_STAT=$(wear_device_stat)
+  # What the bench itself writes inside a window goes to memory when it can,
+  # so the device figures hold only the node's writes.
+  PACED_OUT="$WORK/paced.out"
+  if [ "$(stat -f -c %T /dev/shm 2>/dev/null)" = tmpfs ]; then
+    PACED_OUT=$(mktemp /dev/shm/edgenode-bench-paced.XXXXXX)
+  fi
+  if [ -n "$WEAR_STAT" ]; then
+    # What the device writes with no node running (the system's own
+    # writers), subtracted from each window's device figure.
+    local d0 d1 t0
+    d0=$(device_bytes); t0=$(ms_now)
+    sleep "$WEAR_IDLE_SECS"
+    d1=$(device_bytes)
+    kv wear.device.background_bytes "$(( d1 - d0 ))"
+    kv wear.device.background_s "$(python3 -c "print(($(ms_now) - $t0) / 1000)")"
+    progress "wear: the device under $WEAR_DIR ($WEAR_STAT) wrote $(( d1 - d0 )) bytes in $WEAR_IDLE_SECS s with no node running"
+  else
+    echo "bench.sh: wear: $WEAR_DIR has no block device of its own to read; device figures not measured" >&2
+  fi
   wear_mode redis
   wear_mode sled
 }
@@ -717,6 +763,7 @@ echo
 if runs touch; then touch_part; fi
 if runs memory; then memory_part; fi
 WEAR_FS=""
+WEAR_STAT=""
 if runs spread; then spread_part; fi
 if runs wear; then wear_part; fi
 if runs spread || runs wear; then
