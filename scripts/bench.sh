@@ -34,9 +34,10 @@
 #     over $WEAR_IDLE_SECS s with no requests at all (what the node does on
 #     its own);
 #   - for each window also what the block device under $WEAR_DIR wrote
-#     (/sys/dev/block/MAJ:MIN/stat, with a sync at both ends), less what it
-#     wrote in a window of the same length before any node started: what
-#     the card sees, file system journal included. write_bytes counts a
+#     (/sys/dev/block/MAJ:MIN/stat, with a sync at both ends), less the
+#     lower rate it showed in $WEAR_IDLE_SECS s windows with no node running,
+#     before and after the modes: what the card sees, file system journal
+#     included. write_bytes counts a
 #     whole page-cache folio each time a write dirties one; on kernels whose
 #     ext4 caches files in large folios (6.x here) a small write into a
 #     large folio counts tens of times what reaches the disk, so both are
@@ -741,20 +742,27 @@ wear_part() {
     PACED_OUT=$(mktemp /dev/shm/edgenode-bench-paced.XXXXXX)
   fi
   if [ -n "$WEAR_STAT" ]; then
-    # What the device writes with no node running (the system's own
-    # writers), subtracted from each window's device figure.
-    local d0 d1 t0
-    d0=$(device_bytes); t0=$(ms_now)
-    sleep "$WEAR_IDLE_SECS"
-    d1=$(device_bytes)
-    kv wear.device.background_bytes "$(( d1 - d0 ))"
-    kv wear.device.background_s "$(python3 -c "print(($(ms_now) - $t0) / 1000)")"
-    progress "wear: the device under $WEAR_DIR ($WEAR_STAT) wrote $(( d1 - d0 )) bytes in $WEAR_IDLE_SECS s with no node running"
+    device_background before
   else
     echo "bench.sh: wear: $WEAR_DIR has no block device of its own to read; device figures not measured" >&2
   fi
   wear_mode redis
   wear_mode sled
+  if [ -n "$WEAR_STAT" ]; then device_background after; fi
+}
+
+# What the device writes with no node running (the system's own writers),
+# before and after the modes: report.py subtracts the lower rate of the two
+# from each window's device figure (one burst from elsewhere in one of them
+# would otherwise be taken off every window).
+device_background() {  # before|after
+  local d0 d1 t0
+  d0=$(device_bytes); t0=$(ms_now)
+  sleep "$WEAR_IDLE_SECS"
+  d1=$(device_bytes)
+  kv "wear.device.background_$1.bytes" "$(( d1 - d0 ))"
+  kv "wear.device.background_$1.s" "$(python3 -c "print(($(ms_now) - $t0) / 1000)")"
+  progress "wear: the device under $WEAR_DIR ($WEAR_STAT) wrote $(( d1 - d0 )) bytes in $WEAR_IDLE_SECS s with no node running ($1)"
 }
 
 # --- the run -----------------------------------------------------------------

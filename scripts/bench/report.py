@@ -41,8 +41,7 @@ def derive(data):
         data.setdefault(key, {})[rep] = v
 
     keys = list(data)
-    bg, bg_s = med(data, "wear.device.background_bytes"), med(data, "wear.device.background_s")
-    bg_rate = bg / bg_s if bg is not None and bg_s else None
+    bg_rate = background_rate(data)
     for key in keys:
         m = re.match(r"spread\.(\w+)\.((?:uniform|zipf)_\d+|hot)\.rps$", key)
         if m:
@@ -87,6 +86,18 @@ def derive(data):
                     put(base + "device_net_bytes", rep, net)
                     if n:
                         put(base + ("device_bytes_per_use" if rate else "device_bytes_per_create"), rep, net / n)
+
+
+def background_rate(data):
+    """What the wear device wrote a second with no node running: the lower
+    of the windows before and after the modes."""
+    rates = []
+    for when in ("before", "after"):
+        b = med(data, f"wear.device.background_{when}.bytes")
+        s = med(data, f"wear.device.background_{when}.s")
+        if b is not None and s:
+            rates.append(b / s)
+    return min(rates) if rates else None
 
 
 def med(data, key):
@@ -258,10 +269,10 @@ def main():
         head, rows, m = wear_table(data)
         print("== SD-card wear: paced uses over the wear sessions and paced creates; node write_bytes "
               "(/proc/<pid>/io) and fsync-family calls (strace -c) in the window")
-        bg, bg_s = med(data, "wear.device.background_bytes"), med(data, "wear.device.background_s")
-        if bg is not None and bg_s:
+        bg = background_rate(data)
+        if bg is not None:
             print(f"   device each: what the block device wrote in the window (sync at both ends) less "
-                  f"{bg / bg_s:.0f} B/s, what it wrote with no node running; the whole system's writes, "
+                  f"{bg:.0f} B/s, what it wrote with no node running; the whole system's writes, "
                   f"judged only where the node's write_bytes is not 0")
         else:
             print("   device each: not measured (no block device of its own under the wear directory)")
