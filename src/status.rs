@@ -241,7 +241,7 @@ pub const FIGURES: &[Figure] = &[
     ),
     figure!(
         Some((DISK, "written_bytes")),
-        Some(("edgenode_disk_written_bytes", Counter, "Bytes the node has caused to be written to storage (/proc/self/io write_bytes): the SD card's wear")),
+        Some(("edgenode_disk_written_bytes", Counter, "Bytes the node has caused to be written to storage (/proc/self/io write_bytes): an upper bound on the SD card's wear")),
         |s| s.disk_written_bytes.map(Number)
     ),
     figure!(
