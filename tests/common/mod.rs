@@ -647,11 +647,10 @@ impl Redis {
             return Ok(());
         }
         let log = std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default();
-        let tail: Vec<&str> = log.lines().rev().take(20).collect();
-        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        let lines: Vec<&str> = log.lines().collect();
         Err(format!(
             "{} ({})",
-            tail.join("\n"),
+            lines[lines.len().saturating_sub(20)..].join("\n"),
             if exited {
                 "exited"
             } else {
