@@ -199,6 +199,42 @@ fn a_change_made_anywhere_reaches_every_nodes_cache_within_50_ms() {
 }
 
 #[test]
+fn a_copy_whose_counts_were_written_behind_still_hears_of_changes() {
+    // Redis forgets who tracks a key when the key is written, the writer
+    // included: the write-behind must leave the key tracked again, or the
+    // node would keep serving a copy nobody tells it is stale.
+    let _one = one_at_a_time();
+    let redis = Redis::start(false);
+    let (_nodes, cs) = cluster(&redis);
+    let c = &cs[1];
+    let id = id_of(&cs[0].create("{}"));
+    let key = format!("edgenode:s:{id}");
+    warm(c, &id);
+    for _ in 0..3 {
+        assert_eq!(read(c, &id).status, 200);
+    }
+    let answered = read(c, &id).json()["request_count"].as_u64().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(2), || {
+            redis_cli(&redis, &["HGET", &key, "n"]) == answered.to_string()
+        }),
+        "the counts were never written behind: {}",
+        redis_cli(&redis, &["HGET", &key, "n"])
+    );
+    // The copy stayed (the node's own write does not invalidate it) ...
+    let hits = near(c)["hits"].as_u64().unwrap_or(0);
+    assert_eq!(read(c, &id).status, 200);
+    assert!(
+        near(c)["hits"].as_u64().unwrap_or(0) > hits,
+        "served from the copy after its counts were written: {}",
+        near(c)
+    );
+    // ... and a change made afterwards, by hand, reaches it.
+    assert_eq!(redis_cli(&redis, &["HSET", &key, "m:\"after\"", "1"]), "1");
+    time_to_see(c, &id, |a| a.json()["metadata"]["after"] == 1);
+}
+
+#[test]
 fn with_its_invalidation_connection_killed_no_node_serves_from_its_cache_until_it_is_back() {
     let _one = one_at_a_time();
     let redis = Redis::start(false);

@@ -16,9 +16,9 @@ use std::time::Duration;
 /// The ACL of docs/operations.md ("A least-privilege Redis user"), word for
 /// word after `ACL SETUSER edgenode`, less the password.
 const ACL: &str = "on resetkeys ~edgenode:* resetchannels &edgenode:* -@all \
-    +ping +hello +auth +client|setname +client|tracking \
+    +ping +hello +auth +client|setname +client|tracking +client|caching \
     +evalsha +eval +script|load +multi +exec +subscribe +unsubscribe +publish \
-    +get +set +del +hgetall +zcard +zremrangebyscore \
+    +get +set +del +hgetall +mget +zcard +zremrangebyscore \
     +exists +hdel +hget +hincrby +hmget +hset +pexpire +pexpireat +rename \
     +scard +smembers +type +zadd +zrange +zrangebyscore +zrem +zscore";
 

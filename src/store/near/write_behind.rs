@@ -1,6 +1,6 @@
 //! Writing the near cache's counts behind: a touch answered from the cache
-//! counts there, and its count reaches Redis later, one script call per
-//! session per `touch_flush_ms`, pipelined. This room holds every way a
+//! counts there, and its count reaches Redis later, each session's once
+//! per `touch_flush_ms`, 256 sessions to a script call. This room holds every way a
 //! count leaves the cache: the write-behind itself (`Store::write_behind`,
 //! with the journal for what Redis may not have applied), the settling of
 //! one session before a change that must come after its counts, the flush
@@ -200,10 +200,9 @@ impl Store {
         // The copies the mirror gets, taken now: a failure below empties
         // the cache.
         let mut copies: Vec<Option<Session>> = batch.iter().map(|f| near.copy(&f.id)).collect();
-        // Cached sessions' counts go over the tracking connection, one
-        // script call each (so they do not invalidate this node's copies);
-        // the others' (read through, not kept) in one call per chunk over
-        // the main connection.
+        // Cached sessions' counts go over the tracking connection (so they
+        // do not invalidate this node's copies), the others' (read through,
+        // not kept) over the main connection: one call per chunk each.
         let (cached, uncached): (Vec<usize>, Vec<usize>) =
             (0..batch.len()).partition(|&i| copies[i].is_some());
         let groups = cached

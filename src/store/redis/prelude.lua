@@ -77,17 +77,27 @@ local function render(f, ids)
   return table.concat(out, ' ')
 end
 -- Returns the field's new value with `seq` applied, or nil when `seq` was
--- applied already (a duplicate: the caller refuses it).
-local function claim(mark, seq, floor)
+-- applied already (a duplicate: the caller refuses it). `seq_s` and
+-- `floor_s`, when given, are `seq` and `floor` as the node sent them
+-- (plain decimal): the usual mark is then written from the strings it was
+-- made of, with no number formatted (`%.0f` was the costliest step of a
+-- touch's Lua).
+local function claim(mark, seq, floor, seq_s, floor_s)
   -- The usual mark, a floor and at most one id (a session used now and
   -- then): decided without tables, the same answer as below.
-  local f1, one = string.match(mark or '0', '^(%d+) ?(%d*)$')
-  if f1 then
-    f1, one = tonumber(f1), tonumber(one)
+  local f1s, ones = string.match(mark or '0', '^(%d+) ?(%d*)$')
+  if f1s then
+    local f1, one = tonumber(f1s), tonumber(ones)
     if seq <= f1 or one == seq then return nil end
     local nf = math.max(f1, floor or 0)
-    if one and one > nf then return string.format('%.0f %.0f %.0f', nf, one, seq) end
-    return string.format('%.0f %.0f', nf, seq)
+    if not seq_s then
+      if one and one > nf then return string.format('%.0f %.0f %.0f', nf, one, seq) end
+      return string.format('%.0f %.0f', nf, seq)
+    end
+    -- nf is the record's floor or the node's, whichever is higher.
+    local nfs = (floor and floor > f1) and floor_s or f1s
+    if one and one > nf then return nfs .. ' ' .. ones .. ' ' .. seq_s end
+    return nfs .. ' ' .. seq_s
   end
   local f, ids = marks(mark)
   if seq <= f then return nil end

@@ -1,13 +1,16 @@
--- The counts of many sessions in one call, for sessions this node does not
--- cache (read through, counted behind): one script call's fixed cost (the
--- call, the prelude) shared by the batch. Sent over the main connection
--- only: on a tracking connection Redis 7.0 charges a script for every key
--- it names on each read inside it (n² for a batch).
+-- The counts of many sessions in one call (the write-behind): one script
+-- call's fixed cost (the call, the prelude) shared by the batch. On the
+-- near cache's tracking connection it runs without `CLIENT CACHING YES`
+-- before it (the connection tracks in OPTIN mode), so its reads track
+-- nothing: Redis 7.0 would otherwise remember every key the call names on
+-- each read inside it (n² for a batch). See tracking.rs for how the keys
+-- are tracked again.
 -- KEYS: active, this node's refusals, then per session: its key, its tombstone
 -- ARGV: ttl_ms, max_lifetime_ms, replay, origin field, slide step in ms,
 --       then per session: at, id, requests to count, operation id, floor
 -- Returns each session's answer, as touch_one gives it, in order.
-local shared = {ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], '0'}
+local shared = {ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5],
+  tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[5])}
 local out = {}
 for i = 1, (#KEYS - 2) / 2 do
   local j = 5 + (i - 1) * 5
