@@ -645,12 +645,19 @@ fn sessions_used_now_and_then_are_read_through_and_counted_in_batches() {
         "counts in redis: {:?}",
         ids.iter().map(|id| counted(id)).collect::<Vec<_>>()
     );
-    // 450 uses: one read each, no transaction, and the counts in a few
-    // batch calls (a flush carries every count of its 100 ms).
+    // 450 uses: one read each, no transaction on the request path, and the
+    // counts in a few batch calls (a flush carries every count of its
+    // 100 ms). The only transactions are the write-behind of the odd
+    // session taken in (its counts and the re-read that keeps it tracked),
+    // one at most for each use that was not read through.
+    let taken_in: u64 = cs
+        .iter()
+        .map(|c| 150u64.saturating_sub(near(c)["unadmitted"].as_u64().unwrap_or(0)))
+        .sum();
     let stats = redis_cli(&redis, &["INFO", "commandstats"]);
     let calls = |cmd: &str| calls_of(&stats, cmd);
     assert_eq!(calls("hgetall"), 450, "{stats}");
-    assert_eq!(calls("exec"), 0, "{stats}");
+    assert!(calls("exec") <= taken_in, "{taken_in} taken in: {stats}");
     assert!(calls("evalsha") < 150, "a script per use or so: {stats}");
     assert_eq!(calls("hincrby"), 450, "{stats}");
     // A read through any node now counts itself on top of the three.

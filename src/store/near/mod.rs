@@ -20,8 +20,8 @@
 //!
 //! A touch of a cached session counts and slides the copy here and adds one
 //! to the session's *pending* count. The store's flusher writes pending counts
-//! behind, one Redis command per session per `touch_flush_ms`, pipelined
-//! (`NearCache::take_pending`). Pending counts live apart from the copies:
+//! behind, each session's once per `touch_flush_ms`, 256 sessions to a
+//! script call (`NearCache::take_pending`). Pending counts live apart from the copies:
 //! an invalidation drops a copy, never a count a request was answered with.
 //!
 //! A copy read from Redis can race an invalidation of that very key (the

@@ -164,7 +164,7 @@ impl Store {
         self.mirror("touch", |m| m.mirror_touch(copy));
     }
 
-    /// Writes counts to Redis, one touch per session, pipelined in chunks;
+    /// Writes counts to Redis, one `touch_many` call per chunk of sessions;
     /// what Redis may not have applied is journaled under the id its call
     /// carried (exactly once on replay), and the rest, in fallback, is
     /// journaled as fallback touches. Called with `flush_lock` held.

@@ -163,9 +163,7 @@ impl RedisStore {
     }
 
     /// `ids`: the formatted id; `session_key`: its `s:` key (the request
-    /// path reads it back too, so it is built once). Over the tracking
-    /// connection the caller adds one more argument, `1` (see
-    /// `touch_one.lua`).
+    /// path reads it back too, so it is built once).
     pub(super) fn touch_inv(
         &self,
         ids: &str,

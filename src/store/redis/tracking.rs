@@ -18,8 +18,8 @@
 //! connection dies, the invalidations die with it and the cache is emptied
 //! and bypassed until a new one is up.
 //!
-//! `NOLOOP`: the node's own writes on this connection (the write-behind
-//! touches and the touches of cache fills) do not invalidate its own copies;
+//! `NOLOOP`: the node's own writes on this connection (the write-behind of
+//! the cached sessions' counts) do not invalidate its own copies;
 //! the cache has already counted them. Everything else the node writes goes
 //! over the main connection and does invalidate, like any other client's.
 //!
@@ -384,7 +384,14 @@ impl RedisStore {
                 return Err(StoreError::Redis(format!("writing touches behind: {e}")));
             }
         };
-        self.flushed_batch(replies.into_iter().next(), batch)
+        let flushed = self.flushed_batch(replies.into_iter().next(), batch);
+        if flushed.is_err() {
+            // An answer this node does not understand on the cache's
+            // connection: trust it no further (the caller retries the
+            // counts over the main one, as a replay).
+            self.close_tracking(sink);
+        }
+        flushed
     }
 
     /// Writes the counts of sessions this node does not cache (read
