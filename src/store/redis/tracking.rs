@@ -12,9 +12,11 @@
 //! changed it (another node, a script, `redis-cli`), and when it expires or
 //! is evicted. OPTIN, so that the reads inside the write-behind's script
 //! track nothing: Redis 7.0 charges a script on a tracking connection, for
-//! each read inside it, every key the call names (n² for a batch). RESP3 pushes arrive on the same connection as the replies, in
-//! order, and redis-rs hands them to `on_push` as they are read, so there is
-//! no second subscriber connection whose death could go unnoticed: when this
+//! each read inside it, every key the call names (n² for a batch).
+//!
+//! RESP3 pushes arrive on the same connection as the replies, in order, and
+//! redis-rs hands them to `on_push` as they are read, so there is no second
+//! subscriber connection whose death could go unnoticed: when this
 //! connection dies, the invalidations die with it and the cache is emptied
 //! and bypassed until a new one is up.
 //!
@@ -183,8 +185,9 @@ impl RedisStore {
                 .ignore()
                 // What the fills and the write-behind send on this
                 // connection, tried once here: a Redis user without them
-                // (an ACL written before they were needed) leaves the near cache off with
-                // Redis's NOPERM in the log, rather than failing later.
+                // (an ACL written before they were needed) leaves the near
+                // cache off with Redis's NOPERM in the log, rather than
+                // failing later.
                 .cmd("CLIENT")
                 .arg("CACHING")
                 .arg("YES")
