@@ -13,7 +13,7 @@ end
 if not (string.match(cur[1], '^%d+$') and cur[2] and string.match(cur[2], '^%d+$') and cur[3]) then
   return {-2}
 end
-local mark = claim(cur[4], tonumber(ARGV[10]), tonumber(ARGV[13]))
+local mark = claim(cur[4], ARGV[10], ARGV[13])
 if not mark then
   count_refusal(KEYS[3], ARGV[6])
   return {4}

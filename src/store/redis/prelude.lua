@@ -76,24 +76,21 @@ local function render(f, ids)
   for _, n in ipairs(ids) do out[#out + 1] = string.format('%.0f', n) end
   return table.concat(out, ' ')
 end
--- Returns the field's new value with `seq` applied, or nil when `seq` was
+-- Returns the field's new value with `seq_s` applied, or nil when it was
 -- applied already (a duplicate: the caller refuses it). `seq_s` and
--- `floor_s`, when given, are `seq` and `floor` as the node sent them
--- (plain decimal): the usual mark is then written from the strings it was
--- made of, with no number formatted (`%.0f` was the costliest step of a
--- touch's Lua).
-local function claim(mark, seq, floor, seq_s, floor_s)
+-- `floor_s` are the operation id and the node's floor as the node sent
+-- them (plain decimal; the floor may be absent).
+local function claim(mark, seq_s, floor_s)
+  local seq, floor = tonumber(seq_s), tonumber(floor_s)
   -- The usual mark, a floor and at most one id (a session used now and
-  -- then): decided without tables, the same answer as below.
+  -- then): decided without tables, the same answer as below, and written
+  -- from the strings it was made of, with no number formatted (`%.0f` was
+  -- the costliest step of a touch's Lua).
   local f1s, ones = string.match(mark or '0', '^(%d+) ?(%d*)$')
   if f1s then
     local f1, one = tonumber(f1s), tonumber(ones)
     if seq <= f1 or one == seq then return nil end
     local nf = math.max(f1, floor or 0)
-    if not seq_s then
-      if one and one > nf then return string.format('%.0f %.0f %.0f', nf, one, seq) end
-      return string.format('%.0f %.0f', nf, seq)
-    end
     -- nf is the record's floor or the node's, whichever is higher.
     local nfs = (floor and floor > f1) and floor_s or f1s
     if one and one > nf then return nfs .. ' ' .. ones .. ' ' .. seq_s end

@@ -32,7 +32,7 @@ local function touch_one(s, k, active, dups, tomb, at, id, count, seq, floor)
   -- -2: not a record a node wrote (it must count with these; HINCRBY needs an
   -- integer string)
   if not (c and e and a and cur[4] and string.match(cur[4], '^%d+$')) then return -2 end
-  local mark = claim(cur[5], tonumber(seq), tonumber(floor), seq, floor)
+  local mark = claim(cur[5], seq, floor)
   if not mark then
     count_refusal(dups, s[2])
     return -3
