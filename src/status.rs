@@ -23,6 +23,8 @@ pub struct NodeStatus {
     pub disk_fsyncs: u64,
     /// Uses whose mirror copy was recent enough not to be rewritten.
     pub mirror_touches_skipped: u64,
+    /// Bytes of the uses' log not yet folded into the session records.
+    pub uses_log_bytes: u64,
     pub cache: CacheStats,
 }
 
@@ -35,6 +37,7 @@ impl NodeStatus {
             disk_written_bytes: crate::disk::Database::process_written_bytes(),
             disk_fsyncs: store.sled().disk_syncs(),
             mirror_touches_skipped: store.sled().mirror_touches_skipped(),
+            uses_log_bytes: store.sled().uses_log_bytes(),
             cache: cache.stats(),
         }
     }
@@ -253,6 +256,11 @@ pub const FIGURES: &[Figure] = &[
         Some((DISK, "mirror_touches_skipped")),
         Some(("edgenode_mirror_touches_skipped", Counter, "Uses served in Redis mode whose disk-mirror copy was within mirror_lag_secs and so was not rewritten")),
         |s| Some(Number(s.mirror_touches_skipped))
+    ),
+    figure!(
+        Some((DISK, "uses_log_bytes")),
+        Some(("edgenode_disk_uses_log_bytes", Gauge, "Bytes of uses.log: uses counted without Redis (or in an outage), written in whole pages at the lazy flush, not yet folded into their session records (folded at 8 MiB)")),
+        |s| Some(Number(s.uses_log_bytes))
     ),
     figure!(
         Some((POOL, "connections")),

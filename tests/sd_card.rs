@@ -209,3 +209,49 @@ fn the_mirror_holds_what_the_node_served_within_the_lag_through_an_outage() {
         );
     }
 }
+
+/// Without Redis, a use is not written into its session's record: its count
+/// and time go to `uses.log` in whole pages at the lazy flush (every 5 s).
+/// Once a flush has written them, a `kill -9` loses none of them: the next
+/// start reads them back, and every session answers the count it answered
+/// last, plus the use that reads it.
+#[test]
+fn uses_without_redis_are_logged_compactly_and_survive_kill_9() {
+    let dir = disk_dir();
+    let mut node = Node::builder().data_dir(&dir.path().join("n")).start();
+    let c = node.client();
+    let ids: Vec<String> = (0..200).map(|_| id_of(&c.create("{}"))).collect();
+    let mut answered = Vec::new();
+    for id in &ids {
+        let mut last = 0;
+        for _ in 0..3 {
+            let r = c.get(&format!("/api/sessions/{id}"));
+            assert_eq!(r.status, 200);
+            last = r.json()["request_count"].as_u64().unwrap();
+        }
+        answered.push(last);
+    }
+    assert!(answered.iter().all(|&n| n == 3), "{answered:?}");
+    // A flush that starts after the last use writes them all; the marker's
+    // use makes sure one comes.
+    let log = || metric(&c, "edgenode_disk_uses_log_bytes");
+    let before = log();
+    let marker = id_of(&c.create("{}"));
+    assert_eq!(c.get(&format!("/api/sessions/{marker}")).status, 200);
+    assert!(
+        wait_until(Duration::from_secs(15), || log() > before),
+        "uses.log was not written"
+    );
+    // 201 sessions' uses in whole 4 KiB pages of 127 entries: 2 pages for
+    // them (and any earlier flush's), never a page per use.
+    assert!(log() <= 4.0 * 4096.0, "uses.log holds {} bytes", log());
+
+    node.kill9();
+    node.restart();
+    let c = node.client();
+    for (id, n) in ids.iter().zip(&answered) {
+        let r = c.get(&format!("/api/sessions/{id}"));
+        assert_eq!(r.status, 200, "{id}");
+        assert_eq!(r.json()["request_count"].as_u64(), Some(n + 1), "{id}");
+    }
+}

@@ -120,6 +120,14 @@ impl Store {
                     }
                     _ = shutdown.recv() => return,
                 }
+                tokio::select! {
+                    r = self.inner.sled.fold_uses_if_due() => {
+                        if let Err(e) = r {
+                            tracing::warn!(error = %e, "folding the uses' log failed");
+                        }
+                    }
+                    _ = shutdown.recv() => return,
+                }
             }
         }
     }

@@ -15,6 +15,9 @@ use std::sync::atomic::Ordering;
 pub(super) enum Change {
     Keep,
     Put(Session),
+    /// A use: kept in memory and the uses' log, not in the record (see
+    /// `uses`).
+    Use(Session),
     Remove,
     /// Remove it if held, and record the deletion either way.
     Tombstone,
@@ -94,6 +97,7 @@ impl SledStore {
                     .insert(id, &now_or_clock(now).to_be_bytes())?;
             }
             Change::Put(new) => self.put_locked(current.as_ref(), &new)?,
+            Change::Use(new) => self.note_use(&new),
             Change::Remove => {
                 if let Some(old) = &current {
                     self.remove_locked(old)?;
@@ -139,6 +143,8 @@ impl SledStore {
                 .insert(expiry_key(new.expires_at, &new.id), &[])?;
         }
         t.sessions().insert(new.id, new.encode())?;
+        // The record now holds the use memory held (`old` was read with it).
+        self.forget_use(&new.id);
         match old {
             None => {
                 inner.active.fetch_add(1, Ordering::Relaxed);
@@ -156,6 +162,7 @@ impl SledStore {
     pub(super) fn remove_locked(&self, old: &Session) -> Result<()> {
         let t = self.t()?;
         t.sessions().remove(old.id)?;
+        self.forget_use(&old.id);
         t.by_user().remove(user_key(&old.user_id, &old.id))?;
         self.inner.active.fetch_sub(1, Ordering::Relaxed);
         Ok(())

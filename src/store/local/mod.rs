@@ -12,7 +12,9 @@
 //! - `change`: the one place a session changes, with index upkeep;
 //! - `mirror`: Redis mode's copy of what this node served;
 //! - [`journal`] and [`journal_ops`]: the fallback journal and its entries;
-//! - `sweep`: expiry and tombstone sweeps.
+//! - `sweep`: expiry and tombstone sweeps;
+//! - `uses`: the uses this node counts itself, in memory and in a compact
+//!   log beside the database (`uses.log`), folded into the records rarely.
 //!
 //! Trees and keys:
 //! - `sessions`: id (16 bytes) → versioned record.
@@ -49,6 +51,7 @@ pub mod journal_ops;
 mod mirror;
 mod sessions;
 mod sweep;
+mod uses;
 
 use crate::disk::{Database, DiskConfig, DiskError, Opened, Space};
 use crate::session::{Limits, Session};
@@ -107,6 +110,9 @@ struct Inner {
     prune_cursor: AtomicUsize,
     /// Touch results from Redis the mirror did not need to write.
     mirror_touches_skipped: AtomicU64,
+    /// Uses counted here (without Redis, or in an outage) and not yet in
+    /// their records: see `uses`.
+    uses: uses::Uses,
 }
 
 /// Declares the session store's trees once: their names, in the order the
@@ -210,6 +216,20 @@ impl SledStore {
             }
         };
         drop(trees);
+        let recovered = uses::UseLog::open(dir).map_err(|e| {
+            super::StoreError::from(DiskError::Fault(format!(
+                "opening {} failed: {e}",
+                uses::FILE_NAME
+            )))
+        })?;
+        if recovered.bad_pages > 0 {
+            tracing::error!(
+                pages = recovered.bad_pages,
+                "pages of {} failed their checksum (a write cut short); their uses are not counted",
+                uses::FILE_NAME
+            );
+        }
+        let corrupt = AtomicU64::new(recovered.bad_pages);
         let store = SledStore {
             inner: Arc::new(Inner {
                 db,
@@ -224,7 +244,7 @@ impl SledStore {
                 locks: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
                 limits,
                 active: AtomicI64::new(0),
-                corrupt: AtomicU64::new(0),
+                corrupt,
                 journal_entries: AtomicU64::new(0),
                 touched: (0..LOCK_STRIPES)
                     .map(|_| Mutex::new(HashMap::new()))
@@ -235,6 +255,7 @@ impl SledStore {
                 mirror_lag_ms: AtomicU64::new(limits.ttl_ms / 10),
                 prune_cursor: AtomicUsize::new(0),
                 mirror_touches_skipped: AtomicU64::new(0),
+                uses: uses::Uses::new(recovered),
             }),
         };
         store.count()?;
@@ -409,9 +430,10 @@ impl SledStore {
         self.inner.db.commits_waiting()
     }
 
-    /// Flushes that wrote and synced data (see [`Database::syncs`]).
+    /// Flushes that wrote and synced data (see [`Database::syncs`]), and
+    /// syncs of the uses' log.
     pub fn disk_syncs(&self) -> u64 {
-        self.inner.db.syncs()
+        self.inner.db.syncs() + self.uses_syncs()
     }
 
     /// Waits until everything written before this call is on disk.
@@ -421,13 +443,57 @@ impl SledStore {
 
     /// Flushes lazily-written data (mirror updates, sweeps), and first the
     /// buffered mirror touches when `touched` (every few seconds: see
-    /// `Store::run_housekeeping`). With nothing written since the last
-    /// flush, sled writes and syncs nothing.
+    /// `Store::run_housekeeping`), and the uses counted here to their log.
+    /// With nothing written since the last flush, nothing is written or
+    /// synced.
     pub async fn flush_lazy(&self, touched: bool) -> Result<()> {
         if touched {
             self.flush_touched()?;
         }
+        self.write_uses_off_worker().await?;
         self.durable().await
+    }
+
+    /// [`write_uses`](Self::write_uses) on the blocking pool, within the
+    /// flush deadline.
+    async fn write_uses_off_worker(&self) -> Result<()> {
+        let store = self.clone();
+        let write = tokio::task::spawn_blocking(move || store.write_uses());
+        match tokio::time::timeout(self.inner.local.flush_timeout, write).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => Err(super::StoreError::DiskFault(format!(
+                "writing {} panicked: {e}",
+                uses::FILE_NAME
+            ))),
+            Err(_) => Err(super::StoreError::DiskFault(format!(
+                "writing {} takes longer than the flush deadline",
+                uses::FILE_NAME
+            ))),
+        }
+    }
+
+    /// Folds the uses' log into the records when it is due (see `uses`):
+    /// the records written, made durable, then the log emptied.
+    pub async fn fold_uses_if_due(&self) -> Result<()> {
+        if !self.uses_due_fold() {
+            return Ok(());
+        }
+        let store = self.clone();
+        let folded = tokio::task::spawn_blocking(move || store.fold_uses())
+            .await
+            .map_err(|e| super::StoreError::DiskFault(format!("folding uses panicked: {e}")))??;
+        self.durable().await?;
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.clear_uses_log())
+            .await
+            .map_err(|e| {
+                super::StoreError::DiskFault(format!("emptying the uses' log panicked: {e}"))
+            })??;
+        tracing::info!(
+            records = folded,
+            "folded the uses' log into the session records"
+        );
+        Ok(())
     }
 
     /// Whether a flush is stuck past its deadline, and for how long.
@@ -449,6 +515,7 @@ impl SledStore {
         }
         self.flush_touched()?;
         self.flush_pending_touches()?;
+        self.write_uses_off_worker().await?;
         let n = self.inner.active.load(Ordering::Relaxed);
         self.t()?.meta().insert(CLEAN_COUNT_KEY, &n.to_be_bytes())?;
         self.durable().await?;
@@ -473,7 +540,8 @@ impl SledStore {
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Reads and decodes a record; a corrupt one is logged, counted and
+    /// Reads and decodes a record, with the use memory holds for it taken
+    /// in (see `uses`); a corrupt one is logged, counted and
     /// treated as absent. A read that fails is a disk fault (503), never
     /// "absent": a full or failing disk must not log anyone out.
     fn load(&self, id: &[u8; 16]) -> Result<Option<Session>> {
@@ -486,7 +554,7 @@ impl SledStore {
             }
         };
         match Session::decode(&bytes) {
-            Ok(s) => Ok(Some(s)),
+            Ok(s) => Ok(Some(self.with_use(s))),
             Err(e) => {
                 self.inner.corrupt.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(id = %crate::session::format_id(id), error = %e, "corrupt session record; treating as absent");

@@ -21,8 +21,10 @@ impl SledStore {
         })
     }
 
-    /// Counts one request, slides the expiry and returns the session. Not
-    /// flushed: a touch lost to a crash costs one count, not a session.
+    /// Counts one request, slides the expiry and returns the session. The
+    /// use is kept in memory and written to the uses' log by the lazy flush
+    /// (see `uses`), not into the record: a touch lost to a crash costs one
+    /// count, not a session.
     /// With [`Journal::Next`] the count is coalesced in memory and journaled
     /// by [`flush_pending_touches`](Self::flush_pending_touches). With the
     /// disk at its reserve, full or failing, the session is served as it is
@@ -48,7 +50,7 @@ impl SledStore {
                 let mut s = s.clone();
                 s.touch(now, &limits);
                 let op = (!coalesce).then_some(Op::Touch { id: *id, at: now });
-                Ok((Change::Put(s.clone()), Some(s), op))
+                Ok((Change::Use(s.clone()), Some(s), op))
             }
         }) {
             Ok(t) => t,
