@@ -483,12 +483,7 @@ impl SledStore {
             .await
             .map_err(|e| super::StoreError::DiskFault(format!("folding uses panicked: {e}")))??;
         self.durable().await?;
-        let store = self.clone();
-        tokio::task::spawn_blocking(move || store.clear_uses_log())
-            .await
-            .map_err(|e| {
-                super::StoreError::DiskFault(format!("emptying the uses' log panicked: {e}"))
-            })??;
+        self.clear_uses_log();
         tracing::info!(
             records = folded,
             "folded the uses' log into the session records"
