@@ -259,7 +259,7 @@ pub const FIGURES: &[Figure] = &[
     ),
     figure!(
         Some((DISK, "uses_log_bytes")),
-        Some(("edgenode_disk_uses_log_bytes", Gauge, "Bytes of uses.log: uses counted without Redis (or in an outage), written in whole pages at the lazy flush, not yet folded into their session records (folded at 8 MiB)")),
+        Some(("edgenode_disk_uses_log_bytes", Gauge, "Bytes written to uses.log since its last fold: uses counted without Redis (or in an outage), in whole pages at the lazy flush, not yet folded into their session records (folded at 8 MiB)")),
         |s| Some(Number(s.uses_log_bytes))
     ),
     figure!(

@@ -97,7 +97,11 @@ impl SledStore {
                     .insert(id, &now_or_clock(now).to_be_bytes())?;
             }
             Change::Put(new) => self.put_locked(current.as_ref(), &new)?,
-            Change::Use(new) => self.note_use(&new),
+            Change::Use(new) => {
+                if !self.note_use(&new) {
+                    self.put_locked(current.as_ref(), &new)?;
+                }
+            }
             Change::Remove => {
                 if let Some(old) = &current {
                     self.remove_locked(old)?;

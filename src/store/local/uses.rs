@@ -54,8 +54,15 @@ const MAGIC: &[u8; 4] = b"EDU1";
 /// at 200 a second (a fold every ~20 min), more at slower rates, and is
 /// read in tens of milliseconds at a start after a crash.
 const FOLD_LOG_BYTES: u64 = 8 << 20;
-/// Sessions whose uses memory holds before a fold: ~40 bytes each.
-const FOLD_ENTRIES: usize = 131_072;
+/// Sessions whose uses one shard of memory holds at most: 896 keeps each
+/// shard's table at 1 024 slots of 41 bytes, ~2.7 MB in all. Beyond it a
+/// use writes its record, as it did before the log, until the next fold.
+const SHARD_ENTRIES: usize = 896;
+/// Sessions whose uses memory holds when a fold is due: most shards full.
+const FOLD_ENTRIES: usize = LOCK_STRIPES * SHARD_ENTRIES * 3 / 4;
+/// Entries written per `pwrite`: 64 pages (256 KiB), so a flush of many
+/// sessions' uses holds little memory.
+const CHUNK_ENTRIES: usize = 64 * PER_PAGE;
 
 /// One entry of the log: a session id, its count and its last use (ms).
 type Entry = ([u8; 16], u64, u64);
@@ -158,8 +165,8 @@ impl UseLog {
         })
     }
 
-    /// Writes whole pages holding `entries` at the end and syncs them.
-    fn append(&mut self, entries: &[Entry]) -> io::Result<()> {
+    /// Writes whole pages holding `entries` at the end (not synced).
+    fn write(&mut self, entries: &[Entry]) -> io::Result<()> {
         let pages = entries.len().div_ceil(PER_PAGE) * PAGE;
         // Room to start the pages at a page-aligned address, as `O_DIRECT`
         // wants.
@@ -179,7 +186,6 @@ impl UseLog {
             }
             r => r?,
         }
-        self.file.sync_data()?;
         self.end += pages as u64;
         Ok(())
     }
@@ -330,11 +336,11 @@ impl Uses {
             .sum()
     }
 
-    /// Marks these entries for the next write again (theirs failed, or
-    /// the log they were in was emptied).
-    fn unlog(&self, ids: impl Iterator<Item = [u8; 16]>) {
-        for id in ids {
-            if let Some(u) = self.shard(&id).get_mut(&id) {
+    /// Marks every use for the next write again (a write failed, or the
+    /// log started again).
+    fn unlog_all(&self) {
+        for shard in &self.shards {
+            for u in shard.lock().unwrap_or_else(|p| p.into_inner()).values_mut() {
                 u.logged = false;
             }
         }
@@ -351,22 +357,26 @@ impl SledStore {
     }
 
     /// Keeps a use (the session as the touch left it) for the log; its
-    /// stripe lock is held.
-    pub(super) fn note_use(&self, s: &Session) {
+    /// stripe lock is held. False when memory holds as many sessions' uses
+    /// as it may ([`SHARD_ENTRIES`]): the caller writes the record instead,
+    /// until the next fold.
+    pub(super) fn note_use(&self, s: &Session) -> bool {
         let new = Use {
             count: s.request_count,
             last: s.last_accessed,
             logged: false,
         };
-        self.inner
-            .uses
-            .shard(&s.id)
-            .entry(s.id)
-            .and_modify(|u| {
-                u.merge(new);
-                u.logged = false;
-            })
-            .or_insert(new);
+        let mut shard = self.inner.uses.shard(&s.id);
+        if let Some(u) = shard.get_mut(&s.id) {
+            u.merge(new);
+            u.logged = false;
+            return true;
+        }
+        if shard.len() >= SHARD_ENTRIES {
+            return false;
+        }
+        shard.insert(s.id, new);
+        true
     }
 
     /// Drops the use memory holds for a session whose record now holds it
@@ -381,30 +391,56 @@ impl SledStore {
     pub fn write_uses(&self) -> Result<()> {
         let uses = &self.inner.uses;
         let mut log = uses.log();
-        let mut batch = Vec::new();
+        let mut chunk: Vec<Entry> = Vec::new();
+        let mut wrote = false;
+        let mut written = Ok(());
         for shard in &uses.shards {
             let mut map = shard.lock().unwrap_or_else(|p| p.into_inner());
             for (id, u) in map.iter_mut().filter(|(_, u)| !u.logged) {
                 u.logged = true;
-                batch.push((*id, u.count, u.last));
+                chunk.push((*id, u.count, u.last));
+            }
+            drop(map);
+            while written.is_ok() && chunk.len() >= CHUNK_ENTRIES {
+                written = self.write_chunk(&mut log, &chunk[..CHUNK_ENTRIES]);
+                chunk.drain(..CHUNK_ENTRIES);
+                wrote = true;
+            }
+            if written.is_err() {
+                break;
             }
         }
-        if batch.is_empty() {
-            return Ok(());
+        if written.is_ok() && !chunk.is_empty() {
+            written = self.write_chunk(&mut log, &chunk);
+            wrote = true;
         }
-        let written = self
-            .check_space(Space::Write)
-            .and_then(|()| log.append(&batch).map_err(|e| self.log_failed(e)));
-        if let Err(e) = written {
-            drop(log);
-            uses.unlog(batch.iter().map(|(id, _, _)| *id));
-            return match e {
-                super::super::StoreError::DiskFull { .. } => Ok(()),
-                e => Err(e),
-            };
+        if written.is_ok() && wrote {
+            written = log.file.sync_data().map_err(|e| self.log_failed(e));
         }
-        uses.syncs.fetch_add(1, Ordering::Relaxed);
-        Ok(())
+        drop(log);
+        match written {
+            Ok(()) => {
+                if wrote {
+                    uses.syncs.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                // Every use is written again by the next flush.
+                uses.unlog_all();
+                match e {
+                    super::super::StoreError::DiskFull { .. } => Ok(()),
+                    e => Err(e),
+                }
+            }
+        }
+    }
+
+    /// Writes (without syncing) one chunk of entries, unless the disk is
+    /// at its reserve.
+    fn write_chunk(&self, log: &mut UseLog, chunk: &[Entry]) -> Result<()> {
+        self.check_space(Space::Write)?;
+        log.write(chunk).map_err(|e| self.log_failed(e))
     }
 
     fn log_failed(&self, e: io::Error) -> super::super::StoreError {
@@ -467,11 +503,7 @@ impl SledStore {
     pub fn clear_uses_log(&self) {
         let uses = &self.inner.uses;
         uses.log().clear();
-        for shard in &uses.shards {
-            for u in shard.lock().unwrap_or_else(|p| p.into_inner()).values_mut() {
-                u.logged = false;
-            }
-        }
+        uses.unlog_all();
     }
 
     /// Syncs of the uses' log.
@@ -608,6 +640,33 @@ mod tests {
         store.touch(&a, 8_000, Journal::Off).unwrap();
         store.write_uses().unwrap();
         assert_eq!(store.uses_log_bytes(), 4 * PAGE as u64);
+    }
+
+    /// Memory holds at most `SHARD_ENTRIES` sessions' uses a shard; the
+    /// uses of the sessions beyond write their records, as before the log.
+    #[test]
+    fn beyond_its_bound_memory_takes_no_more_uses_and_the_records_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let ids: Vec<[u8; 16]> = (0..SHARD_ENTRIES as u64 + 4)
+            .map(|i| {
+                let mut s = Session::new("u".into(), "{}".into(), 1_000, &LIMITS);
+                // All in one shard: the first 8 bytes, mod 64, are 0.
+                s.id[..8].copy_from_slice(&(i * LOCK_STRIPES as u64).to_le_bytes());
+                store.create(&s, Journal::Off).unwrap();
+                store.touch(&s.id, 2_000, Journal::Off).unwrap();
+                s.id
+            })
+            .collect();
+        assert_eq!(store.inner.uses.entries(), SHARD_ENTRIES);
+        let in_records = ids
+            .iter()
+            .filter(|id| record(&store, id).request_count == 1)
+            .count();
+        assert_eq!(in_records, 4);
+        assert!(ids
+            .iter()
+            .all(|id| store.get(id, 3_000).unwrap().unwrap().request_count == 1));
     }
 
     /// After a fold the log starts again at its first page: a start reads
