@@ -31,28 +31,30 @@ fn return_freed_memory_at_once() {
     }
 }
 
-/// Caps glibc malloc's arenas: one with Redis, two without. glibc gives
-/// threads their own arenas (up to 8 per core), and memory freed in one is
-/// reused only by the threads on it: the workers, the blocking pool's fsync
-/// threads and sled's inline IO each kept their own partly empty heaps. Two
-/// arenas instead of the default took ~1-2 MB off RSS after creating 100k
-/// sessions. One took 1.5-2.4 MB more off during spread traffic in Redis
-/// mode (100 000 sessions: 29-31 against 30.5-33 MB) at the same req/s and
-/// CPU per use, the hot case included (per-thread tcaches serve most small
-/// allocations without the arena lock); but in sled mode, where every use
-/// allocates in sled on whichever thread runs it, one arena cost 15-20 %
-/// of req/s (hot and 100 000 uniform, alternated runs), for 1.5 MB of a
-/// node that runs at ~22 MB. Called before any thread but main exists. An
-/// operator's `MALLOC_ARENA_MAX` or `GLIBC_TUNABLES` is left alone.
+/// Caps glibc malloc's arenas at one. glibc gives threads their own arenas
+/// (up to 8 per core), and memory freed in one is reused only by the
+/// threads on it: the workers, the blocking pool's fsync threads and sled's
+/// inline IO each kept their own partly empty heaps. Two arenas instead of
+/// the default took ~1-2 MB off RSS after creating 100k sessions. One took
+/// 1.5-2.4 MB more off during spread traffic in Redis mode (100 000
+/// sessions: 29-31 against 30.5-33 MB) at the same req/s and CPU per use,
+/// the hot case included (per-thread tcaches serve most small allocations
+/// without the arena lock). Sled mode had two while every use rewrote its
+/// record in sled on whichever thread ran it (one arena cost 15-20 % of
+/// req/s then); since uses go to the uses' log, the blocking pool's folds
+/// write the records, and with two arenas a node at 100 000 uniform
+/// sessions grew to 35-37 MB against 26-27 MB with one. Called before any
+/// thread but main exists. An operator's `MALLOC_ARENA_MAX` or
+/// `GLIBC_TUNABLES` is left alone.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn cap_malloc_arenas(with_redis: bool) {
+fn cap_malloc_arenas() {
     let set_by_operator = std::env::var_os("MALLOC_ARENA_MAX").is_some()
         || std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("arena_max"));
     if !set_by_operator {
         // SAFETY: mallopt only changes a malloc parameter; it is called before
         // any other thread exists.
         unsafe {
-            libc::mallopt(libc::M_ARENA_MAX, if with_redis { 1 } else { 2 });
+            libc::mallopt(libc::M_ARENA_MAX, 1);
         }
     }
 }
@@ -84,7 +86,7 @@ fn main() -> ExitCode {
         }
     };
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    cap_malloc_arenas(config.redis_url.is_some());
+    cap_malloc_arenas();
     edgenode::logging::init(&config);
     // The lines main itself logs name the node too (the node's own span is
     // made in `node::run`).
