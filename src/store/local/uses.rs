@@ -36,7 +36,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 /// The log's file name in the data directory.
@@ -292,7 +292,9 @@ fn decode_page(page: &[u8]) -> Option<(u32, Vec<Entry>)> {
 pub(super) struct Uses {
     shards: Vec<Mutex<HashMap<[u8; 16], Use>>>,
     log: Mutex<UseLog>,
-    syncs: std::sync::atomic::AtomicU64,
+    /// The log's `end`, for readers that must not wait for a write.
+    end: AtomicU64,
+    syncs: AtomicU64,
 }
 
 impl Uses {
@@ -302,6 +304,7 @@ impl Uses {
             shards: (0..LOCK_STRIPES)
                 .map(|_| Mutex::new(HashMap::new()))
                 .collect(),
+            end: AtomicU64::new(recovered.log.end),
             log: Mutex::new(recovered.log),
             syncs: Default::default(),
         };
@@ -325,8 +328,15 @@ impl Uses {
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    fn log(&self) -> std::sync::MutexGuard<'_, UseLog> {
-        self.log.lock().unwrap_or_else(|p| p.into_inner())
+    /// The log, unless a write holds it: a write stuck on a frozen or
+    /// dying card must hold no one else (requests read only `end`, a
+    /// second flush skips its round).
+    fn try_log(&self) -> Option<std::sync::MutexGuard<'_, UseLog>> {
+        match self.log.try_lock() {
+            Ok(log) => Some(log),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
     }
 
     fn entries(&self) -> usize {
@@ -390,7 +400,11 @@ impl SledStore {
     /// disk's reserve nothing is written (the uses wait in memory).
     pub fn write_uses(&self) -> Result<()> {
         let uses = &self.inner.uses;
-        let mut log = uses.log();
+        let Some(mut log) = uses.try_log() else {
+            // The last write has not returned: this round's uses wait for
+            // the next.
+            return Ok(());
+        };
         let mut chunk: Vec<Entry> = Vec::new();
         let mut wrote = false;
         let mut written = Ok(());
@@ -417,6 +431,7 @@ impl SledStore {
         if written.is_ok() && wrote {
             written = log.file.sync_data().map_err(|e| self.log_failed(e));
         }
+        uses.end.store(log.end, Ordering::Relaxed);
         drop(log);
         match written {
             Ok(()) => {
@@ -454,7 +469,7 @@ impl SledStore {
 
     /// Whether the log is due a fold into the records.
     pub fn uses_due_fold(&self) -> bool {
-        self.inner.uses.log().end >= FOLD_LOG_BYTES || self.inner.uses.entries() >= FOLD_ENTRIES
+        self.uses_log_bytes() >= FOLD_LOG_BYTES || self.inner.uses.entries() >= FOLD_ENTRIES
     }
 
     /// Writes each session's use memory holds into its record, session by
@@ -502,7 +517,14 @@ impl SledStore {
     /// since the fold are written again by the next flush.
     pub fn clear_uses_log(&self) {
         let uses = &self.inner.uses;
-        uses.log().clear();
+        let Some(mut log) = uses.try_log() else {
+            // A write still running (stuck): the log is not started again
+            // this time; its entries, already in the records, do no harm.
+            return;
+        };
+        log.clear();
+        uses.end.store(0, Ordering::Relaxed);
+        drop(log);
         uses.unlog_all();
     }
 
@@ -513,7 +535,7 @@ impl SledStore {
 
     /// Bytes of the uses' log's current generation.
     pub fn uses_log_bytes(&self) -> u64 {
-        self.inner.uses.log().end
+        self.inner.uses.end.load(Ordering::Relaxed)
     }
 }
 
