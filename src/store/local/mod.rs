@@ -342,7 +342,11 @@ impl SledStore {
         // What the failed flush did not write is gone: the mirror's record
         // of what it holds is forgotten, so the next touches write again.
         self.forget_written();
-        self.inner.db.reopen(|t| self.count_in(t, false))
+        self.inner.db.reopen(|t| self.count_in(t, false))?;
+        // Record writes the failed flush did not sync are gone, and with
+        // them uses that left memory for their records (a fold, a PATCH):
+        // the uses' log still holds them.
+        self.reload_uses()
     }
 
     /// A tree of this database for another part of the node (see
@@ -450,8 +454,9 @@ impl SledStore {
         if touched {
             self.flush_touched()?;
         }
-        self.write_uses_off_worker().await?;
-        self.durable().await
+        // The database is synced whatever the uses' log does.
+        let logged = self.write_uses_off_worker().await;
+        self.durable().await.and(logged)
     }
 
     /// [`write_uses`](Self::write_uses) on the blocking pool, within the
@@ -510,7 +515,9 @@ impl SledStore {
         }
         self.flush_touched()?;
         self.flush_pending_touches()?;
-        self.write_uses_off_worker().await?;
+        if let Err(e) = self.write_uses_off_worker().await {
+            tracing::warn!(error = %e, "the last uses could not be written to the uses' log");
+        }
         let n = self.inner.active.load(Ordering::Relaxed);
         self.t()?.meta().insert(CLEAN_COUNT_KEY, &n.to_be_bytes())?;
         self.durable().await?;

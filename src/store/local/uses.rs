@@ -26,7 +26,11 @@
 //! rotation, a delete) takes the use into the record, or away, at once.
 //!
 //! What a crash loses: the uses since the last flush that wrote the log
-//! (5 s without Redis, 500 ms in an outage), as before.
+//! (5 s without Redis, 500 ms in an outage), as before. A write of the log
+//! that fails is the log's fault alone: uses then write their records, as
+//! before the log, until a later flush writes it again. A reopen of the
+//! database after a failed sync reads the log again, so uses that had left
+//! memory for records the sync lost come back.
 
 use super::{ids_in, stripe, Result, SledStore, LOCK_STRIPES};
 use crate::disk::{DiskError, Space};
@@ -36,7 +40,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 /// The log's file name in the data directory.
@@ -128,25 +132,7 @@ impl UseLog {
     pub(super) fn open(dir: &Path) -> io::Result<Recovered> {
         let path = dir.join(FILE_NAME);
         let (file, direct) = open_for_writes(&path)?;
-        let mut reader = io::BufReader::with_capacity(16 * PAGE, File::open(&path)?);
-        let mut page = vec![0u8; PAGE];
-        let (mut uses, mut bad_pages, mut end) = (Vec::new(), 0, 0u64);
-        let mut generation = None;
-        loop {
-            let got = read_page(&mut reader, &mut page)?;
-            if got == 0 || page.iter().all(|&b| b == 0) {
-                break;
-            }
-            match decode_page(&page[..got]) {
-                Some((g, _)) if generation.is_some_and(|current| current != g) => break,
-                Some((g, entries)) => {
-                    generation = Some(g);
-                    uses.extend(entries);
-                }
-                None => bad_pages += 1,
-            }
-            end += PAGE as u64;
-        }
+        let read = read_current(&path)?;
         // Not on a file system in memory (no `O_DIRECT`: tmpfs), where
         // blocks allocated are memory taken and metadata costs no card.
         if direct && file.metadata()?.len() < FOLD_LOG_BYTES {
@@ -156,12 +142,12 @@ impl UseLog {
             log: UseLog {
                 path,
                 file,
-                end,
-                generation: generation.unwrap_or(0),
+                end: read.end,
+                generation: read.generation.unwrap_or_else(new_generation),
                 direct,
             },
-            uses,
-            bad_pages,
+            uses: read.uses,
+            bad_pages: read.bad_pages,
         })
     }
 
@@ -191,13 +177,61 @@ impl UseLog {
     }
 
     /// Starts the log again (after a fold made the records hold every
-    /// use): the next page is the first, under the next generation. Writes
+    /// use): the next page is the first, under a new generation. Writes
     /// nothing: until that page is written a start reads the last
     /// generation's pages again, which the records already hold.
     fn clear(&mut self) {
-        self.generation = self.generation.wrapping_add(1);
+        let old = self.generation;
+        while self.generation == old {
+            self.generation = new_generation();
+        }
         self.end = 0;
     }
+}
+
+/// The current generation's pages of the log at `path`.
+struct Read {
+    uses: Vec<Entry>,
+    bad_pages: u64,
+    end: u64,
+    generation: Option<u32>,
+}
+
+/// Reads the log from its first page while the pages are of the first
+/// one's generation, until a page never written (zeros) or the end; a page
+/// that fails its checksum is skipped and counted.
+fn read_current(path: &Path) -> io::Result<Read> {
+    let mut reader = io::BufReader::with_capacity(16 * PAGE, File::open(path)?);
+    let mut page = vec![0u8; PAGE];
+    let mut read = Read {
+        uses: Vec::new(),
+        bad_pages: 0,
+        end: 0,
+        generation: None,
+    };
+    loop {
+        let got = read_page(&mut reader, &mut page)?;
+        if got == 0 || page.iter().all(|&b| b == 0) {
+            break;
+        }
+        match decode_page(&page[..got]) {
+            Some((g, _)) if read.generation.is_some_and(|current| current != g) => break,
+            Some((g, entries)) => {
+                read.generation = Some(g);
+                read.uses.extend(entries);
+            }
+            None => read.bad_pages += 1,
+        }
+        read.end += PAGE as u64;
+    }
+    Ok(read)
+}
+
+/// A generation for a new cycle of the log: random, so that no page of an
+/// older cycle (which a torn or zeroed first page could leave after it)
+/// can pass for the new one's.
+fn new_generation() -> u32 {
+    fastrand::u32(..)
 }
 
 /// Reads up to one page; the bytes read (fewer than a page only at the end).
@@ -294,6 +328,9 @@ pub(super) struct Uses {
     log: Mutex<UseLog>,
     /// The log's `end`, for readers that must not wait for a write.
     end: AtomicU64,
+    /// False after a write of the log failed: uses then write their
+    /// records, as before the log, and the next flush tries the log again.
+    healthy: AtomicBool,
     syncs: AtomicU64,
 }
 
@@ -305,20 +342,11 @@ impl Uses {
                 .map(|_| Mutex::new(HashMap::new()))
                 .collect(),
             end: AtomicU64::new(recovered.log.end),
+            healthy: AtomicBool::new(true),
             log: Mutex::new(recovered.log),
             syncs: Default::default(),
         };
-        for (id, count, last) in recovered.uses {
-            let logged = Use {
-                count,
-                last,
-                logged: true,
-            };
-            uses.shard(&id)
-                .entry(id)
-                .and_modify(|u| u.merge(logged))
-                .or_insert(logged);
-        }
+        uses.merge_logged(recovered.uses);
         uses
     }
 
@@ -344,6 +372,21 @@ impl Uses {
             .iter()
             .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len())
             .sum()
+    }
+
+    /// Takes uses read from the log into memory, as logged, by maximum.
+    fn merge_logged(&self, entries: Vec<Entry>) {
+        for (id, count, last) in entries {
+            let logged = Use {
+                count,
+                last,
+                logged: true,
+            };
+            self.shard(&id)
+                .entry(id)
+                .and_modify(|u| u.merge(logged))
+                .or_insert(logged);
+        }
     }
 
     /// Marks every use for the next write again (a write failed, or the
@@ -376,6 +419,9 @@ impl SledStore {
             last: s.last_accessed,
             logged: false,
         };
+        if !self.inner.uses.healthy.load(Ordering::Relaxed) {
+            return false;
+        }
         let mut shard = self.inner.uses.shard(&s.id);
         if let Some(u) = shard.get_mut(&s.id) {
             u.merge(new);
@@ -438,6 +484,10 @@ impl SledStore {
                 if wrote {
                     uses.syncs.fetch_add(1, Ordering::Relaxed);
                 }
+                // After a failed write, a round with nothing to write (the
+                // uses went to their records) lets the next uses try the
+                // log again.
+                uses.healthy.store(true, Ordering::Relaxed);
                 Ok(())
             }
             Err(e) => {
@@ -458,18 +508,42 @@ impl SledStore {
         log.write(chunk).map_err(|e| self.log_failed(e))
     }
 
+    /// A write of the log that failed: the log's own fault, not the
+    /// database's (sled keeps serving). Uses write their records until a
+    /// later flush writes the log again; those in memory are folded into
+    /// their records at the next round.
     fn log_failed(&self, e: io::Error) -> super::super::StoreError {
+        self.inner.uses.healthy.store(false, Ordering::Relaxed);
         let e = if e.raw_os_error() == Some(libc::ENOSPC) {
             DiskError::NoSpace(format!("writing {FILE_NAME} failed: {e}"))
         } else {
             DiskError::Fault(format!("writing {FILE_NAME} failed: {e}"))
         };
-        self.inner.db.noted(e).into()
+        e.into()
+    }
+
+    /// Re-reads the log's current generation into memory (after the
+    /// database was reopened: record writes it had not synced, a fold's
+    /// among them, are gone, and the uses they carried are in the log).
+    pub(super) fn reload_uses(&self) -> Result<()> {
+        let path = self.inner.uses.try_log().map(|log| log.path.clone());
+        let Some(path) = path else {
+            // A write still running: the disk is not back yet.
+            return Ok(());
+        };
+        let read = read_current(&path).map_err(|e| {
+            super::super::StoreError::DiskFault(format!("reading {FILE_NAME} failed: {e}"))
+        })?;
+        self.inner.uses.merge_logged(read.uses);
+        Ok(())
     }
 
     /// Whether the log is due a fold into the records.
     pub fn uses_due_fold(&self) -> bool {
-        self.uses_log_bytes() >= FOLD_LOG_BYTES || self.inner.uses.entries() >= FOLD_ENTRIES
+        let entries = self.inner.uses.entries();
+        self.uses_log_bytes() >= FOLD_LOG_BYTES
+            || entries >= FOLD_ENTRIES
+            || (entries > 0 && !self.inner.uses.healthy.load(Ordering::Relaxed))
     }
 
     /// Writes each session's use memory holds into its record, session by
@@ -689,6 +763,47 @@ mod tests {
         assert!(ids
             .iter()
             .all(|id| store.get(id, 3_000).unwrap().unwrap().request_count == 1));
+    }
+
+    /// A log that cannot be written is the log's fault only: the uses go
+    /// into their records until a later flush writes the log again.
+    #[test]
+    fn when_the_log_cannot_be_written_uses_go_to_their_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let id = used(&store, 2);
+        // Open for reading only: every write fails (EBADF).
+        store.inner.uses.log.lock().unwrap().file = File::open(dir.path().join(FILE_NAME)).unwrap();
+        assert!(store.write_uses().is_err());
+        assert!(store.fault().is_none(), "the database is not at fault");
+        assert!(
+            store.uses_due_fold(),
+            "what memory holds goes to the records"
+        );
+        store.touch(&id, 9_000, Journal::Off).unwrap();
+        assert_eq!(record(&store, &id).request_count, 3);
+        assert_eq!(store.fold_uses().unwrap(), 0, "the record took it already");
+        store.write_uses().unwrap();
+        store.touch(&id, 10_000, Journal::Off).unwrap();
+        assert_eq!(record(&store, &id).request_count, 3, "memory again");
+        assert_eq!(store.get(&id, 10_000).unwrap().unwrap().request_count, 4);
+    }
+
+    /// Record writes a failed sync lost (a reopen of the database) take the
+    /// uses back from the log.
+    #[test]
+    fn uses_folded_into_records_that_were_lost_come_back_from_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let id = used(&store, 4);
+        let before = store.t().unwrap().sessions().get(id).unwrap().unwrap();
+        store.write_uses().unwrap();
+        assert_eq!(store.fold_uses().unwrap(), 1);
+        // As if the fold's record write had never reached the disk.
+        store.put_raw_for_test(&id, &before).unwrap();
+        assert_eq!(store.get(&id, 7_000).unwrap().unwrap().request_count, 0);
+        store.reload_uses().unwrap();
+        assert_eq!(store.get(&id, 7_000).unwrap().unwrap().request_count, 4);
     }
 
     /// After a fold the log starts again at its first page: a start reads
