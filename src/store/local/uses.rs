@@ -103,7 +103,7 @@ pub(super) struct UseLog {
     file: File,
     end: u64,
     /// The generation of the pages written since the last fold: a fold
-    /// starts the log again at its first page under the next generation,
+    /// starts the log again at its first page under a new generation,
     /// over the pages of the last (see [`UseLog::open`]).
     generation: u32,
     /// Whether `file` writes around the page cache (`O_DIRECT`).
