@@ -382,11 +382,16 @@ impl Uses {
                 last,
                 logged: true,
             };
-            self.shard(&id)
-                .entry(id)
-                .and_modify(|u| u.merge(logged))
-                .or_insert(logged);
+            self.merge_in(id, logged);
         }
+    }
+
+    /// Takes a use into memory, by maximum with what it holds.
+    fn merge_in(&self, id: [u8; 16], new: Use) {
+        self.shard(&id)
+            .entry(id)
+            .and_modify(|u| u.merge(new))
+            .or_insert(new);
     }
 
     /// Marks every use for the next write again (a write failed, or the
@@ -573,12 +578,7 @@ impl SledStore {
                     Err(e) => {
                         // Back in memory (and in the log): a later fold
                         // writes it.
-                        self.inner
-                            .uses
-                            .shard(&id)
-                            .entry(id)
-                            .and_modify(|m| m.merge(u))
-                            .or_insert(u);
+                        self.inner.uses.merge_in(id, u);
                         return Err(self.noted(e));
                     }
                 }
