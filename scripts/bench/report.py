@@ -76,13 +76,17 @@ def derive(data):
                     put(base + ("bytes_per_use" if rate else "bytes_per_create"), rep, per)
                     if rate:
                         put(base + "mb_per_day", rep, per * float(rate) * 86400 / 1e6)
-                if w and f is not None:
-                    put(base + "fsync_per_s", rep, f / w)
-                # What the device wrote in the window, less the background
-                # rate it showed with no node running.
+                # strace and write_bytes run until the window's last flush
+                # (device_s), so rates are over that time.
+                dw = data.get(base + "device_s", {}).get(rep) or w
+                if dw and f is not None:
+                    put(base + "fsync_per_s", rep, f / dw)
+                # What the device wrote in the window (and the wait for its
+                # last flush), less the background rate it showed with no
+                # node running.
                 d = data.get(base + "device_bytes", {}).get(rep)
-                if d is not None and w and bg_rate is not None:
-                    net = max(0.0, d - bg_rate * w)
+                if d is not None and dw and bg_rate is not None:
+                    net = max(0.0, d - bg_rate * dw)
                     put(base + "device_net_bytes", rep, net)
                     if n:
                         put(base + ("device_bytes_per_use" if rate else "device_bytes_per_create"), rep, net / n)
@@ -187,10 +191,11 @@ def wear_table(data):
                 label = "idle"
                 w = med(data, b + "window_s")
                 byt = med(data, b + "bytes")
-                per = "-" if not w else f"{byt / w:.0f} B/s"
+                dw = med(data, b + "device_s") or w
+                per = "-" if not dw else f"{byt / dw:.0f} B/s"
                 dn = med(data, b + "device_net_bytes")
-                dev = "-" if not w or dn is None else f"{dn / w:.0f} B/s"
-                day = "-" if not w else f"{byt / w * 86400 / 1e6:.1f}"
+                dev = "-" if not dw or dn is None else f"{dn / dw:.0f} B/s"
+                day = "-" if not dw else f"{byt / dw * 86400 / 1e6:.1f}"
             elif ld == "create":
                 label = "creates"
                 per = cell(data, b + "bytes_per_create", "{:.0f}")
