@@ -7,6 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use std::io::Write;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use uuid::Uuid;
 
@@ -173,22 +174,21 @@ impl Session {
             out.extend_from_slice(b",\"");
             out.extend_from_slice(name.as_bytes());
             out.extend_from_slice(b"\":\"");
-            out.extend_from_slice(rfc3339_millis(ms).as_bytes());
+            // Written in place, no string for each (writing to a Vec cannot
+            // fail): a response allocates its buffer and nothing else.
+            let _ = write!(out, "{}", rfc3339_timestamp(ms));
             out.push(b'"');
         }
-        out.extend_from_slice(b",\"request_count\":");
-        out.extend_from_slice(itoa(self.request_count).as_bytes());
-        out.extend_from_slice(b",\"version\":");
-        out.extend_from_slice(itoa(self.version).as_bytes());
+        let _ = write!(
+            out,
+            ",\"request_count\":{},\"version\":{}",
+            self.request_count, self.version
+        );
         out.extend_from_slice(b",\"metadata\":");
         out.extend_from_slice(self.metadata.as_bytes());
         out.push(b'}');
         out
     }
-}
-
-fn itoa(n: u64) -> String {
-    n.to_string()
 }
 
 /// A PATCH request, validated.
@@ -282,9 +282,12 @@ pub fn now_ms() -> u64 {
 
 /// `2026-11-26T21:24:45.123Z`
 pub fn rfc3339_millis(ms: u64) -> String {
+    rfc3339_timestamp(ms).to_string()
+}
+
+fn rfc3339_timestamp(ms: u64) -> humantime::Rfc3339Timestamp {
     // RFC 3339 has four-digit years; the formatter panics beyond them.
     humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms.min(MAX_TIME_MS)))
-        .to_string()
 }
 
 /// 9999-12-31T23:59:59.999Z: the last instant RFC 3339 can write. A stored

@@ -28,7 +28,7 @@
 //! Redis older than 6 has neither RESP3 nor tracking: the connection fails
 //! and the node serves every touch from Redis, as without a near cache.
 
-use super::record::as_array;
+use super::record::unexpected;
 use super::scripts::TouchReply;
 use super::{RedisStore, Result};
 use crate::redis_link::is_bad_record;
@@ -363,20 +363,20 @@ impl RedisStore {
         sink: &dyn TrackingSink,
         replay: bool,
     ) -> Result<Vec<Flushed>> {
-        let inv = self.touch_many_inv(batch, replay);
+        let cmd = self.touch_many_cmd(batch, replay);
         let Some(mut conn) = self.tracking_conn().filter(|_| sink.is_up()) else {
-            return self.flush_on_main(inv, batch).await;
+            return self.flush_on_main(cmd, batch).await;
         };
         let mut pipe = redis::pipe();
-        pipe.atomic().invoke_script(&inv);
+        pipe.atomic().add_command(cmd);
         pipe.cmd("CLIENT").arg("CACHING").arg("YES").ignore();
         pipe.cmd("MGET");
+        let mut key = String::new();
         for f in batch {
-            pipe.arg(self.key("s:", &format_id(&f.id)));
+            pipe.arg(self.session_key_in(&mut key, "s:", &f.id));
         }
         pipe.ignore();
-        let load = self.load_scripts_pipe();
-        let call = query_loading_scripts(&pipe, &load, &mut conn);
+        let call = query_loading_scripts(&pipe, || self.load_scripts_pipe(), &mut conn);
         let replies = match self
             .on_tracking(sink, "writing touches behind: ", call)
             .await?
@@ -401,40 +401,76 @@ impl RedisStore {
     /// through, not kept): one `touch_many` call over the main connection,
     /// where no key is tracked. An error means Redis may have applied it.
     pub async fn flush_uncached(&self, batch: &[Flush]) -> Result<Vec<Flushed>> {
-        let inv = self.touch_many_inv(batch, false);
-        self.flush_on_main(inv, batch).await
+        let cmd = self.touch_many_cmd(batch, false);
+        self.flush_on_main(cmd, batch).await
     }
 
-    /// One `touch_many` call for a batch of counts.
-    fn touch_many_inv(&self, batch: &[Flush], replay: bool) -> redis::ScriptInvocation<'_> {
-        let mut inv = self.inner.scripts.touch_many.prepare_invoke();
-        inv.key(self.key("active", "")).key(self.dups_key());
-        inv.arg(self.inner.limits.ttl_ms)
+    /// One `touch_many` call for a batch of counts, as a plain `EVALSHA`
+    /// whose keys and arguments are all written into the command's one
+    /// buffer: a script invocation kept each in a vector of its own, about
+    /// ten allocations for each session of every batch.
+    fn touch_many_cmd(&self, batch: &[Flush], replay: bool) -> redis::Cmd {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.inner.scripts.touch_many.get_hash())
+            .arg(2 + 2 * batch.len())
+            .arg(self.key("active", ""))
+            .arg(self.dups_key());
+        let mut key = String::new();
+        for f in batch {
+            cmd.arg(self.session_key_in(&mut key, "s:", &f.id));
+            cmd.arg(self.session_key_in(&mut key, "t:", &f.id));
+        }
+        cmd.arg(self.inner.limits.ttl_ms)
             .arg(self.inner.limits.max_lifetime_ms)
             .arg(if replay { "1" } else { "0" })
             .arg(&self.inner.origin_field)
             .arg(self.inner.limits.slide_step_ms());
+        let mut text = uuid::Uuid::encode_buffer();
         for f in batch {
-            let ids = format_id(&f.id);
             let stamp = self.stamp(f.seq);
-            inv.key(self.key("s:", &ids)).key(self.key("t:", &ids));
-            inv.arg(f.at)
-                .arg(ids)
+            cmd.arg(f.at)
+                .arg(
+                    &*uuid::Uuid::from_bytes(f.id)
+                        .hyphenated()
+                        .encode_lower(&mut text),
+                )
                 .arg(f.count)
                 .arg(stamp.seq)
                 .arg(stamp.floor);
         }
-        inv
+        cmd
     }
 
-    /// Runs a `touch_many` call over the main connection (`run`: a Redis
-    /// that restarted empty gets the script loaded).
-    async fn flush_on_main(
-        &self,
-        inv: redis::ScriptInvocation<'_>,
-        batch: &[Flush],
-    ) -> Result<Vec<Flushed>> {
-        let reply = self.run(inv).await?;
+    /// A session's key (`kind` `s:` or `t:`) written into `buf`, which is
+    /// reused from one session of a batch to the next.
+    fn session_key_in<'b>(&self, buf: &'b mut String, kind: &str, id: &[u8; 16]) -> &'b str {
+        buf.clear();
+        buf.push_str(&self.inner.prefix);
+        buf.push_str(kind);
+        let mut text = uuid::Uuid::encode_buffer();
+        buf.push_str(
+            uuid::Uuid::from_bytes(*id)
+                .hyphenated()
+                .encode_lower(&mut text),
+        );
+        buf
+    }
+
+    /// Runs a `touch_many` call over the main connection (a Redis that
+    /// restarted empty gets the scripts loaded, and the call is sent again).
+    async fn flush_on_main(&self, cmd: redis::Cmd, batch: &[Flush]) -> Result<Vec<Flushed>> {
+        let cmd = &cmd;
+        let reply = self
+            .call(self.inner.timeout, |mut c| async move {
+                match cmd.query_async::<Value>(&mut c).await {
+                    Err(e) if is_no_script(&e) => {
+                        self.load_scripts_pipe().query_async::<()>(&mut c).await?;
+                        cmd.query_async(&mut c).await
+                    }
+                    other => other,
+                }
+            })
+            .await?;
         self.flushed_batch(Some(reply), batch)
     }
 
@@ -478,16 +514,20 @@ impl RedisStore {
 /// and every call of a write-behind batch names the same script.
 async fn query_loading_scripts(
     pipe: &redis::Pipeline,
-    load: &redis::Pipeline,
+    load: impl FnOnce() -> redis::Pipeline,
     conn: &mut MultiplexedConnection,
 ) -> redis::RedisResult<Vec<Value>> {
     match pipe.query_async::<Vec<Value>>(conn).await {
-        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-            load.query_async::<()>(conn).await?;
+        Err(e) if is_no_script(&e) => {
+            load().query_async::<()>(conn).await?;
             pipe.query_async(conn).await
         }
         other => other,
     }
+}
+
+fn is_no_script(e: &redis::RedisError) -> bool {
+    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
 }
 
 /// A HGETALL reply as field/value pairs: a map in RESP3, a flat array in
@@ -495,7 +535,8 @@ async fn query_loading_scripts(
 fn flat_fields(v: Value) -> Result<Vec<Value>> {
     match v {
         Value::Map(pairs) => Ok(pairs.into_iter().flat_map(|(k, v)| [k, v]).collect()),
-        other => as_array(&other).map(<[Value]>::to_vec),
+        Value::Array(items) => Ok(items),
+        other => Err(unexpected(&other)),
     }
 }
 
