@@ -87,7 +87,7 @@ fn session_id(text: &str) -> Result<[u8; 16], ApiError> {
 /// (what `If-Match` compares with).
 fn session_response(status: StatusCode, s: &crate::session::Session) -> Response<Body> {
     let mut resp = json_response(status, s.to_json());
-    // Versions 1 to 9, most sessions', as static values: no allocation.
+    // Versions 0 to 9, most sessions', as static values: no allocation.
     const SMALL: [&str; 10] = [
         "\"0\"", "\"1\"", "\"2\"", "\"3\"", "\"4\"", "\"5\"", "\"6\"", "\"7\"", "\"8\"", "\"9\"",
     ];
