@@ -104,10 +104,6 @@ impl Session {
         s
     }
 
-    pub fn uuid(&self) -> Uuid {
-        Uuid::from_bytes(self.id)
-    }
-
     /// Sliding idle expiry, capped by the absolute lifetime.
     pub fn expiry_after_touch(&self, now: u64, limits: &Limits) -> u64 {
         now.saturating_add(limits.ttl_ms)
@@ -162,7 +158,7 @@ impl Session {
         let mut out = Vec::with_capacity(256 + self.metadata.len() + self.user_id.len());
         out.extend_from_slice(b"{\"session_id\":\"");
         let mut buf = Uuid::encode_buffer();
-        out.extend_from_slice(self.uuid().hyphenated().encode_lower(&mut buf).as_bytes());
+        out.extend_from_slice(id_text(&self.id, &mut buf).as_bytes());
         out.extend_from_slice(b"\",\"user_id\":");
         // Serializing a &str into a Vec cannot fail.
         let _ = serde_json::to_writer(&mut out, &self.user_id);
@@ -266,6 +262,12 @@ pub fn parse_session_id(text: &str) -> Option<[u8; 16]> {
         return None;
     }
     Uuid::try_parse(text).ok().map(|u| *u.as_bytes())
+}
+
+/// A session id as text, written into `buf` (no allocation): for the
+/// paths that run on every use.
+pub fn id_text<'b>(id: &[u8; 16], buf: &'b mut [u8; 45]) -> &'b str {
+    Uuid::from_bytes(*id).hyphenated().encode_lower(buf)
 }
 
 pub fn format_id(id: &[u8; 16]) -> String {

@@ -24,13 +24,13 @@ impl RedisStore {
         let mut meta: Vec<(&str, Cow<'_, str>)> = Vec::new();
         let mut bad: Option<String> = None;
         for pair in fields.chunks(2) {
+            // Field names are strings (an integer one would name nothing here).
             let (Some(k), Some(v)) = (
-                pair.first().and_then(as_text),
+                pair.first().and_then(as_borrowed_text),
                 pair.get(1).and_then(as_text),
             ) else {
                 continue;
             };
-            let k: &str = &k;
             if k == "u" {
                 user = Some(v.into_owned());
             } else if k == "l" {
@@ -43,10 +43,8 @@ impl RedisStore {
                     Ok(n) => numbers[i] = Some(n),
                     Err(_) => bad = Some(format!("field {k} is not a number")),
                 }
-            } else if let Some(key) = pair.first().and_then(as_borrowed_text) {
-                if let Some(key) = key.strip_prefix("m:") {
-                    meta.push((key, v));
-                }
+            } else if let Some(key) = k.strip_prefix("m:") {
+                meta.push((key, v));
             }
         }
         if let Some(why) = bad {

@@ -32,7 +32,7 @@ use super::record::unexpected;
 use super::scripts::TouchReply;
 use super::{RedisStore, Result};
 use crate::redis_link::is_bad_record;
-use crate::session::{format_id, parse_session_id, Session};
+use crate::session::{format_id, id_text, parse_session_id, Session};
 use crate::store::StoreError;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, PushInfo, PushKind, Value};
@@ -429,11 +429,7 @@ impl RedisStore {
         for f in batch {
             let stamp = self.stamp(f.seq);
             cmd.arg(f.at)
-                .arg(
-                    &*uuid::Uuid::from_bytes(f.id)
-                        .hyphenated()
-                        .encode_lower(&mut text),
-                )
+                .arg(id_text(&f.id, &mut text))
                 .arg(f.count)
                 .arg(stamp.seq)
                 .arg(stamp.floor);
@@ -447,31 +443,22 @@ impl RedisStore {
         buf.clear();
         buf.push_str(&self.inner.prefix);
         buf.push_str(kind);
-        let mut text = uuid::Uuid::encode_buffer();
-        buf.push_str(
-            uuid::Uuid::from_bytes(*id)
-                .hyphenated()
-                .encode_lower(&mut text),
-        );
+        buf.push_str(id_text(id, &mut uuid::Uuid::encode_buffer()));
         buf
     }
 
     /// Runs a `touch_many` call over the main connection (a Redis that
     /// restarted empty gets the scripts loaded, and the call is sent again).
     async fn flush_on_main(&self, cmd: redis::Cmd, batch: &[Flush]) -> Result<Vec<Flushed>> {
-        let cmd = &cmd;
-        let reply = self
+        let mut pipe = redis::pipe();
+        pipe.add_command(cmd);
+        let pipe = &pipe;
+        let replies = self
             .call(self.inner.timeout, |mut c| async move {
-                match cmd.query_async::<Value>(&mut c).await {
-                    Err(e) if is_no_script(&e) => {
-                        self.load_scripts_pipe().query_async::<()>(&mut c).await?;
-                        cmd.query_async(&mut c).await
-                    }
-                    other => other,
-                }
+                query_loading_scripts(pipe, || self.load_scripts_pipe(), &mut c).await
             })
             .await?;
-        self.flushed_batch(Some(reply), batch)
+        self.flushed_batch(replies.into_iter().next(), batch)
     }
 
     /// What Redis did with each count of a batch, from `touch_many`'s answer.
@@ -518,16 +505,12 @@ async fn query_loading_scripts(
     conn: &mut MultiplexedConnection,
 ) -> redis::RedisResult<Vec<Value>> {
     match pipe.query_async::<Vec<Value>>(conn).await {
-        Err(e) if is_no_script(&e) => {
+        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
             load().query_async::<()>(conn).await?;
             pipe.query_async(conn).await
         }
         other => other,
     }
-}
-
-fn is_no_script(e: &redis::RedisError) -> bool {
-    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
 }
 
 /// A HGETALL reply as field/value pairs: a map in RESP3, a flat array in
