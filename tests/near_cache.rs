@@ -812,3 +812,53 @@ fn counts_written_behind_that_redis_refuses_are_journaled_and_land_once() {
         ids.iter().map(|id| counted(id)).collect::<Vec<_>>()
     );
 }
+
+/// A browser's visits, one after another on one node, each read one more
+/// than the last, while the node writes its counts behind as fast as it
+/// can (`--touch-flush-ms 1`). A session's second use takes it into the
+/// near cache by a read of Redis; that read can cross the flush carrying
+/// the first use's count, and its answer must count that use whether or
+/// not Redis had applied it yet (CI once saw a node answer 35 twice).
+#[test]
+fn visits_one_after_another_each_count_one_more_while_counts_are_written_behind() {
+    let _one = one_at_a_time();
+    let redis = Redis::start(false);
+    let node = Node::builder()
+        .args(["--redis-url", &redis.url(), "--touch-flush-ms", "1"])
+        .start();
+    let c = node.client();
+    assert!(wait_until(Duration::from_secs(5), || near_up(&c)));
+    let ids: Vec<String> = (0..300)
+        .map(|i| id_of(&c.create(&format!(r#"{{"user_id":"browser-{i}"}}"#))))
+        .collect();
+    let mut repeated = Vec::new();
+    for id in &ids {
+        let mut last = 0;
+        for visit in 1..=3u64 {
+            let a = c.request("GET", "/api/session", &[("X-Session-ID", id)], None);
+            assert_eq!(a.status, 200, "{}", a.text);
+            let n = a.json()["request_count"].as_u64().unwrap_or(0);
+            if n != last + 1 {
+                repeated.push(format!("{id}: visit {visit} read {n} after {last}"));
+            }
+            last = n;
+        }
+    }
+    assert!(
+        repeated.is_empty(),
+        "{} of 300 browsers: {repeated:?}",
+        repeated.len()
+    );
+    // And Redis holds every use.
+    let counted = |id: &str| redis_cli(&redis, &["HGET", &format!("edgenode:s:{id}"), "n"]);
+    assert!(
+        wait_until(Duration::from_secs(2), || ids
+            .iter()
+            .all(|id| counted(id) == "3")),
+        "counts in redis: {:?}",
+        ids.iter()
+            .map(|id| counted(id))
+            .filter(|n| n != "3")
+            .collect::<Vec<_>>()
+    );
+}

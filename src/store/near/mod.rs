@@ -42,7 +42,7 @@ mod write_behind;
 pub use write_behind::Near;
 
 use crate::session::{Limits, Session};
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 
@@ -62,6 +62,10 @@ pub struct Pending {
     pub count: u64,
     /// The latest request's time: Redis's `last_accessed` and expiry follow it.
     pub at: u64,
+    /// The highest count this node answered with these counts included:
+    /// a read of Redis that crosses their flush answers past it (see
+    /// `count_read`).
+    pub answered: u64,
 }
 
 type PendingMap = HashMap<[u8; 16], Pending>;
@@ -130,8 +134,9 @@ pub struct NearCache {
     /// The tracking connection is up: the cache may serve.
     up: AtomicBool,
     pending: Box<[Mutex<PendingMap>]>,
-    /// Sessions whose counts a flush has taken and not yet written.
-    in_flight: Mutex<HashSet<[u8; 16]>>,
+    /// Sessions whose counts a flush has taken and not yet written, with
+    /// the highest count this node answered with them (`Pending::answered`).
+    in_flight: Mutex<HashMap<[u8; 16], u64>>,
     hits: AtomicU64,
     misses: AtomicU64,
     invalidations: AtomicU64,
@@ -165,7 +170,7 @@ impl NearCache {
             generation: AtomicU64::new(0),
             up: AtomicBool::new(false),
             pending: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
-            in_flight: Mutex::new(HashSet::new()),
+            in_flight: Mutex::new(HashMap::new()),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             invalidations: AtomicU64::new(0),
@@ -212,16 +217,30 @@ impl NearCache {
         entry.referenced = true;
         let answer = entry.session.clone();
         drop(shard);
-        self.add_pending(id, 1, now);
+        self.add_pending(id, 1, now, answer.request_count);
         self.hits.fetch_add(1, Ordering::Relaxed);
         Some(answer)
     }
 
-    fn add_pending(&self, id: &[u8; 16], count: u64, at: u64) {
+    fn add_pending(&self, id: &[u8; 16], count: u64, at: u64, answered: u64) {
         let mut pending = self.pending_shard(id);
-        let p = pending.entry(*id).or_insert(Pending { count: 0, at });
+        let p = pending.entry(*id).or_insert(Pending {
+            count: 0,
+            at,
+            answered,
+        });
         p.count += count;
         p.at = p.at.max(at);
+        p.answered = p.answered.max(answered);
+    }
+
+    /// Before a read of the session from Redis whose answer will be
+    /// counted (`count_read`): the highest count this node answered with
+    /// counts not yet written (waiting, or in a flush that has not landed).
+    fn answered_unwritten(&self, id: &[u8; 16]) -> u64 {
+        let waiting = self.pending_shard(id).get(id).map_or(0, |p| p.answered);
+        let flying = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        waiting.max(flying.get(id).copied().unwrap_or(0))
     }
 
     /// Before a fill asks Redis.
@@ -239,13 +258,30 @@ impl NearCache {
     /// cached touch, without keeping a copy. Returns the session as the
     /// request should see it: Redis's count plus the counts this node has
     /// not written yet, this request's included.
-    fn count_read(&self, mut session: Session, now: u64) -> Session {
+    ///
+    /// `answered`: what `answered_unwritten` said before the read was sent.
+    /// A read that crossed the flush carrying this node's counts cannot
+    /// tell whether Redis had applied them (the flush and the read travel
+    /// apart, and the counts leave the waiting map when the flush takes
+    /// them), so the answer is never below one more than that: this node
+    /// never gives a browser's visit the number it gave the visit before
+    /// (CI saw a node answer 35 twice). Redis's own count stays exact;
+    /// only another node's visit in between can make two nodes answer
+    /// the same number, which the design allows.
+    fn count_read(&self, mut session: Session, answered: u64, now: u64) -> Session {
         let id = session.id;
-        if let Some(p) = self.pending_shard(&id).get(&id) {
-            session.request_count = session.request_count.saturating_add(p.count);
-        }
+        let mut pending = self.pending_shard(&id);
+        let waiting = pending.get(&id).map_or(0, |p| p.count);
+        session.request_count = session.request_count.saturating_add(waiting).max(answered);
         session.touch(now, &self.limits);
-        self.add_pending(&id, 1, now);
+        let p = pending.entry(id).or_insert(Pending {
+            count: 0,
+            at: now,
+            answered: 0,
+        });
+        p.count += 1;
+        p.at = p.at.max(now);
+        p.answered = p.answered.max(session.request_count);
         session
     }
 
@@ -254,8 +290,8 @@ impl NearCache {
     /// invalidation or a link change came in between. Returns the session as
     /// the request should see it: Redis's count plus the counts this node has
     /// not written yet, this request's included.
-    fn fill(&self, session: Session, ticket: Ticket, now: u64) -> Session {
-        let session = self.count_read(session, now);
+    fn fill(&self, session: Session, answered: u64, ticket: Ticket, now: u64) -> Session {
+        let session = self.count_read(session, answered, now);
         let id = session.id;
         self.misses.fetch_add(1, Ordering::Relaxed);
         // A flush of its counts is on its way: Redis's answer may or may
@@ -354,7 +390,10 @@ impl NearCache {
         }
         if !out.is_empty() {
             let mut flying = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
-            flying.extend(out.iter().map(|(id, _)| *id));
+            for (id, p) in &out {
+                let w = flying.entry(*id).or_insert(0);
+                *w = (*w).max(p.answered);
+            }
         }
         out
     }
@@ -372,7 +411,7 @@ impl NearCache {
     /// Counts that could not be written go back (Redis refused the batch
     /// as a whole without applying any of it).
     fn restore_pending(&self, id: &[u8; 16], p: Pending) {
-        self.add_pending(id, p.count, p.at);
+        self.add_pending(id, p.count, p.at, p.answered);
     }
 
     /// A flush's counts are written (or journaled).
@@ -393,7 +432,7 @@ impl NearCache {
         self.in_flight
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .contains(id)
+            .contains_key(id)
     }
 
     /// The cached copy, for the mirror.
@@ -494,7 +533,7 @@ mod tests {
     fn filled(n: u8) -> (NearCache, Session) {
         let (c, s) = (cache(), session(n));
         let t = c.ticket(&s.id);
-        c.fill(s.clone(), t, 1_000);
+        c.fill(s.clone(), 0, t, 1_000);
         (c, s)
     }
 
@@ -514,7 +553,8 @@ mod tests {
                 s.id,
                 Pending {
                     count: 3,
-                    at: 3_000
+                    at: 3_000,
+                    answered: 3
                 }
             )]
         );
@@ -529,11 +569,11 @@ mod tests {
         let s = session(2);
         let t = c.ticket(&s.id);
         c.invalidate(&s.id);
-        c.fill(s.clone(), t, 1_000);
+        c.fill(s.clone(), 0, t, 1_000);
         assert!(c.touch(&s.id, 2_000).is_none());
         // a fresh ticket after it is fine
         let t = c.ticket(&s.id);
-        c.fill(s.clone(), t, 1_000);
+        c.fill(s.clone(), 0, t, 1_000);
         assert!(c.touch(&s.id, 2_000).is_some());
         c.invalidate(&s.id);
         assert!(c.touch(&s.id, 2_000).is_none());
@@ -546,7 +586,7 @@ mod tests {
         assert!(c.touch(&s.id, 2_000).is_none());
         let t = c.ticket(&s.id);
         c.link_up();
-        c.fill(s.clone(), t, 1_000);
+        c.fill(s.clone(), 0, t, 1_000);
         assert!(
             c.touch(&s.id, 2_000).is_none(),
             "ticket from before the link came up"
@@ -563,8 +603,34 @@ mod tests {
         again.request_count = 7; // another node counted meanwhile
         let t = c.ticket(&s.id);
         // 7 in redis, 3 here not yet written, and this request
-        assert_eq!(c.fill(again, t, 2_000).request_count, 11);
+        assert_eq!(c.fill(again, 0, t, 2_000).request_count, 11);
         assert_eq!(c.touch(&s.id, 2_000).unwrap().request_count, 12);
+    }
+
+    /// A session read through (not kept) and used again while the flush
+    /// carrying its first count is on its way: whether Redis had applied
+    /// that count when it answered the second read or not, the second
+    /// visit reads one more than the first, and two counts are written.
+    #[test]
+    fn a_read_that_crosses_the_flush_of_its_counts_answers_one_more() {
+        for applied in [false, true] {
+            let c = cache();
+            let mut s = session(6);
+            s.request_count = 5;
+            let first = c.count_read(s.clone(), c.answered_unwritten(&s.id), 1_000);
+            assert_eq!(first.request_count, 6);
+            let taken = c.take_pending();
+            assert_eq!(taken[0].1.count, 1);
+            let before = c.answered_unwritten(&s.id);
+            let mut redis = s.clone();
+            redis.request_count = if applied { 6 } else { 5 };
+            if applied {
+                c.landed(&[s.id]);
+            }
+            let second = c.count_read(redis, before, 2_000);
+            assert_eq!(second.request_count, 7, "applied: {applied}");
+            assert_eq!(c.take_pending()[0].1.count, 1, "applied: {applied}");
+        }
     }
 
     #[test]
@@ -575,7 +641,7 @@ mod tests {
             let mut s = session(0);
             s.id[..4].copy_from_slice(&i.to_le_bytes());
             let t = c.ticket(&s.id);
-            c.fill(s, t, 1_000);
+            c.fill(s, 0, t, 1_000);
         }
         let st = c.stats();
         assert!(st.bytes <= 64 * 1024, "{st:?}");
@@ -607,7 +673,7 @@ mod tests {
                 return true;
             }
             let t = c.ticket(&s.id);
-            c.fill(s.clone(), t, now);
+            c.fill(s.clone(), 0, t, now);
             false
         };
         // Yesterday's sessions, each used once: the cache is full of them.

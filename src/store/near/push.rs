@@ -47,7 +47,7 @@ mod tests {
         b.id = [2; 16];
         for s in [&a, &b] {
             let t = near.ticket(&s.id);
-            near.fill((*s).clone(), t, 1_000);
+            near.fill((*s).clone(), 0, t, 1_000);
         }
         near.heard(LinkEvent::Invalidated(a.id));
         assert!(near.touch(&a.id, 2_000).is_none());

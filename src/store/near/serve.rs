@@ -66,9 +66,10 @@ impl Store {
         let Some(near) = self.inner.near.as_ref() else {
             return Ok(None);
         };
+        let answered = near.cache.answered_unwritten(id);
         let ticket = near.cache.ticket(id);
         let read = redis.read_tracked(&*near.cache, id, now).await?;
-        Ok(read.map(|session| near.cache.fill(session, ticket, now)))
+        Ok(read.map(|session| near.cache.fill(session, answered, ticket, now)))
     }
 
     /// A touch of a session the near cache does not take (used once, not
@@ -86,8 +87,9 @@ impl Store {
         let Some(near) = self.inner.near.as_ref() else {
             return Ok(None);
         };
+        let answered = near.cache.answered_unwritten(id);
         let read = redis.read_untracked(id, now).await?;
-        Ok(read.map(|session| near.cache.count_read(session, now)))
+        Ok(read.map(|session| near.cache.count_read(session, answered, now)))
     }
 
     /// A change to a session made through this node: its near-cache copy
