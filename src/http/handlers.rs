@@ -9,6 +9,7 @@ use hyper::body::Incoming;
 use hyper::{header, Method, Request, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::{Map, Value};
+use std::io::Write;
 use std::net::SocketAddr;
 
 /// `POST /api/sessions` and `PATCH /api/sessions/{id}` bodies. Unknown fields
@@ -297,6 +298,8 @@ async fn delete_user(app: &App, user: &str) -> Result<Response<Body>, ApiError> 
     }
 }
 
+static X_SESSION_ID: header::HeaderName = header::HeaderName::from_static("x-session-id");
+
 /// `GET /api/session`: the caller's session by cookie or `X-Session-ID`; a
 /// missing, malformed or expired one is replaced by a new session.
 async fn browser_session(
@@ -306,7 +309,7 @@ async fn browser_session(
 ) -> Result<Response<Body>, ApiError> {
     let presented = cookie_session_id(req).or_else(|| {
         req.headers()
-            .get("x-session-id")
+            .get(&X_SESSION_ID)
             .and_then(|v| v.to_str().ok())
             .and_then(parse_session_id)
     });
@@ -336,26 +339,27 @@ async fn browser_session(
                 .await?
         }
     };
-    let id = crate::session::format_id(&session.id);
     let mut resp = session_response(StatusCode::OK, &session);
-    let max_age = match app.config.cookie_max_age_secs {
-        0 => String::new(),
-        secs => format!("; Max-Age={secs}"),
-    };
-    let cookie = format!(
-        "session_id={id}; HttpOnly; SameSite=Lax; Path=/{max_age}{}",
-        if app.config.cookie_secure {
-            "; Secure"
-        } else {
-            ""
-        }
-    );
+    // The cookie is written into the buffer its header then owns, and the
+    // id as text on the stack: a use allocates for its headers what they
+    // hold and no more (this path runs on every use of a browser).
+    let mut text = [0u8; 45];
+    let id = crate::session::id_text(&session.id, &mut text);
+    let mut cookie = Vec::with_capacity(96);
+    // Writing into a Vec cannot fail.
+    let _ = write!(cookie, "session_id={id}; HttpOnly; SameSite=Lax; Path=/");
+    if app.config.cookie_max_age_secs != 0 {
+        let _ = write!(cookie, "; Max-Age={}", app.config.cookie_max_age_secs);
+    }
+    if app.config.cookie_secure {
+        cookie.extend_from_slice(b"; Secure");
+    }
     let headers = resp.headers_mut();
-    if let Ok(v) = header::HeaderValue::from_str(&cookie) {
+    if let Ok(v) = header::HeaderValue::from_maybe_shared(bytes::Bytes::from(cookie)) {
         headers.insert(header::SET_COOKIE, v);
     }
-    if let Ok(v) = header::HeaderValue::from_str(&id) {
-        headers.insert("x-session-id", v);
+    if let Ok(v) = header::HeaderValue::from_str(id) {
+        headers.insert(X_SESSION_ID.clone(), v);
     }
     Ok(resp)
 }
