@@ -386,16 +386,25 @@ impl NearCache {
             if shard.is_empty() {
                 continue;
             }
+            let from = out.len();
             out.extend(shard.drain());
-        }
-        if !out.is_empty() {
-            let mut flying = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
-            for (id, p) in &out {
-                let w = flying.entry(*id).or_insert(0);
-                *w = (*w).max(p.answered);
-            }
+            // Marked while the shard is still locked: a session is always
+            // in one of the two maps until its counts land (a read in
+            // between would otherwise see no counts unwritten at all).
+            self.mark_in_flight(&out[from..]);
         }
         out
+    }
+
+    /// Counts taken to be written: in flight until `landed`, with the
+    /// highest count this node answered with them (see `count_read`).
+    /// Called with their pending shard locked (locks: shard, then this).
+    fn mark_in_flight(&self, taken: &[([u8; 16], Pending)]) {
+        let mut flying = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        for (id, p) in taken {
+            let w = flying.entry(*id).or_insert(0);
+            *w = (*w).max(p.answered);
+        }
     }
 
     /// One session's counts waiting to be written (not taken).
@@ -403,9 +412,19 @@ impl NearCache {
         self.pending_shard(id).get(id).map_or(0, |p| p.count)
     }
 
-    /// One session's counts waiting to be written, taken.
+    /// One session's counts waiting to be written, taken (to be dropped or
+    /// moved: a delete, a rotation).
     fn take_pending_of(&self, id: &[u8; 16]) -> Option<Pending> {
         self.pending_shard(id).remove(id)
+    }
+
+    /// One session's counts waiting to be written, taken to be written now
+    /// (`write_behind` lands them): in flight meanwhile, like a flush's.
+    fn take_pending_to_write(&self, id: &[u8; 16]) -> Option<Pending> {
+        let mut shard = self.pending_shard(id);
+        let p = shard.remove(id)?;
+        self.mark_in_flight(&[(*id, p)]);
+        Some(p)
     }
 
     /// Counts that could not be written go back (Redis refused the batch
@@ -611,16 +630,23 @@ mod tests {
     /// carrying its first count is on its way: whether Redis had applied
     /// that count when it answered the second read or not, the second
     /// visit reads one more than the first, and two counts are written.
+    /// (Taken by the periodic flush, or by a settle before a PATCH or a
+    /// rotation: in flight either way.)
     #[test]
     fn a_read_that_crosses_the_flush_of_its_counts_answers_one_more() {
-        for applied in [false, true] {
+        for (applied, by_settle) in [(false, false), (true, false), (false, true), (true, true)] {
+            let case = format!("applied: {applied}, taken by a settle: {by_settle}");
             let c = cache();
             let mut s = session(6);
             s.request_count = 5;
             let first = c.count_read(s.clone(), c.answered_unwritten(&s.id), 1_000);
             assert_eq!(first.request_count, 6);
-            let taken = c.take_pending();
-            assert_eq!(taken[0].1.count, 1);
+            let taken = match by_settle {
+                true => c.take_pending_to_write(&s.id).map_or(0, |p| p.count),
+                false => c.take_pending()[0].1.count,
+            };
+            assert_eq!(taken, 1, "{case}");
+            assert!(c.has_unwritten(&s.id), "{case}");
             let before = c.answered_unwritten(&s.id);
             let mut redis = s.clone();
             redis.request_count = if applied { 6 } else { 5 };
@@ -628,8 +654,8 @@ mod tests {
                 c.landed(&[s.id]);
             }
             let second = c.count_read(redis, before, 2_000);
-            assert_eq!(second.request_count, 7, "applied: {applied}");
-            assert_eq!(c.take_pending()[0].1.count, 1, "applied: {applied}");
+            assert_eq!(second.request_count, 7, "{case}");
+            assert_eq!(c.take_pending()[0].1.count, 1, "{case}");
         }
     }
 

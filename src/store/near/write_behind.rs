@@ -98,7 +98,7 @@ impl Store {
         }
         // Held by a flush in progress: once it is ours, that flush landed.
         let _flush = near.flush_lock.lock().await;
-        if let Some(p) = near.cache.take_pending_of(id) {
+        if let Some(p) = near.cache.take_pending_to_write(id) {
             self.write_behind(&near.cache, vec![(*id, p)]).await;
         }
     }
