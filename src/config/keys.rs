@@ -259,7 +259,7 @@ keys! {
     near_cache_mb: u64, "MB",
         "Memory for the near cache: in Redis mode, the sessions this node serves are kept here, coherent with Redis (CLIENT TRACKING), so a touch costs no Redis round trip. 0 = off", default = 3;
     touch_flush_ms: u64, "MS",
-        "How often touches answered from the near cache are written to Redis (request counts, last access, sliding expiry): each session's count once per interval, one call per 256 sessions. A node killed with SIGKILL loses at most this much of its counts", default = 100;
+        "How often touches answered from the near cache are written to Redis (request counts, last access, sliding expiry): each session's count once per interval, one call per 64 sessions. A node killed with SIGKILL loses at most this much of its counts", default = 100;
     near_admit_ms: u64, "MS",
         "A session the near cache does not hold is cached only when used again within this long; its other uses are read through (one plain read, not cached) and counted with the write-behind. Spares Redis and the node the cost of caching sessions used once in a while (a LAN of browsers). 0 = cache every session used", default = 1000;
     mirror_lag_secs: u64, "SECS",

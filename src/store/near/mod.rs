@@ -20,7 +20,7 @@
 //!
 //! A touch of a cached session counts and slides the copy here and adds one
 //! to the session's *pending* count. The store's flusher writes pending counts
-//! behind, each session's once per `touch_flush_ms`, 256 sessions to a
+//! behind, each session's once per `touch_flush_ms`, 64 sessions to a
 //! script call (`NearCache::take_pending`). Pending counts live apart from the copies:
 //! an invalidation drops a copy, never a count a request was answered with.
 //!
