@@ -208,10 +208,13 @@ impl Store {
         // not kept) over the main connection: one call per chunk each.
         let (cached, uncached): (Vec<usize>, Vec<usize>) =
             (0..batch.len()).partition(|&i| copies[i].is_some());
-        let groups = cached
+        // The uncached first: a session read through and then used again
+        // (admitted to the cache) is read but not kept while its counts
+        // are in flight, so theirs should land soonest.
+        let groups = uncached
             .chunks(CHUNK)
-            .map(|c| (c, true))
-            .chain(uncached.chunks(CHUNK).map(|c| (c, false)));
+            .map(|c| (c, false))
+            .chain(cached.chunks(CHUNK).map(|c| (c, true)));
         let mut failed = vec![false; batch.len()];
         let mut failing = false;
         for (indices, tracked_copies) in groups {
