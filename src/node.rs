@@ -170,7 +170,10 @@ async fn serve(
     );
     // The shared cache's invalidation feed, probe and outage-journal replay.
     tasks.spawn(cache.run(stop.clone()).instrument(node.clone()));
-    tasks.spawn(every(Duration::from_secs(30), stop.clone(), || {
+    // Every 2 s, not 30: under spread traffic glibc held ~4 MB of freed
+    // pages at the peak (32.5 MB, 28.0 after a trim), the margin under the
+    // 32 MB bound; a trim this often showed no cost in p99 (lab, docs/performance.md).
+    tasks.spawn(every(Duration::from_secs(2), stop.clone(), || {
         return_free_memory()
     }));
     if let Some(hangups) = hangups {
