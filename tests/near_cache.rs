@@ -47,6 +47,17 @@ fn cluster_flushing_every(redis: &Redis, flush_ms: u64) -> (Vec<Node>, Vec<Clien
     (nodes, clients)
 }
 
+/// One node on `redis` (with `args` besides its URL), its near cache up.
+fn node_on(redis: &Redis, args: &[&str]) -> (Node, Client) {
+    let node = Node::builder()
+        .args(["--redis-url", &redis.url()])
+        .args(args.iter().copied())
+        .start();
+    let c = node.client();
+    assert!(wait_until(Duration::from_secs(5), || near_up(&c)));
+    (node, c)
+}
+
 fn near(c: &Client) -> Value {
     c.get("/api/health").json()["store"]["near_cache"].clone()
 }
@@ -513,11 +524,7 @@ fn a_redis_user_not_allowed_client_tracking_leaves_the_cache_off_and_the_node_se
 fn a_silent_redis_takes_the_cache_out_of_service_within_a_ping_and_a_store_timeout() {
     let _one = one_at_a_time();
     let redis = Redis::start(false);
-    let node = Node::builder()
-        .args(["--redis-url", &redis.url(), "--store-timeout-ms", "250"])
-        .start();
-    let c = node.client();
-    assert!(wait_until(Duration::from_secs(5), || near_up(&c)));
+    let (_node, c) = node_on(&redis, &["--store-timeout-ms", "250"]);
     let id = id_of(&c.create("{}"));
     warm(&c, &id);
     // SIGSTOP: the connection stays open and nothing comes back, as when a
@@ -544,11 +551,7 @@ fn killing_the_cache_connection_under_traffic_neither_fails_the_node_over_nor_mi
     let redis = Redis::start(false);
     // A write-behind every millisecond: one is nearly always in flight on
     // the connection when it is killed.
-    let node = Node::builder()
-        .args(["--redis-url", &redis.url(), "--touch-flush-ms", "1"])
-        .start();
-    let c = node.client();
-    assert!(wait_until(Duration::from_secs(5), || near_up(&c)));
+    let (_node, c) = node_on(&redis, &["--touch-flush-ms", "1"]);
     let id = id_of(&c.get("/api/session").json());
     let stop = std::sync::atomic::AtomicBool::new(false);
     let (acked, kills) = std::thread::scope(|scope| {
@@ -775,9 +778,7 @@ fn the_active_index_follows_the_expiry_in_coarser_steps_and_never_below_it() {
 fn counts_written_behind_that_redis_refuses_are_journaled_and_land_once() {
     let _one = one_at_a_time();
     let redis = Redis::start(false);
-    let node = Node::builder().args(["--redis-url", &redis.url()]).start();
-    let c = node.client();
-    assert!(wait_until(Duration::from_secs(5), || near_up(&c)));
+    let (_node, c) = node_on(&redis, &[]);
     let ids: Vec<String> = (0..20)
         .map(|i| id_of(&c.create(&format!(r#"{{"user_id":"refused-{i}"}}"#))))
         .collect();
@@ -823,11 +824,7 @@ fn counts_written_behind_that_redis_refuses_are_journaled_and_land_once() {
 fn visits_one_after_another_each_count_one_more_while_counts_are_written_behind() {
     let _one = one_at_a_time();
     let redis = Redis::start(false);
-    let node = Node::builder()
-        .args(["--redis-url", &redis.url(), "--touch-flush-ms", "1"])
-        .start();
-    let c = node.client();
-    assert!(wait_until(Duration::from_secs(5), || near_up(&c)));
+    let (_node, c) = node_on(&redis, &["--touch-flush-ms", "1"]);
     let ids: Vec<String> = (0..300)
         .map(|i| id_of(&c.create(&format!(r#"{{"user_id":"browser-{i}"}}"#))))
         .collect();

@@ -174,10 +174,10 @@ impl Store {
         /// 256 held Redis ~2.6 ms each, and the p99 of spread traffic was
         /// 2 to 4 ms higher for it (measured: docs/performance.md).
         const CHUNK: usize = 64;
-        let ids: Vec<[u8; 16]> = taken.iter().map(|(id, _)| *id).collect();
         let redis = match &self.inner.redis {
             Some(r) if self.mode() == Mode::Redis => r,
             _ => {
+                let ids: Vec<[u8; 16]> = taken.iter().map(|(id, _)| *id).collect();
                 for (id, p) in taken {
                     self.inner.sled.add_pending_touches(&id, p.count, p.at);
                 }
@@ -185,6 +185,9 @@ impl Store {
                 return;
             }
         };
+        // Those not landed chunk by chunk below: kept for the next flush,
+        // or journaled after a failed call.
+        let mut unlanded = Vec::new();
         let mut batch = Vec::with_capacity(taken.len());
         for (id, pending) in taken {
             match redis.draw_op(|| self.inner.sled.next_seq()) {
@@ -197,6 +200,7 @@ impl Store {
                 Err(e) => {
                     tracing::warn!(error = %e, "no operation id for a write-behind count; kept for the next flush");
                     near.restore_pending(&id, pending);
+                    unlanded.push(id);
                 }
             }
         }
@@ -287,7 +291,8 @@ impl Store {
             if let Err(e) = self.inner.sled.journal_touches_at(&id, count, at, seq) {
                 tracing::error!(error = %e, "journaling write-behind counts failed; they are lost");
             }
+            unlanded.push(id);
         }
-        near.landed(&ids);
+        near.landed(&unlanded);
     }
 }
